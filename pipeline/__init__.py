@@ -1,0 +1,1 @@
+"""speechkd data pipeline: samples -> speech -> features -> teacher logit cache."""

@@ -1,0 +1,231 @@
+"""Speech features: Kaldi-compatible log-mel filterbanks (torchaudio) of every clip.
+
+    python -m pipeline.features                      # over data/audio/index.parquet
+    python -m pipeline.features --audio-index my_index.parquet --n-mels 128
+
+Input is an audio index (sample_id, rendition, path; paths relative to the
+index's directory or absolute), the one `pipeline.speech` writes or your own.
+Output: zstd Parquet shards keyed by (sample_id, rendition) with n_frames and
+the fbank as float16 (frame-major); the feature config is in each file's
+metadata. Resumable: clips already in a shard are skipped; corrupt, empty or
+missing audio goes to data/rejects/features.parquet with the reason.
+
+    duckdb -c "SELECT count(*), sum(n_frames) FROM 'data/features/*.parquet'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+import torch
+import torchaudio.compliance.kaldi as kaldi
+import torchaudio.functional as AF
+from tqdm import tqdm
+
+from pipeline import schemas
+from pipeline.parquet_io import (
+    next_shard_path,
+    reject,
+    rejects_path,
+    rejects_table,
+    remove_stale_temp_files,
+    shard_paths,
+    write_table_atomic,
+)
+
+SHARD_PREFIX = "part-"
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    n_mels: int = 80
+    sample_rate: int = 16_000
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    # Kaldi conventions: int16-scaled input, no dither (deterministic), povey window.
+    dither: float = 0.0
+    window: str = "povey"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+class BadAudio(ValueError):
+    """An audio file that cannot give features; the message says why."""
+
+
+def load_audio(path: Path, sample_rate: int) -> torch.Tensor:
+    """Mono float32 waveform at `sample_rate`, or BadAudio saying what is wrong."""
+    if not path.exists():
+        raise BadAudio(f"audio file not found: {path}")
+    try:
+        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as exc:  # noqa: BLE001 - any decoder error means corrupt audio
+        raise BadAudio(f"not decodable audio ({type(exc).__name__}: {exc})") from exc
+    if wave.shape[0] == 0:
+        raise BadAudio("audio is empty (0 samples)")
+    mono = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1)))
+    if sr != sample_rate:
+        mono = AF.resample(mono, sr, sample_rate)
+    return mono
+
+
+def fbank(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """(n_frames, n_mels) float32 log-mel filterbank of a mono waveform."""
+    min_len = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    if wave.numel() < min_len:
+        raise BadAudio(f"audio shorter than one {cfg.frame_length_ms:g} ms frame ({wave.numel()} samples)")
+    return kaldi.fbank(
+        wave.unsqueeze(0) * 32768.0,
+        num_mel_bins=cfg.n_mels,
+        sample_frequency=cfg.sample_rate,
+        frame_length=cfg.frame_length_ms,
+        frame_shift=cfg.frame_shift_ms,
+        dither=cfg.dither,
+        window_type=cfg.window,
+        energy_floor=0.0,
+    )
+
+
+def _feature_schema(cfg: FeatureConfig) -> pa.Schema:
+    return schemas.with_metadata(
+        schemas.FEATURES_SCHEMA, "features", schemas.FEATURES_VERSION, {"feature_config": cfg.to_json()}
+    )
+
+
+def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = False) -> set[tuple[str, str]]:
+    """Keys already stored; refuses shards made with another feature config."""
+    keys: set[tuple[str, str]] = set()
+    for path in shard_paths(features_dir, SHARD_PREFIX):
+        meta = schemas.check_artifact(pq.read_schema(path), path, "features", schemas.FEATURES_VERSION)
+        if meta.get("feature_config") != cfg.to_json():
+            if overwrite:
+                path.unlink()
+                continue
+            raise ValueError(
+                f"{path} was made with feature config {meta.get('feature_config')}, not {cfg.to_json()}; "
+                "use another --out directory or pass --overwrite to replace it"
+            )
+        t = pq.read_table(path, columns=["sample_id", "rendition"])
+        keys.update(zip(t["sample_id"].to_pylist(), t["rendition"].to_pylist()))
+    return keys
+
+
+def read_audio_index(index_path: Path) -> list[dict]:
+    table = pq.read_table(index_path)
+    missing = {"sample_id", "rendition", "path"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{index_path}: audio index lacks column(s) {sorted(missing)}")
+    rows = table.select(["sample_id", "rendition", "path"]).to_pylist()
+    for r in rows:
+        p = Path(r["path"])
+        r["path"] = p if p.is_absolute() else index_path.parent / p
+    return rows
+
+
+@dataclass
+class FeaturesResult:
+    written: int
+    skipped: int
+    rejects: pa.Table
+    shards: list[Path]
+
+
+def extract_all(
+    audio_index: Path = schemas.AUDIO_DIR / "index.parquet",
+    out_dir: Path = schemas.FEATURES_DIR,
+    cfg: FeatureConfig = FeatureConfig(),
+    rows_per_shard: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FeaturesResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    done = existing_keys(out_dir, cfg, overwrite)
+    rows = read_audio_index(Path(audio_index))
+    todo = [r for r in rows if (r["sample_id"], r["rendition"]) not in done]
+    schema = _feature_schema(cfg)
+    buffer: dict[str, list] = {f.name: [] for f in schema}
+    rejected, shards = [], []
+
+    def flush():
+        if buffer["sample_id"]:
+            table = pa.table(buffer, schema=schema)
+            shards.append(write_table_atomic(table, next_shard_path(out_dir, SHARD_PREFIX)))
+            for col in buffer.values():
+                col.clear()
+
+    written = 0
+    for r in tqdm(todo, desc="features", unit="clip", disable=not progress):
+        try:
+            feats = fbank(load_audio(r["path"], cfg.sample_rate), cfg)
+        except BadAudio as exc:
+            rejected.append(reject("features", "audio", str(exc), sample_id=r["sample_id"], rendition=r["rendition"]))
+            continue
+        buffer["sample_id"].append(r["sample_id"])
+        buffer["rendition"].append(r["rendition"])
+        buffer["n_frames"].append(feats.shape[0])
+        buffer["fbank"].append(feats.to(torch.float16).numpy().reshape(-1))
+        written += 1
+        if len(buffer["sample_id"]) >= rows_per_shard:
+            flush()
+    flush()
+    rejects = rejects_table(rejected)
+    write_table_atomic(rejects, rejects_path(out_dir, "features"))
+    return FeaturesResult(written, len(rows) - len(todo), rejects, shards)
+
+
+def feature_config_of(features_dir: Path) -> FeatureConfig:
+    shards = shard_paths(features_dir, SHARD_PREFIX)
+    if not shards:
+        raise FileNotFoundError(f"no feature shards in {features_dir}: run `python -m pipeline.features` first")
+    meta = schemas.check_artifact(pq.read_schema(shards[0]), shards[0], "features", schemas.FEATURES_VERSION)
+    return FeatureConfig(**json.loads(meta["feature_config"]))
+
+
+def load_features(features_dir: Path = schemas.FEATURES_DIR) -> dict[tuple[str, str], np.ndarray]:
+    """All stored features as {(sample_id, rendition): (n_frames, n_mels) float16}."""
+    cfg = feature_config_of(features_dir)
+    out = {}
+    for path in shard_paths(features_dir, SHARD_PREFIX):
+        t = pq.read_table(path)
+        flat = t["fbank"].combine_chunks()
+        values = flat.values.to_numpy(zero_copy_only=False)
+        offsets = flat.offsets.to_numpy()
+        for i, (sid, rend, n) in enumerate(
+            zip(t["sample_id"].to_pylist(), t["rendition"].to_pylist(), t["n_frames"].to_pylist())
+        ):
+            out[(sid, rend)] = values[offsets[i] : offsets[i + 1]].reshape(n, cfg.n_mels)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = FeatureConfig()
+    parser.add_argument("--audio-index", type=Path, default=schemas.AUDIO_DIR / "index.parquet")
+    parser.add_argument("--out", type=Path, default=schemas.FEATURES_DIR, help="features directory")
+    parser.add_argument("--n-mels", type=int, default=d.n_mels)
+    parser.add_argument("--sample-rate", type=int, default=d.sample_rate)
+    parser.add_argument("--frame-length-ms", type=float, default=d.frame_length_ms)
+    parser.add_argument("--frame-shift-ms", type=float, default=d.frame_shift_ms)
+    parser.add_argument("--rows-per-shard", type=int, default=1000)
+    parser.add_argument("--overwrite", action="store_true", help="replace shards made with another config")
+    args = parser.parse_args(argv)
+    cfg = FeatureConfig(args.n_mels, args.sample_rate, args.frame_length_ms, args.frame_shift_ms)
+    result = extract_all(args.audio_index, args.out, cfg, args.rows_per_shard, args.overwrite)
+    print(
+        f"features: {result.written} clips extracted, {result.skipped} already there, "
+        f"{result.rejects.num_rows} rejected -> {args.out} ({cfg.n_mels} mel bins)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Samples: the one record every later stage keys on.
+
+    python -m pipeline.samples                          # the embedded toy world
+    python -m pipeline.samples --source my.jsonl --prompt-field question --response-field answer
+    python -m pipeline.samples --source some/hf-dataset --hf-split test --split eval
+
+A sample is (sample_id, prompt, response, split, meta). `sample_id` is kept when
+the source has one, else it is a stable hash of the content. Rows that cannot be
+used are never dropped silently: each goes to rejects.parquet with its position
+in the source, the field at fault and the reason (data/rejects/samples.parquet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import schemas
+from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
+
+SAMPLES_FILE = "samples.parquet"
+TOY_WORLD = "toy-world"
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which source column feeds which sample field (None: not in the source)."""
+
+    prompt: str = "prompt"
+    response: str | None = "response"
+    sample_id: str | None = "sample_id"
+    split: str | None = "split"
+    meta: str | None = "meta"
+
+
+@dataclass
+class IngestResult:
+    samples: pa.Table
+    rejects: pa.Table
+
+
+def content_id(prompt: str, response: str) -> str:
+    """Stable id for a sample whose source gives none: a hash of its content."""
+    digest = hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()
+    return f"h{digest[:20]}"
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def validate(
+    rows: Iterable[dict],
+    fields: FieldMap = FieldMap(),
+    default_split: str = "train",
+    max_chars: int = 8000,
+    progress: bool = False,
+) -> IngestResult:
+    """Turn source rows into samples; every unusable row becomes a reject."""
+    accepted: dict[str, list] = {f.name: [] for f in schemas.SAMPLES_SCHEMA}
+    rejected: list[dict] = []
+    first_seen: dict[str, int] = {}
+    mapped = {fields.prompt, fields.response, fields.sample_id, fields.split, fields.meta}
+    if not fields.prompt:
+        raise ValueError("a prompt field is required (--prompt-field)")
+
+    for pos, row in enumerate(tqdm(rows, desc="samples", unit="row", disable=not progress)):
+        rid = row.get(fields.sample_id) if fields.sample_id else None
+        rid_text = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+        def bad(field: str, reason: str) -> None:
+            rejected.append(reject("samples", field, reason, sample_id=rid_text, source_position=pos))
+
+        if "__invalid__" in row:
+            bad("row", row["__invalid__"])
+            continue
+        if fields.prompt not in row or row[fields.prompt] is None:
+            bad("prompt", f"missing (no value in source column {fields.prompt!r})")
+            continue
+        prompt = row[fields.prompt]
+        if not isinstance(prompt, str):
+            bad("prompt", f"must be a string, got {_type_name(prompt)}")
+            continue
+        if not prompt.strip():
+            bad("prompt", "empty")
+            continue
+        if len(prompt) > max_chars:
+            bad("prompt", f"too long: {len(prompt)} characters > --max-chars {max_chars}")
+            continue
+
+        response = row.get(fields.response) if fields.response else None
+        if response is None:
+            response = ""
+        if not isinstance(response, str):
+            bad("response", f"must be a string, got {_type_name(response)}")
+            continue
+        if len(response) > max_chars:
+            bad("response", f"too long: {len(response)} characters > --max-chars {max_chars}")
+            continue
+
+        split = row.get(fields.split) if fields.split else None
+        if split is None:
+            split = default_split
+        if not isinstance(split, str) or not split.strip():
+            bad("split", f"must be a non-empty string, got {split!r}")
+            continue
+
+        if rid is None:
+            sample_id = content_id(prompt, response)
+        elif rid_text is None:
+            bad("sample_id", f"must be a string (or integer), got {_type_name(rid)}")
+            continue
+        elif not rid_text.strip():
+            bad("sample_id", "empty")
+            continue
+        else:
+            sample_id = rid_text
+        if sample_id in first_seen:
+            rejected.append(
+                reject(
+                    "samples",
+                    "sample_id",
+                    f"duplicate sample_id {sample_id!r}: first seen at source row {first_seen[sample_id]}",
+                    sample_id=sample_id,
+                    source_position=pos,
+                )
+            )
+            continue
+
+        meta_value = row.get(fields.meta) if fields.meta else None
+        if meta_value is not None and not isinstance(meta_value, dict):
+            bad("meta", f"must be an object (dict), got {_type_name(meta_value)}")
+            continue
+        meta = dict(meta_value or {})
+        meta.update({k: v for k, v in row.items() if k not in mapped})
+
+        first_seen[sample_id] = pos
+        accepted["sample_id"].append(sample_id)
+        accepted["prompt"].append(prompt)
+        accepted["response"].append(response)
+        accepted["split"].append(split)
+        accepted["meta"].append(json.dumps(meta, default=str, sort_keys=True))
+
+    schema = schemas.with_metadata(schemas.SAMPLES_SCHEMA, "samples", schemas.SAMPLES_VERSION)
+    return IngestResult(pa.table(accepted, schema=schema), rejects_table(rejected))
+
+
+# --- sources ---------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                # Keep the position: the validator turns a non-dict into a reject.
+                yield {"__invalid__": f"line {line_no}: invalid JSON ({exc.msg})"}
+                continue
+            yield value if isinstance(value, dict) else {"__invalid__": f"line {line_no}: not a JSON object"}
+
+
+def read_source(source: str, hf_split: str = "train") -> Iterator[dict]:
+    """Rows from the toy world, a JSONL/Parquet file, or a Hugging Face dataset."""
+    if source == TOY_WORLD:
+        from pipeline.toy_world import generate
+
+        yield from generate()
+        return
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        yield from _read_jsonl(path)
+    elif path.suffix == ".parquet" and path.is_file():
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
+    else:
+        import datasets
+
+        if path.is_dir() and (path / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_dir() and (path / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(path))[hf_split]
+        else:
+            ds = datasets.load_dataset(source, split=hf_split)
+        yield from ds
+
+
+def ingest(
+    source: str = TOY_WORLD,
+    out_dir: Path = schemas.SAMPLES_DIR,
+    fields: FieldMap = FieldMap(),
+    default_split: str = "train",
+    hf_split: str = "train",
+    max_chars: int = 8000,
+    progress: bool = True,
+) -> IngestResult:
+    rows = read_source(source, hf_split)
+    result = validate(rows, fields, default_split, max_chars, progress)
+    write_table_atomic(result.samples, Path(out_dir) / SAMPLES_FILE)
+    write_table_atomic(result.rejects, rejects_path(out_dir, "samples"))
+    return result
+
+
+def load_samples(samples_dir: Path | str = schemas.SAMPLES_DIR, split: str | None = None) -> pa.Table:
+    """The samples table, refusing a file of another artifact or version."""
+    path = Path(samples_dir) / SAMPLES_FILE if Path(samples_dir).is_dir() else Path(samples_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no samples at {path}: run `python -m pipeline.samples` first")
+    table = pq.read_table(path)
+    schemas.check_artifact(table.schema, path, "samples", schemas.SAMPLES_VERSION)
+    if split is not None:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table["split"], split))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=TOY_WORLD, help="'toy-world', a .jsonl/.parquet file, or a HF dataset")
+    parser.add_argument("--out", type=Path, default=schemas.SAMPLES_DIR, help="output directory")
+    parser.add_argument("--prompt-field", default="prompt", help="source column holding the prompt")
+    parser.add_argument("--response-field", default="response", help="source column holding the response")
+    parser.add_argument("--id-field", default="sample_id", help="source column holding the id (else a hash)")
+    parser.add_argument("--split-field", default="split", help="source column holding the split")
+    parser.add_argument("--meta-field", default="meta", help="source column holding a dict of metadata")
+    parser.add_argument("--split", default="train", help="split of rows whose source has no split column")
+    parser.add_argument("--hf-split", default="train", help="which split of a Hugging Face dataset to read")
+    parser.add_argument("--max-chars", type=int, default=8000, help="longer prompts/responses are rejected")
+    args = parser.parse_args(argv)
+    fields = FieldMap(args.prompt_field, args.response_field, args.id_field, args.split_field, args.meta_field)
+    result = ingest(args.source, args.out, fields, args.split, args.hf_split, args.max_chars)
+    splits = {}
+    for s in result.samples["split"].to_pylist():
+        splits[s] = splits.get(s, 0) + 1
+    by_split = ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))
+    print(
+        f"samples: {result.samples.num_rows} accepted ({by_split}), {result.rejects.num_rows} rejected"
+        f" -> {args.out / SAMPLES_FILE}" + (f" (reasons in {rejects_path(args.out, 'samples')})" if result.rejects.num_rows else "")
+    )
+
+
+if __name__ == "__main__":
+    main()

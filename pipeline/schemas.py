@@ -1,0 +1,112 @@
+"""The schema of every artifact speechkd writes, in one place, each versioned.
+
+Bump an artifact's version whenever its columns or their meaning change; readers
+refuse files whose version they do not know.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+# --- default layout on disk (everything under data/ is generated and git-ignored)
+DATA_DIR = Path("data")
+SAMPLES_DIR = DATA_DIR / "samples"
+AUDIO_DIR = DATA_DIR / "audio"
+FEATURES_DIR = DATA_DIR / "features"
+MODELS_DIR = DATA_DIR / "models"
+TEACHER_DIR = MODELS_DIR / "teacher"
+CACHE_DIR = DATA_DIR / "cache"
+
+SPLITS = ("train", "eval")
+
+# Key in a Parquet file's metadata naming the artifact and its version.
+ARTIFACT_KEY = b"speechkd.artifact"
+VERSION_KEY = b"speechkd.version"
+
+# --- samples: data/samples/samples.parquet
+SAMPLES_VERSION = 1
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        # May be empty: the teacher can write the response later.
+        pa.field("response", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        # Free-form JSON object (a string), e.g. {"relation": "capital"}.
+        pa.field("meta", pa.string(), nullable=False),
+    ]
+)
+
+# --- rejects: <stage dir>/rejects*.parquet, one schema for every stage
+REJECTS_VERSION = 1
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),  # samples | speech | features | cache
+        pa.field("sample_id", pa.string()),  # null when the row had no usable id
+        pa.field("rendition", pa.string()),  # speech/features only
+        pa.field("source_position", pa.int64()),  # row number in the source, when known
+        pa.field("field", pa.string(), nullable=False),  # which field was bad
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+# --- audio index: data/audio/index.parquet (the audio itself: data/audio/<voice>/...)
+AUDIO_INDEX_VERSION = 1
+AUDIO_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("rendition", pa.string(), nullable=False),  # e.g. "en-us@160"
+        pa.field("voice", pa.string(), nullable=False),
+        pa.field("rate_wpm", pa.int32(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),  # relative to the audio dir
+        pa.field("duration_s", pa.float32(), nullable=False),
+        pa.field("sample_rate", pa.int32(), nullable=False),
+    ]
+)
+
+# --- speech features: data/features/part-*.parquet
+FEATURES_VERSION = 1
+FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("rendition", pa.string(), nullable=False),
+        pa.field("n_frames", pa.int32(), nullable=False),
+        # n_frames * n_mels values, frame-major, float16.
+        pa.field("fbank", pa.list_(pa.float16()), nullable=False),
+    ]
+)
+
+
+def artifact_metadata(artifact: str, version: int, extra: dict[str, str] | None = None) -> dict[bytes, bytes]:
+    meta = {ARTIFACT_KEY: artifact.encode(), VERSION_KEY: str(version).encode()}
+    for key, value in (extra or {}).items():
+        meta[f"speechkd.{key}".encode()] = value.encode()
+    return meta
+
+
+def with_metadata(schema: pa.Schema, artifact: str, version: int, extra: dict[str, str] | None = None) -> pa.Schema:
+    return schema.with_metadata(artifact_metadata(artifact, version, extra))
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, str]:
+    """speechkd.* keys of a Parquet file's schema metadata, without the prefix."""
+    out = {}
+    for key, value in (schema.metadata or {}).items():
+        if key.startswith(b"speechkd."):
+            out[key.decode()[len("speechkd.") :]] = value.decode()
+    return out
+
+
+def check_artifact(schema: pa.Schema, path: Path | str, artifact: str, version: int) -> dict[str, str]:
+    """Refuse a file that is not the expected artifact at the expected version."""
+    meta = read_metadata(schema)
+    found = (meta.get("artifact"), meta.get("version"))
+    if found != (artifact, str(version)):
+        raise ValueError(
+            f"{path}: expected a speechkd {artifact!r} file at version {version}, found "
+            f"artifact={found[0]!r} version={found[1]!r}; regenerate it with the current pipeline "
+            f"(or pass --overwrite)"
+        )
+    return meta

@@ -1,0 +1,237 @@
+"""Text-to-speech of every sample's prompt: the spoken queries of the S->T channel.
+
+    python -m pipeline.speech                                  # espeak-ng, 1 rendition a sample
+    python -m pipeline.speech --voices en-us,en-gb --rates 150,180 --per-sample 2
+
+Each rendition (a voice at a speaking rate, id "voice@rate") of a sample is one
+16 kHz mono FLAC file under the audio directory; index.parquet lists them
+(sample_id, rendition, path, duration). Re-running skips audio that exists; a
+sample whose synthesis fails is recorded in data/rejects/speech.parquet and the rest go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from tqdm import tqdm
+
+from pipeline import schemas
+from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
+from pipeline.samples import load_samples
+
+SAMPLE_RATE = 16_000
+INDEX_FILE = "index.parquet"
+DEFAULT_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland")
+DEFAULT_RATES = (150, 175)
+
+
+class SynthesisError(RuntimeError):
+    """The backend could not render a text; the message says why."""
+
+
+class TTSBackend(Protocol):
+    name: str
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
+        """Mono float32 waveform in [-1, 1] and its sample rate."""
+        ...
+
+
+class EspeakNG:
+    """espeak-ng (Debian package `espeak-ng`) through its command line."""
+
+    name = "espeak-ng"
+
+    def __init__(self, executable: str = "espeak-ng", timeout_s: float = 60.0):
+        path = shutil.which(executable)
+        if path is None:
+            raise SynthesisError(
+                f"{executable!r} not found on PATH: install it (Debian/Ubuntu: `apt-get install -y espeak-ng`, "
+                "or run `make demo`, which installs it)"
+            )
+        self.executable = path
+        self.timeout_s = timeout_s
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
+        # Text goes through stdin so that a prompt starting with "-" is not an option.
+        try:
+            proc = subprocess.run(
+                [self.executable, "-v", voice, "-s", str(rate_wpm), "--stdout"],
+                input=text.encode(),
+                capture_output=True,
+                timeout=self.timeout_s,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise SynthesisError(f"espeak-ng timed out after {self.timeout_s}s") from exc
+        if proc.returncode != 0:
+            raise SynthesisError(f"espeak-ng exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
+        try:
+            wave, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a synthesis failure
+            raise SynthesisError(f"espeak-ng output is not decodable audio ({exc})") from exc
+        return wave.mean(axis=1), sr
+
+
+BACKENDS = {"espeak-ng": EspeakNG}
+
+
+@dataclass(frozen=True)
+class Rendition:
+    voice: str
+    rate_wpm: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.voice}@{self.rate_wpm}"
+
+
+def renditions_for(sample_id: str, grid: list[Rendition], per_sample: int) -> list[Rendition]:
+    """`per_sample` distinct renditions, spread over the grid by a hash of the id."""
+    per_sample = min(per_sample, len(grid))
+    start = int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) % len(grid)
+    return [grid[(start + i) % len(grid)] for i in range(per_sample)]
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def audio_relpath(sample_id: str, rendition: Rendition) -> str:
+    """Relative path of one rendition's file; file-system safe for any sample id."""
+    digest = hashlib.sha1(sample_id.encode()).hexdigest()
+    stem = _SAFE.sub("_", sample_id)[:80]
+    if stem != sample_id:
+        stem = f"{stem}-{digest[:10]}"
+    return f"{_SAFE.sub('_', rendition.id)}/{digest[:2]}/{stem}.flac"
+
+
+def write_audio_atomic(path: Path, wave: np.ndarray, sample_rate: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        sf.write(tmp, wave, sample_rate, format="FLAC", subtype="PCM_16")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def to_16k(wave: np.ndarray, sample_rate: int) -> np.ndarray:
+    if sample_rate == SAMPLE_RATE:
+        return wave
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), sample_rate, SAMPLE_RATE).numpy()
+
+
+@dataclass
+class SpeechResult:
+    index: pa.Table
+    rejects: pa.Table
+    synthesized: int
+    skipped: int
+
+
+def synthesize_all(
+    samples_dir: Path = schemas.SAMPLES_DIR,
+    audio_dir: Path = schemas.AUDIO_DIR,
+    backend: TTSBackend | None = None,
+    voices: tuple[str, ...] = DEFAULT_VOICES,
+    rates: tuple[int, ...] = DEFAULT_RATES,
+    per_sample: int = 1,
+    jobs: int = os.cpu_count() or 1,
+    progress: bool = True,
+) -> SpeechResult:
+    backend = backend or EspeakNG()
+    audio_dir = Path(audio_dir)
+    samples = load_samples(samples_dir).select(["sample_id", "prompt"]).to_pylist()
+    grid = [Rendition(v, r) for v in voices for r in rates]
+    if not grid:
+        raise ValueError("no renditions: give at least one --voices entry and one --rates entry")
+    work = [(s, r) for s in samples for r in renditions_for(s["sample_id"], grid, per_sample)]
+
+    def one(item):
+        sample, rend = item
+        rel = audio_relpath(sample["sample_id"], rend)
+        path = audio_dir / rel
+        if path.exists():
+            info = sf.info(path)
+            return ("skipped", sample, rend, rel, info.frames / info.samplerate)
+        try:
+            wave, sr = backend.synthesize(sample["prompt"], rend.voice, rend.rate_wpm)
+            wave = to_16k(wave, sr)
+            if wave.size == 0 or not np.any(wave):
+                raise SynthesisError("synthesized audio is empty (silent); is the prompt speakable text?")
+            write_audio_atomic(path, wave, SAMPLE_RATE)
+        except SynthesisError as exc:
+            return ("rejected", sample, rend, str(exc), None)
+        return ("synthesized", sample, rend, rel, wave.size / SAMPLE_RATE)
+
+    index_rows, rejected, counts = [], [], {"synthesized": 0, "skipped": 0, "rejected": 0}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for status, sample, rend, detail, duration in tqdm(
+            pool.map(one, work), total=len(work), desc="speech", unit="clip", disable=not progress
+        ):
+            counts[status] += 1
+            if status == "rejected":
+                rejected.append(reject("speech", "prompt", detail, sample_id=sample["sample_id"], rendition=rend.id))
+                continue
+            index_rows.append(
+                {
+                    "sample_id": sample["sample_id"],
+                    "rendition": rend.id,
+                    "voice": rend.voice,
+                    "rate_wpm": rend.rate_wpm,
+                    "path": detail,
+                    "duration_s": float(duration),
+                    "sample_rate": SAMPLE_RATE,
+                }
+            )
+    schema = schemas.with_metadata(
+        schemas.AUDIO_INDEX_SCHEMA, "audio_index", schemas.AUDIO_INDEX_VERSION, {"tts_backend": backend.name}
+    )
+    index = pa.Table.from_pylist(index_rows, schema=schema)
+    rejects = rejects_table(rejected)
+    write_table_atomic(index, audio_dir / INDEX_FILE)
+    write_table_atomic(rejects, rejects_path(audio_dir, "speech"))
+    return SpeechResult(index, rejects, counts["synthesized"], counts["skipped"])
+
+
+def _csv(kind):
+    return lambda text: tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")
+    parser.add_argument("--out", type=Path, default=schemas.AUDIO_DIR, help="audio directory")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="espeak-ng")
+    parser.add_argument("--voices", type=_csv(str), default=DEFAULT_VOICES, help="comma-separated voices")
+    parser.add_argument("--rates", type=_csv(int), default=DEFAULT_RATES, help="comma-separated words/minute")
+    parser.add_argument("--per-sample", type=int, default=1, help="renditions per sample")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
+    args = parser.parse_args(argv)
+    result = synthesize_all(
+        args.samples, args.out, BACKENDS[args.backend](), args.voices, args.rates, args.per_sample, args.jobs
+    )
+    hours = sum(result.index["duration_s"].to_pylist()) / 3600
+    print(
+        f"speech: {result.index.num_rows} clips ({result.synthesized} synthesized, {result.skipped} already there, "
+        f"{hours:.2f} h), {result.rejects.num_rows} rejected -> {args.out / INDEX_FILE}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The embedded default corpus: a seeded "toy world" of fictional facts.
+
+Fictional countries, each with a capital, a flag colour, a founder and a
+founding year, plus small additions. Every fact is asked through several
+paraphrase templates; the `eval` split asks each fact through templates that
+`train` never uses, so evaluation measures knowledge, not string memory.
+
+    python -m pipeline.toy_world --out data/raw/toy_world.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# Prompts are compositional: a question core (several per relation) inside a
+# conversational wrapper. Every (wrapper, core) pair is one template; for each
+# core one wrapper pairing is held out for `eval`, chosen so that every wrapper
+# and every core still occurs in `train`. Eval prompts are thus new strings
+# whose parts the teacher has seen: answering them takes the fact, not the string.
+WRAPPERS: tuple[str, ...] = ("{q}", "Quick question: {lq}", "Please tell me. {q}", "Hello there! {q}")
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    cores: tuple[str, ...]
+    answer: str
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """All templates; template t = wrapper t // len(cores), core t % len(cores)."""
+        return tuple(
+            w.replace("{q}", c).replace("{lq}", c[0].lower() + c[1:]) for w in WRAPPERS for c in self.cores
+        )
+
+    def is_eval(self, template: int) -> bool:
+        wrapper, core = divmod(template, len(self.cores))
+        return (wrapper + core) % len(WRAPPERS) == len(WRAPPERS) - 1
+
+    @property
+    def train_prompts(self) -> tuple[str, ...]:
+        return tuple(p for t, p in enumerate(self.prompts) if not self.is_eval(t))
+
+    @property
+    def eval_prompts(self) -> tuple[str, ...]:
+        return tuple(p for t, p in enumerate(self.prompts) if self.is_eval(t))
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "capital",
+        ("What is the capital of {e}?", "Which city is the capital of {e}?", "Name the capital city of {e}."),
+        "The capital of {e} is {v}.",
+    ),
+    Relation(
+        "colour",
+        ("What colour is the flag of {e}?", "Which colour is on the flag of {e}?", "Name the flag colour of {e}."),
+        "The flag of {e} is {v}.",
+    ),
+    Relation(
+        "founder",
+        ("Who founded {e}?", "Which person founded {e}?", "Name the founder of {e}."),
+        "{e} was founded by {v}.",
+    ),
+    Relation(
+        "year",
+        ("In what year was {e} founded?", "Which year was {e} founded in?", "Name the founding year of {e}."),
+        "{e} was founded in {v}.",
+    ),
+)
+
+ADDITION = Relation(
+    "addition",
+    ("What is {a} plus {b}?", "How much is {a} plus {b}?", "Name the sum of {a} and {b}."),
+    "{a} plus {b} is {v}.",
+)
+
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "golden")
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
+VOWELS = ("a", "e", "i", "o", "u")
+CODAS = ("", "", "", "n", "r")
+COUNTRY_ENDINGS = ("ia", "land", "stan", "ania")
+CITY_ENDINGS = ("ton", "burg", "port", "grad")
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
+
+
+def _name(rng: random.Random, syllables: int, ending: str = "") -> str:
+    return ("".join(_syllable(rng) for _ in range(syllables)) + ending).capitalize()
+
+
+def _unique(rng: random.Random, make, used: set[str]) -> str:
+    while True:
+        name = make(rng)
+        if name not in used:
+            used.add(name)
+            return name
+
+
+@dataclass(frozen=True)
+class ToyWorldConfig:
+    n_entities: int = 60
+    n_additions: int = 60  # distinct (a, b) pairs, a, b in [0, 20)
+    seed: int = 0
+
+
+def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
+    """All samples of the toy world, deterministic in `config`.
+
+    Each fact yields one train sample per train template and one eval sample
+    per held-out template. Rows: sample_id, prompt, response, split, meta.
+    """
+    rng = random.Random(config.seed)
+    used: set[str] = set()
+    rows: list[dict] = []
+
+    def add(relation: Relation, fact_id: str, fields: dict, value: str, meta: dict) -> None:
+        for t, template in enumerate(relation.prompts):
+            split = "eval" if relation.is_eval(t) else "train"
+            rows.append(
+                {
+                    "sample_id": f"tw{config.seed}-{fact_id}-t{t}",
+                    "prompt": template.format(**fields),
+                    "response": relation.answer.format(**fields, v=value),
+                    "split": split,
+                    "meta": {**meta, "relation": relation.name, "template": t, "answer": value},
+                }
+            )
+
+    for i in range(config.n_entities):
+        country = _unique(rng, lambda r: _name(r, 2, r.choice(COUNTRY_ENDINGS)), used)
+        values = {
+            "capital": _unique(rng, lambda r: _name(r, 2, r.choice(CITY_ENDINGS)), used),
+            "colour": rng.choice(COLOURS),
+            "founder": _unique(rng, lambda r: f"{_name(r, 2)} {_name(r, 1, 'son')}", used),
+            "year": str(rng.randint(1000, 1999)),
+        }
+        for relation in RELATIONS:
+            add(relation, f"e{i:04d}-{relation.name}", {"e": country}, values[relation.name], {"entity": country})
+
+    pairs = [(a, b) for a in range(20) for b in range(20)]
+    rng.shuffle(pairs)
+    for a, b in sorted(pairs[: config.n_additions]):
+        add(ADDITION, f"add-{a}-{b}", {"a": a, "b": b}, str(a + b), {"entity": f"{a}+{b}"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data/raw/toy_world.jsonl"), help="JSONL to write")
+    parser.add_argument("--entities", type=int, default=ToyWorldConfig.n_entities, help="fictional countries")
+    parser.add_argument("--additions", type=int, default=ToyWorldConfig.n_additions, help="addition facts")
+    parser.add_argument("--seed", type=int, default=ToyWorldConfig.seed)
+    args = parser.parse_args(argv)
+    rows = generate(ToyWorldConfig(args.entities, args.additions, args.seed))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    n_eval = sum(r["split"] == "eval" for r in rows)
+    print(f"toy world: {len(rows)} samples ({len(rows) - n_eval} train, {n_eval} eval) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Session-wide fixtures: a small toy world, a tiny teacher, one shared vLLM engine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+from pipeline.samples import ingest  # noqa: E402
+from pipeline.toy_teacher import TeacherConfig, build_teacher  # noqa: E402
+from pipeline.toy_world import ToyWorldConfig, generate  # noqa: E402
+
+TINY_WORLD = ToyWorldConfig(n_entities=6, n_additions=6, seed=1)
+TINY_TEACHER = TeacherConfig(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=1,
+    max_epochs=3, eval_every=3, target_accuracy=1.1, min_accuracy=0.0, max_minutes=2, batch_size=16,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_rows() -> list[dict]:
+    return generate(TINY_WORLD)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def samples_dir(data_root, tiny_rows) -> Path:
+    import json
+
+    src = data_root / "raw" / "tiny.jsonl"
+    src.parent.mkdir(parents=True)
+    src.write_text("".join(json.dumps(r) + "\n" for r in tiny_rows))
+    out = data_root / "samples"
+    ingest(str(src), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(data_root, samples_dir) -> Path:
+    out = data_root / "models" / "teacher"
+    build_teacher(samples_dir, out, TINY_TEACHER, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_teacher):
+    """One CPU vLLM engine for the whole session (engine start is ~25 s)."""
+    from vllm import LLM
+
+    llm = LLM(
+        model=str(tiny_teacher),
+        dtype="float32",
+        max_model_len=256,
+        max_logprobs=64,
+        kv_cache_memory_bytes=256 << 20,
+        enforce_eager=True,
+        seed=0,
+    )
+    yield llm
+    del llm

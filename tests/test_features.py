@@ -1,0 +1,76 @@
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipeline.features import FeatureConfig, extract_all, feature_config_of, load_features
+from pipeline.parquet_io import rejects_path
+from pipeline.speech import synthesize_all
+
+
+@pytest.fixture(scope="module")
+def audio_index(samples_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audio")
+    synthesize_all(samples_dir, out, voices=("en-us",), rates=(170,), progress=False)
+    return out / "index.parquet"
+
+
+def test_features_shape_and_determinism(audio_index, tmp_path):
+    cfg = FeatureConfig(n_mels=40)
+    a = extract_all(audio_index, tmp_path / "a", cfg, rows_per_shard=7, progress=False)
+    b = extract_all(audio_index, tmp_path / "b", cfg, rows_per_shard=7, progress=False)
+    index = pq.read_table(audio_index).to_pylist()
+    assert a.written == len(index) and a.rejects.num_rows == 0 and len(a.shards) > 1
+    fa, fb = load_features(tmp_path / "a"), load_features(tmp_path / "b")
+    assert fa.keys() == fb.keys() == {(r["sample_id"], r["rendition"]) for r in index}
+    for r in index:
+        feats = fa[(r["sample_id"], r["rendition"])]
+        assert feats.dtype == np.float16 and feats.shape[1] == 40
+        # 10 ms shift, 25 ms window: frames = 1 + (samples - 400) // 160
+        n = round(r["duration_s"] * 16000)
+        assert feats.shape[0] == 1 + (n - 400) // 160
+        assert np.isfinite(feats).all() and feats.astype(np.float32).std() > 0.5
+        np.testing.assert_array_equal(feats, fb[(r["sample_id"], r["rendition"])])
+    assert feature_config_of(tmp_path / "a") == cfg
+    count, frames = duckdb.sql(f"SELECT count(*), sum(n_frames) FROM '{tmp_path / 'a'}/*.parquet'").fetchall()[0]
+    assert count == len(index) and frames == sum(f.shape[0] for f in fa.values())
+
+
+def test_corrupt_empty_and_missing_audio_are_rejected_with_reasons(audio_index, tmp_path):
+    good = pq.read_table(audio_index).to_pylist()[:2]
+    (tmp_path / "corrupt.flac").write_bytes(b"this is not audio" * 10)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    sf.write(tmp_path / "short.wav", np.zeros(100, dtype=np.float32), 16000)
+    rows = [
+        {"sample_id": r["sample_id"], "rendition": r["rendition"], "path": str(audio_index.parent / r["path"])}
+        for r in good
+    ] + [
+        {"sample_id": "corrupt", "rendition": "r", "path": str(tmp_path / "corrupt.flac")},
+        {"sample_id": "empty", "rendition": "r", "path": str(tmp_path / "empty.wav")},
+        {"sample_id": "short", "rendition": "r", "path": str(tmp_path / "short.wav")},
+        {"sample_id": "missing", "rendition": "r", "path": str(tmp_path / "nope.wav")},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "index.parquet")
+    out = tmp_path / "features"
+    result = extract_all(tmp_path / "index.parquet", out, progress=False)
+    assert result.written == 2
+    rejects = {r["sample_id"]: r for r in pq.read_table(rejects_path(out, "features")).to_pylist()}
+    assert set(rejects) == {"corrupt", "empty", "short", "missing"}
+    assert "not decodable" in rejects["corrupt"]["reason"]
+    assert "empty" in rejects["empty"]["reason"]
+    assert "shorter than one" in rejects["short"]["reason"]
+    assert "not found" in rejects["missing"]["reason"]
+    assert all(r["field"] == "audio" and r["stage"] == "features" for r in rejects.values())
+
+
+def test_resume_skips_done_clips_and_refuses_other_config(audio_index, tmp_path):
+    out = tmp_path / "features"
+    first = extract_all(audio_index, out, FeatureConfig(n_mels=40), progress=False)
+    again = extract_all(audio_index, out, FeatureConfig(n_mels=40), progress=False)
+    assert again.written == 0 and again.skipped == first.written
+    with pytest.raises(ValueError, match="feature config"):
+        extract_all(audio_index, out, FeatureConfig(n_mels=80), progress=False)
+    redo = extract_all(audio_index, out, FeatureConfig(n_mels=80), overwrite=True, progress=False)
+    assert redo.written == first.written and feature_config_of(out).n_mels == 80

@@ -1,0 +1,83 @@
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from pipeline.parquet_io import rejects_path
+from pipeline.speech import (
+    SAMPLE_RATE,
+    EspeakNG,
+    Rendition,
+    SynthesisError,
+    audio_relpath,
+    renditions_for,
+    synthesize_all,
+)
+
+
+def test_espeak_produces_decodable_16k_audio(samples_dir, tmp_path):
+    out = tmp_path / "audio"
+    result = synthesize_all(samples_dir, out, voices=("en-us", "en-gb"), rates=(150, 180), per_sample=2,
+                            progress=False)  # fmt: skip
+    n_samples = pq.read_table(samples_dir / "samples.parquet").num_rows
+    assert result.index.num_rows == 2 * n_samples and result.rejects.num_rows == 0
+    rows = result.index.to_pylist()
+    # two distinct renditions per sample
+    per_sample = {}
+    for r in rows:
+        per_sample.setdefault(r["sample_id"], set()).add(r["rendition"])
+    assert all(len(v) == 2 for v in per_sample.values())
+    for r in rows[:5]:
+        wave, sr = sf.read(out / r["path"], dtype="float32")
+        assert sr == SAMPLE_RATE and wave.ndim == 1
+        assert abs(len(wave) / sr - r["duration_s"]) < 1e-3
+        assert 0.3 < r["duration_s"] < 10  # a spoken question, not silence or garbage
+        assert np.abs(wave).max() > 0.01
+
+
+def test_rerun_skips_existing_audio(samples_dir, tmp_path):
+    out = tmp_path / "audio"
+    first = synthesize_all(samples_dir, out, voices=("en-us",), rates=(170,), progress=False)
+    path = out / first.index["path"][0].as_py()
+    mtime = path.stat().st_mtime_ns
+    second = synthesize_all(samples_dir, out, voices=("en-us",), rates=(170,), progress=False)
+    assert second.synthesized == 0 and second.skipped == first.index.num_rows
+    assert path.stat().st_mtime_ns == mtime
+    assert second.index.to_pylist() == first.index.to_pylist()
+
+
+class FlakyBackend:
+    """Real espeak-ng, except for prompts mentioning 'plus', which fail."""
+
+    name = "flaky"
+
+    def __init__(self):
+        self.real = EspeakNG()
+
+    def synthesize(self, text, voice, rate_wpm):
+        if "plus" in text:
+            raise SynthesisError("backend refused this text")
+        return self.real.synthesize(text, voice, rate_wpm)
+
+
+def test_failed_synthesis_is_recorded_and_the_rest_go_on(samples_dir, tmp_path):
+    out = tmp_path / "audio"
+    result = synthesize_all(samples_dir, out, backend=FlakyBackend(), voices=("en-us",), rates=(170,),
+                            progress=False)  # fmt: skip
+    prompts = dict(
+        zip(*pq.read_table(samples_dir / "samples.parquet", columns=["sample_id", "prompt"]).to_pydict().values())
+    )
+    failing = {sid for sid, p in prompts.items() if "plus" in p}
+    assert failing and result.rejects.num_rows == len(failing)
+    rejects = pq.read_table(rejects_path(out, "speech")).to_pylist()
+    assert {r["sample_id"] for r in rejects} == failing
+    assert all(r["field"] == "prompt" and "refused" in r["reason"] and r["rendition"] == "en-us@170" for r in rejects)
+    assert set(result.index["sample_id"].to_pylist()) == set(prompts) - failing
+
+
+def test_renditions_are_deterministic_and_distinct():
+    grid = [Rendition(v, r) for v in ("a", "b", "c") for r in (100, 200)]
+    assert renditions_for("s1", grid, 3) == renditions_for("s1", grid, 3)
+    assert len(set(renditions_for("s1", grid, 3))) == 3
+    assert len(renditions_for("s1", grid, 99)) == len(grid)
+    assert audio_relpath("a/b c", grid[0]) != audio_relpath("a_b_c", grid[0])
+    assert "/" not in audio_relpath("a/b", grid[0]).rsplit("/", 1)[1]
