@@ -110,3 +110,35 @@ def check_artifact(schema: pa.Schema, path: Path | str, artifact: str, version: 
             f"(or pass --overwrite)"
         )
     return meta
+
+# --- teacher logit cache: <cache dir>/part-*.parquet + manifest.json
+# One row per sample. Per response position t (n_tokens of them):
+#   token_ids[t]        the response token at t (teacher-forced input)
+#   token_logprobs[t]   teacher log p(token_ids[t] | prefix)
+#   top1_ids[t], top1_logprobs[t]   the teacher's most likely token there
+#   entropy[t]          entropy (nats) of the kept top-k, renormalized
+#   tail_logmass[t]     log of the probability outside the top-k
+#   topk_ids            k ids per position in rank order, bit-packed at
+#                       `id_bits` bits each (big-endian bit order), n*k values
+#   topk_codes          per position, q_r = round((top1 - logprob_r) / step)
+#                       is non-decreasing in rank r; stored as q_0 = 0 then the
+#                       differences q_r - q_{r-1} (mostly 0..3: zstd shrinks
+#                       them to ~2 bits). Decoded: top1 - step * cumsum(diffs).
+#                       Worst-case decode error step/2 (top-1 itself: exact).
+# The encoding (k, id_bits, step) is in the manifest and each shard's metadata.
+CACHE_VERSION = 1
+CACHE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("response", pa.string(), nullable=False),  # the text that was scored
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("top1_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("top1_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("entropy", pa.list_(pa.float16()), nullable=False),
+        pa.field("tail_logmass", pa.list_(pa.float16()), nullable=False),
+        pa.field("topk_ids", pa.binary(), nullable=False),
+        pa.field("topk_codes", pa.list_(pa.uint16()), nullable=False),
+    ]
+)

@@ -50,19 +50,17 @@ def tiny_teacher(data_root, samples_dir) -> Path:
     return out
 
 
+def tiny_engine_config(model: Path):
+    from pipeline.teacher import EngineConfig
+
+    return EngineConfig(model=str(model), dtype="float32", max_model_len=128, kv_cache_gib=0.25)
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_teacher):
     """One CPU vLLM engine for the whole session (engine start is ~25 s)."""
-    from vllm import LLM
+    from pipeline.teacher import make_engine
 
-    llm = LLM(
-        model=str(tiny_teacher),
-        dtype="float32",
-        max_model_len=256,
-        max_logprobs=64,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-        seed=0,
-    )
+    llm = make_engine(tiny_engine_config(tiny_teacher), top_k=64)
     yield llm
     del llm

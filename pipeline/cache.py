@@ -1,0 +1,410 @@
+"""The teacher logit cache: zstd Parquet shards, one row per sample, plus manifest.json.
+
+Layout of a cache directory:
+
+    manifest.json        fingerprint (teacher weights/tokenizer/template hashes, k,
+                         encoding), and per shard: rows, bytes, sha256
+    part-00000.parquet   rows (schema: pipeline.schemas.CACHE_SCHEMA)
+    .lock                held by the one process writing
+
+Exactly once: a shard is written to a temp file and renamed into place, then
+the manifest (also written atomically) records it. On start a writer removes
+temp files, adopts complete shards the manifest missed (killed between the two
+renames), and skips every sample already stored, so a run killed at any moment
+and restarted ends with exactly one row per sample.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schemas
+from pipeline.fingerprint import diff
+from pipeline.parquet_io import remove_stale_temp_files, shard_paths, write_table_atomic
+
+MANIFEST = "manifest.json"
+SHARD_PREFIX = "part-"
+# Fingerprint fields that must match to append to / read a cache as this teacher's.
+FINGERPRINT_KEYS = [
+    "weights_sha256",
+    "tokenizer_sha256",
+    "chat_template_sha256",
+    "top_k",
+    "encoding_version",
+    "logprob_step",
+    "id_bits",
+    "responses",
+]
+MAX_CODE_NATS = 1000.0  # logprobs further than this below the top-1 are clamped there
+
+
+@dataclass(frozen=True)
+class CacheEncoding:
+    """Physical encoding of the top-k (see schemas.CACHE_SCHEMA)."""
+
+    top_k: int
+    vocab_size: int
+    logprob_step: float = 1 / 32  # nats; worst-case error step/2, mean ~step/4
+    version: int = schemas.CACHE_VERSION
+
+    @property
+    def id_bits(self) -> int:
+        return max(1, int(self.vocab_size - 1).bit_length())
+
+    @property
+    def max_error(self) -> float:
+        return self.logprob_step / 2
+
+    def to_dict(self) -> dict:
+        return {
+            "top_k": self.top_k,
+            "vocab_size": self.vocab_size,
+            "logprob_step": self.logprob_step,
+            "encoding_version": self.version,
+            "id_bits": self.id_bits,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheEncoding":
+        return cls(d["top_k"], d["vocab_size"], d["logprob_step"], d["encoding_version"])
+
+
+# --- encode / decode ---------------------------------------------------------
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> bytes:
+    """Pack non-negative ints at `bits` bits each, big-endian bit order."""
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    bitmat = ((ids.reshape(-1, 1).astype(np.int64) >> shifts) & 1).astype(np.uint8)
+    return np.packbits(bitmat.reshape(-1)).tobytes()
+
+
+def unpack_ids(blob: bytes, bits: int, count: int) -> np.ndarray:
+    raw = np.unpackbits(np.frombuffer(blob, dtype=np.uint8))[: count * bits]
+    weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.int64)).astype(np.int64)
+    return raw.reshape(count, bits).astype(np.int64) @ weights
+
+
+@dataclass
+class ScoredSample:
+    """Teacher output for one sample, exact (float32), before encoding."""
+
+    sample_id: str
+    response: str
+    token_ids: np.ndarray  # (n,) int
+    token_logprobs: np.ndarray  # (n,) float
+    topk_ids: np.ndarray  # (n, k) int, rank order
+    topk_logprobs: np.ndarray  # (n, k) float, non-increasing along k
+
+
+def encode(s: ScoredSample, enc: CacheEncoding) -> dict:
+    n, k = s.topk_ids.shape
+    if k != enc.top_k:
+        raise ValueError(f"sample {s.sample_id}: got top-{k} from the teacher, the cache is top-{enc.top_k}")
+    lp = s.topk_logprobs.astype(np.float64)
+    top1 = lp[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.exp(lp)
+        mass = p.sum(axis=1)
+        tail = np.log(np.clip(1.0 - mass, 0.0, None))
+        pn = p / mass[:, None]
+        entropy = -np.where(pn > 0, pn * np.log(pn), 0.0).sum(axis=1)
+    below = np.clip(top1[:, None] - lp, 0.0, MAX_CODE_NATS)
+    q = np.maximum.accumulate(np.rint(below / enc.logprob_step).astype(np.int64), axis=1)
+    diffs = np.diff(q, axis=1, prepend=0)
+    # A rank-to-rank gap over 65535 steps (> 2000 nats at 1/32) cannot happen below MAX_CODE_NATS.
+    return {
+        "sample_id": s.sample_id,
+        "response": s.response,
+        "n_tokens": n,
+        "token_ids": s.token_ids.astype(np.int32),
+        "token_logprobs": s.token_logprobs.astype(np.float32),
+        "top1_ids": s.topk_ids[:, 0].astype(np.int32),
+        "top1_logprobs": top1.astype(np.float32),
+        "entropy": entropy.astype(np.float16),
+        "tail_logmass": tail.astype(np.float16),
+        "topk_ids": pack_ids(s.topk_ids, enc.id_bits),
+        "topk_codes": diffs.reshape(-1).astype(np.uint16),
+    }
+
+
+def decode_topk(
+    topk_ids: bytes, topk_codes: np.ndarray, top1_logprobs: np.ndarray, n: int, enc: CacheEncoding
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n, k) int64, logprobs (n, k) float32) of one row, rank order."""
+    k = enc.top_k
+    ids = unpack_ids(topk_ids, enc.id_bits, n * k).reshape(n, k)
+    q = np.cumsum(np.asarray(topk_codes, dtype=np.int64).reshape(n, k), axis=1)
+    logprobs = np.asarray(top1_logprobs, dtype=np.float64)[:, None] - q * enc.logprob_step
+    return ids, logprobs.astype(np.float32)
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Encoded rows -> Arrow table, list columns built from concatenated numpy arrays."""
+    columns = []
+    for f in schema:
+        values = [r[f.name] for r in rows]
+        if pa.types.is_list(f.type):
+            lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            flat = np.concatenate(values) if values else np.array([])
+            flat = pa.array(flat.astype(f.type.value_type.to_pandas_dtype()), type=f.type.value_type)
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets), flat, type=f.type))
+        else:
+            columns.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# --- manifest ----------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _write_manifest(cache_dir: Path, manifest: dict) -> None:
+    path = Path(cache_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class FingerprintMismatch(ValueError):
+    pass
+
+
+class CacheWriter:
+    """Appends encoded rows to a cache directory in atomic shards.
+
+    Use as a context manager; `done` holds the sample ids already stored.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        fingerprint: dict,
+        encoding: CacheEncoding,
+        rows_per_shard: int = 512,
+        overwrite: bool = False,
+    ):
+        self.dir = Path(cache_dir)
+        self.fingerprint = {**fingerprint, **encoding.to_dict()}
+        self.encoding = encoding
+        self.rows_per_shard = rows_per_shard
+        self.overwrite = overwrite
+        self._rows: list[dict] = []
+        self._lock_fh = None
+        self.written = 0
+        self.bytes_written = 0
+
+    def __enter__(self) -> "CacheWriter":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = open(self.dir / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another process is writing the cache at {self.dir}; wait for it or stop it") from None
+        remove_stale_temp_files(self.dir)
+        manifest = read_manifest(self.dir)
+        if manifest is not None:
+            problems = diff(self.fingerprint, manifest["fingerprint"], FINGERPRINT_KEYS)
+            if problems and not self.overwrite:
+                raise FingerprintMismatch(
+                    f"the cache at {self.dir} was made by a different teacher setup:\n  "
+                    + "\n  ".join(problems)
+                    + "\nuse another output directory, or pass --overwrite to replace this cache"
+                )
+            if problems:
+                manifest = None
+                for p in shard_paths(self.dir, SHARD_PREFIX):
+                    p.unlink()
+        if manifest is None:
+            manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": {}}
+        manifest["fingerprint"] = self.fingerprint
+        manifest["schema_version"] = schemas.CACHE_VERSION
+        # Adopt complete shards the manifest missed (killed between shard and manifest rename).
+        for path in shard_paths(self.dir, SHARD_PREFIX):
+            if path.name not in manifest["shards"]:
+                manifest["shards"][path.name] = self._shard_entry(path)
+        for name in list(manifest["shards"]):
+            if not (self.dir / name).exists():
+                del manifest["shards"][name]  # removed by hand: its samples will be recomputed
+        self.manifest = manifest
+        _write_manifest(self.dir, manifest)
+        self.done: set[str] = set()
+        for path in shard_paths(self.dir, SHARD_PREFIX):
+            self.done.update(pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist())
+        return self
+
+    def _shard_entry(self, path: Path) -> dict:
+        return {"rows": pq.read_metadata(path).num_rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+    def add(self, row: dict) -> None:
+        if row["sample_id"] in self.done:
+            raise ValueError(f"sample {row['sample_id']!r} is already in the cache at {self.dir}")
+        self._rows.append(row)
+        self.done.add(row["sample_id"])
+        if len(self._rows) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        schema = schemas.with_metadata(
+            schemas.CACHE_SCHEMA, "cache", schemas.CACHE_VERSION, {"encoding": json.dumps(self.encoding.to_dict())}
+        )
+        table = rows_to_table(self._rows, schema)
+        index = 1 + max((int(p[len(SHARD_PREFIX) : -8]) for p in self.manifest["shards"]), default=-1)
+        path = write_table_atomic(table, self.dir / f"{SHARD_PREFIX}{index:05d}.parquet", row_group_size=256)
+        entry = self._shard_entry(path)
+        self.manifest["shards"][path.name] = entry
+        _write_manifest(self.dir, self.manifest)
+        self.written += len(self._rows)
+        self.bytes_written += entry["bytes"]
+        self._rows = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            if self._lock_fh is not None:
+                fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+                self._lock_fh.close()
+
+
+# --- reading -------------------------------------------------------------------
+
+
+class CacheReader:
+    """Reads a cache without loading it whole: by sample id, or streaming shards."""
+
+    def __init__(self, cache_dir: Path | str, verify: bool = False):
+        self.dir = Path(cache_dir)
+        manifest = read_manifest(self.dir)
+        if manifest is None:
+            raise FileNotFoundError(f"no cache at {self.dir} (no {MANIFEST}): run the cache-teacher flow first")
+        if manifest.get("schema_version") != schemas.CACHE_VERSION:
+            raise ValueError(
+                f"{self.dir}: cache schema version {manifest.get('schema_version')}, this speechkd reads "
+                f"{schemas.CACHE_VERSION}; rebuild the cache"
+            )
+        self.manifest = manifest
+        self.fingerprint = manifest["fingerprint"]
+        self.encoding = CacheEncoding.from_dict(self.fingerprint)
+        self.shards = [self.dir / name for name in sorted(manifest["shards"])]
+        if verify:
+            for path in self.shards:
+                if _sha256(path) != manifest["shards"][path.name]["sha256"]:
+                    raise ValueError(f"{path}: checksum differs from the manifest; the shard is corrupt")
+        self._index: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return sum(e["rows"] for e in self.manifest["shards"].values())
+
+    def sample_ids(self) -> list[str]:
+        out = []
+        for path in self.shards:
+            out.extend(pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist())
+        return out
+
+    def _build_index(self) -> dict[str, tuple[int, int]]:
+        if self._index is None:
+            self._index = {}
+            for s, path in enumerate(self.shards):
+                for i, sid in enumerate(pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()):
+                    self._index[sid] = (s, i)
+        return self._index
+
+    def iter_rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[dict]:
+        """Rows one at a time, shard by shard, a record batch in memory at a time."""
+        for path in self.shards:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+                yield from batch.to_pylist()
+
+    def decode_row(self, row: dict) -> dict:
+        """A stored row as numpy arrays, with the top-k decoded."""
+        n = row["n_tokens"]
+        ids, lps = decode_topk(row["topk_ids"], row["topk_codes"], row["top1_logprobs"], n, self.encoding)
+        return {
+            "sample_id": row["sample_id"],
+            "response": row["response"],
+            "token_ids": np.asarray(row["token_ids"], dtype=np.int64),
+            "token_logprobs": np.asarray(row["token_logprobs"], dtype=np.float32),
+            "topk_ids": ids,
+            "topk_logprobs": lps,
+            "tail_logmass": np.asarray(row["tail_logmass"], dtype=np.float32),
+        }
+
+    def get(self, sample_ids: Iterable[str]) -> dict[str, dict]:
+        """Decoded rows for the given ids (reads only the row groups holding them)."""
+        index = self._build_index()
+        wanted: dict[int, list[tuple[int, str]]] = {}
+        for sid in sample_ids:
+            if sid not in index:
+                raise KeyError(f"sample {sid!r} is not in the cache at {self.dir}")
+            s, i = index[sid]
+            wanted.setdefault(s, []).append((i, sid))
+        out = {}
+        for s, items in wanted.items():
+            table = pq.read_table(self.shards[s]).take([i for i, _ in items])
+            for row in table.to_pylist():
+                out[row["sample_id"]] = self.decode_row(row)
+        return out
+
+    def batch(self, sample_ids: list[str]):
+        """Padded torch tensors for a batch of samples (the student's view).
+
+        Returns dict with token_ids (B, T) long, topk_ids (B, T, k) long,
+        topk_logprobs (B, T, k) float32, tail_logmass (B, T) float32,
+        token_logprobs (B, T), mask (B, T) bool. Padding is id 0 / logprob -inf masked out.
+        """
+        import torch
+
+        rows = self.get(sample_ids)
+        k = self.encoding.top_k
+        T = max(len(rows[s]["token_ids"]) for s in sample_ids)
+        B = len(sample_ids)
+        out = {
+            "token_ids": torch.zeros(B, T, dtype=torch.long),
+            "topk_ids": torch.zeros(B, T, k, dtype=torch.long),
+            "topk_logprobs": torch.full((B, T, k), float("-inf")),
+            "tail_logmass": torch.full((B, T), float("-inf")),
+            "token_logprobs": torch.zeros(B, T),
+            "mask": torch.zeros(B, T, dtype=torch.bool),
+        }
+        for b, sid in enumerate(sample_ids):
+            r = rows[sid]
+            n = len(r["token_ids"])
+            out["token_ids"][b, :n] = torch.from_numpy(r["token_ids"])
+            out["topk_ids"][b, :n] = torch.from_numpy(r["topk_ids"])
+            out["topk_logprobs"][b, :n] = torch.from_numpy(r["topk_logprobs"])
+            out["tail_logmass"][b, :n] = torch.from_numpy(r["tail_logmass"])
+            out["token_logprobs"][b, :n] = torch.from_numpy(r["token_logprobs"])
+            out["mask"][b, :n] = True
+        return out

@@ -1,0 +1,119 @@
+"""SQL over every artifact with DuckDB.
+
+    python -m pipeline.query "SELECT * FROM teacher_samples ORDER BY mean_nll DESC LIMIT 20"
+    python -m pipeline.query --cache data/cache --views
+
+Views (each only when its files exist):
+  samples          sample_id, prompt, response, split, meta
+  rejects          every stage's rejects: stage, sample_id, rendition, source_position, field, reason
+  audio            the speech index: sample_id, rendition, voice, rate_wpm, path, duration_s
+  features         sample_id, rendition, n_frames, fbank
+  cache            the raw cache rows (packed top-k columns included)
+  teacher_tokens   one row per sample and response position: position, token_id,
+                   token_logprob, top1_id, top1_logprob, entropy (of the kept
+                   top-k), tail_mass, tail_logmass
+  teacher_samples  per sample: n_tokens, mean_nll, mean_entropy, top1_agreement,
+                   mean_tail_mass
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import duckdb
+
+from pipeline import schemas
+
+TEACHER_TOKENS = """
+SELECT sample_id,
+       unnest(range(n_tokens)) AS position,
+       unnest(token_ids) AS token_id,
+       unnest(token_logprobs) AS token_logprob,
+       unnest(top1_ids) AS top1_id,
+       unnest(top1_logprobs) AS top1_logprob,
+       unnest(entropy) AS entropy,
+       exp(unnest(tail_logmass)) AS tail_mass,
+       unnest(tail_logmass) AS tail_logmass
+FROM cache
+"""
+
+TEACHER_SAMPLES = """
+SELECT sample_id,
+       count(*) AS n_tokens,
+       -avg(token_logprob) AS mean_nll,
+       avg(entropy) AS mean_entropy,
+       avg(CAST(top1_id = token_id AS DOUBLE)) AS top1_agreement,
+       avg(tail_mass) AS mean_tail_mass
+FROM teacher_tokens
+GROUP BY sample_id
+"""
+
+
+def _glob(directory: Path, pattern: str) -> str | None:
+    return str(directory / pattern) if any(directory.glob(pattern)) else None
+
+
+def connect(data_dir: Path = schemas.DATA_DIR, cache_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views over the artifacts that exist."""
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir else data_dir / "cache"
+    con = duckdb.connect()
+    sources = {
+        "samples": _glob(data_dir / "samples", "samples.parquet"),
+        "audio": _glob(data_dir / "audio", "index.parquet"),
+        "features": _glob(data_dir / "features", "part-*.parquet"),
+        "cache": _glob(cache_dir, "part-*.parquet"),
+    }
+    for name, glob in sources.items():
+        if glob is not None:
+            con.sql(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}')")
+    # Every stage's rejects; a cache outside data/ keeps its own beside it.
+    reject_globs = {g for d in (data_dir, cache_dir.parent) if (g := _glob(d / "rejects", "*.parquet"))}
+    if reject_globs:
+        files = ", ".join(f"'{g}'" for g in sorted(reject_globs))
+        con.sql(f"CREATE VIEW rejects AS SELECT * FROM read_parquet([{files}], union_by_name=true)")
+    if sources["cache"]:
+        con.sql(f"CREATE VIEW teacher_tokens AS {TEACHER_TOKENS}")
+        con.sql(f"CREATE VIEW teacher_samples AS {TEACHER_SAMPLES}")
+    return con
+
+
+def views(con: duckdb.DuckDBPyConnection) -> list[str]:
+    return [r[0] for r in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sql", nargs="?", help="the query")
+    parser.add_argument("--data", type=Path, default=schemas.DATA_DIR, help="data directory")
+    parser.add_argument("--cache", type=Path, default=None, help="cache directory (default: <data>/cache)")
+    parser.add_argument("--views", action="store_true", help="list the views and their columns")
+    parser.add_argument("--max-rows", type=int, default=40, help="rows to print")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    args = parser.parse_args(argv)
+    con = connect(args.data, args.cache)
+    if args.views or not args.sql:
+        for v in views(con):
+            cols = ", ".join(r[0] for r in con.sql(f"DESCRIBE {v}").fetchall())
+            print(f"{v}: {cols}")
+        if not views(con):
+            print(f"no artifacts under {args.data}: run `make demo` first", file=sys.stderr)
+        return 0
+    try:
+        rel = con.sql(args.sql)
+    except duckdb.Error as exc:
+        print(f"query failed: {exc}\nviews: {', '.join(views(con))}", file=sys.stderr)
+        return 1
+    if rel is None:
+        return 0
+    if args.csv:
+        rel.to_df().to_csv(sys.stdout, index=False)
+    else:
+        rel.show(max_rows=args.max_rows, max_width=200)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The teacher logit cache: encoding, fidelity against transformers, exactly-once, rejects, DuckDB."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.cache import CacheEncoding, CacheReader, FingerprintMismatch, ScoredSample, decode_topk, encode
+from pipeline.chat import encode_pair
+from pipeline.parquet_io import rejects_path
+from pipeline.query import connect
+from pipeline.samples import ingest
+from pipeline.teacher import CacheRunConfig, cache_teacher_logits
+from tests.conftest import tiny_engine_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(samples_dir, out, tiny_teacher, **kw):
+    return CacheRunConfig(samples_dir=samples_dir, out_dir=out, engine=tiny_engine_config(tiny_teacher), **kw)
+
+
+def _rows(cache_dir) -> dict[str, dict]:
+    reader = CacheReader(cache_dir, verify=True)
+    return {r["sample_id"]: reader.decode_row(r) for r in reader.iter_rows()}
+
+
+# --- encoding --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab,k", [(1000, 8), (32000, 64), (151_936, 20)])
+def test_encode_decode_roundtrip_within_declared_error(vocab, k):
+    rng = np.random.default_rng(0)
+    n = 17
+    logits = rng.normal(0, 3, (n, vocab))
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    order = np.argsort(-logp, axis=1)[:, :k]
+    top_lp = np.take_along_axis(logp, order, 1).astype(np.float32)
+    enc = CacheEncoding(k, vocab, 1 / 32)
+    s = ScoredSample("s", "r", order[:, 0], top_lp[:, 0], order, top_lp)
+    row = encode(s, enc)
+    ids, lps = decode_topk(row["topk_ids"], row["topk_codes"], row["top1_logprobs"], n, enc)
+    assert (ids == order).all()
+    assert np.abs(lps - top_lp).max() <= enc.max_error + 1e-6
+    np.testing.assert_allclose(lps[:, 0], top_lp[:, 0])  # top-1 stored exactly
+    tail = 1 - np.exp(top_lp.astype(np.float64)).sum(1)
+    np.testing.assert_allclose(np.exp(row["tail_logmass"].astype(np.float64)), tail, rtol=2e-3, atol=1e-6)
+    assert enc.id_bits == int(vocab - 1).bit_length()
+
+
+# --- teacher scoring --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cached_topk_equals_a_transformers_forward(samples_dir, tiny_teacher, vllm_engine, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "cache"
+    summary = cache_teacher_logits(_cfg(samples_dir, out, tiny_teacher, top_k=16, limit=24), False, vllm_engine)
+    assert summary["cached_now"] == 24 and summary["rejected"] == 0
+    rows = _rows(out)
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    samples = {r["sample_id"]: r for r in pq.read_table(samples_dir / "samples.parquet").to_pylist()}
+    enc = CacheReader(out).encoding
+    for sid, row in rows.items():
+        s = samples[sid]
+        pair = encode_pair(tok, s["prompt"], s["response"])
+        assert row["token_ids"].tolist() == pair.response_ids
+        assert row["token_ids"][-1] == tok.eos_token_id  # the end-of-turn token is scored too
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([pair.input_ids])).logits[0].double(), -1)
+        p0 = len(pair.prompt_ids)
+        ref = logp[p0 - 1 : p0 - 1 + len(pair.response_ids)]  # the distribution that predicts each response token
+        top = ref.topk(16, dim=-1)
+        np.testing.assert_allclose(row["topk_logprobs"], top.values.numpy(), atol=enc.max_error + 1e-4)
+        # ids equal except where two logprobs are tied within float noise
+        same = row["topk_ids"] == top.indices.numpy()
+        gaps = np.abs(np.diff(top.values.numpy(), axis=1))
+        near_tie = np.zeros_like(same)
+        near_tie[:, :-1] |= gaps < 1e-4
+        near_tie[:, 1:] |= gaps < 1e-4
+        assert (same | near_tie).all()
+        want_tok = ref.gather(1, torch.tensor(pair.response_ids)[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(row["token_logprobs"], want_tok, atol=1e-4)
+        tail = np.log1p(-np.exp(top.values.numpy()).sum(1))
+        np.testing.assert_allclose(row["tail_logmass"], tail, atol=0.05)
+
+
+@pytest.mark.slow
+def test_rerun_skips_and_fingerprint_mismatch_is_refused(samples_dir, tiny_teacher, vllm_engine, tmp_path):
+    out = tmp_path / "cache"
+    cache_teacher_logits(_cfg(samples_dir, out, tiny_teacher, top_k=8, limit=10), False, vllm_engine)
+    again = cache_teacher_logits(_cfg(samples_dir, out, tiny_teacher, top_k=8, limit=20), False, vllm_engine)
+    assert again["already_cached"] == 10 and again["cached_now"] == 10
+    assert CacheReader(out).num_rows == 20
+    with pytest.raises(FingerprintMismatch, match="top_k: cache has 8, this run has 16"):
+        cache_teacher_logits(_cfg(samples_dir, out, tiny_teacher, top_k=16, limit=20), False, vllm_engine)
+    assert CacheReader(out).num_rows == 20  # refused without touching it
+    redo = cache_teacher_logits(_cfg(samples_dir, out, tiny_teacher, top_k=16, limit=5, overwrite=True), False,
+                                vllm_engine)  # fmt: skip
+    assert redo["cached_now"] == 5 and CacheReader(out).encoding.top_k == 16 and CacheReader(out).num_rows == 5
+
+
+@pytest.mark.slow
+def test_over_long_and_empty_samples_are_rejects(tiny_teacher, vllm_engine, tmp_path):
+    src = tmp_path / "src.jsonl"
+    rows = [
+        {"sample_id": "ok", "prompt": "What is 1 plus 2?", "response": "1 plus 2 is 3."},
+        {"sample_id": "empty", "prompt": "What is 2 plus 2?", "response": ""},
+        {"sample_id": "long-prompt", "prompt": "What is the capital " * 60, "response": "Nobody knows."},
+        {"sample_id": "long-response", "prompt": "Say it.", "response": "The capital of Foo is Bar. " * 40},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest(str(src), tmp_path / "samples", progress=False)
+    out = tmp_path / "cache"
+    summary = cache_teacher_logits(_cfg(tmp_path / "samples", out, tiny_teacher, top_k=4), False, vllm_engine)
+    assert summary["cached_now"] == 1 and summary["rejected"] == 3
+    rejects = {r["sample_id"]: r for r in pq.read_table(rejects_path(out, "cache")).to_pylist()}
+    assert set(rejects) == {"empty", "long-prompt", "long-response"}
+    assert rejects["empty"]["field"] == "response" and "--responses teacher" in rejects["empty"]["reason"]
+    assert rejects["long-prompt"]["field"] == "prompt" and "max_model_len 128" in rejects["long-prompt"]["reason"]
+    assert rejects["long-response"]["field"] == "response" and "too long" in rejects["long-response"]["reason"]
+    # the explicit truncation policy keeps the long response, cut to fit
+    out2 = tmp_path / "cache2"
+    s2 = cache_teacher_logits(_cfg(tmp_path / "samples", out2, tiny_teacher, top_k=4, too_long="truncate"), False,
+                              vllm_engine)  # fmt: skip
+    assert s2["cached_now"] == 2 and s2["truncated"] == 1
+    assert _rows(out2)["long-response"]["token_ids"].size == 127 - len(
+        encode_pair(__import__("transformers").AutoTokenizer.from_pretrained(tiny_teacher), "Say it.", "x").prompt_ids
+    )
+
+
+@pytest.mark.slow
+def test_teacher_written_responses_are_cached_and_stored_with_the_samples(samples_dir, tiny_teacher, vllm_engine,
+                                                                          tmp_path):  # fmt: skip
+    import shutil
+
+    local = tmp_path / "samples"
+    shutil.copytree(samples_dir, local)
+    out = tmp_path / "cache"
+    s = cache_teacher_logits(_cfg(local, out, tiny_teacher, top_k=4, limit=6, responses="teacher",
+                                  max_new_tokens=12), False, vllm_engine)  # fmt: skip
+    assert s["cached_now"] + s["rejected"] == 6
+    rows = _rows(out)
+    stored = {r["sample_id"]: r for r in pq.read_table(local / "samples.parquet").to_pylist()}
+    for sid, row in rows.items():
+        meta = json.loads(stored[sid]["meta"])
+        assert meta["response_source"] == "teacher" and "dataset_response" in meta
+        assert stored[sid]["response"] == row["response"]
+
+
+# --- exactly once under SIGKILL -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_gives_exactly_one_row_per_sample(samples_dir, tiny_teacher, vllm_engine,
+                                                                     tmp_path):  # fmt: skip
+    n = pq.read_metadata(samples_dir / "samples.parquet").num_rows
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline.teacher", "--samples", str(samples_dir), "--out", str(out),
+           "--model", str(tiny_teacher), "--dtype", "float32", "--max-model-len", "128", "--kv-cache-gib", "0.25",
+           "--top-k", "8", "--group-size", "4", "--rows-per-shard", "4"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        manifest = out / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more samples"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = CacheReader(out).num_rows
+    assert 0 < partial < n
+
+    resumed = cache_teacher_logits(_cfg(samples_dir, out, tiny_teacher, top_k=8), False, vllm_engine)
+    assert resumed["already_cached"] >= partial
+    ids = CacheReader(out, verify=True).sample_ids()
+    assert len(ids) == len(set(ids)) == n  # exactly one row per sample, no gaps
+
+    clean = tmp_path / "clean"
+    cache_teacher_logits(_cfg(samples_dir, clean, tiny_teacher, top_k=8), False, vllm_engine)
+    a, b = _rows(out), _rows(clean)
+    assert a.keys() == b.keys()
+    for sid in a:
+        assert a[sid]["token_ids"].tolist() == b[sid]["token_ids"].tolist()
+        assert a[sid]["topk_ids"].tolist() == b[sid]["topk_ids"].tolist()
+        np.testing.assert_allclose(a[sid]["topk_logprobs"], b[sid]["topk_logprobs"], atol=CacheEncoding(8, 2).max_error * 2)
+
+
+# --- DuckDB -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_duckdb_views_over_a_produced_cache(samples_dir, tiny_teacher, vllm_engine, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(samples_dir, data / "samples")
+    summary = cache_teacher_logits(_cfg(data / "samples", data / "cache", tiny_teacher, top_k=8, limit=12), False,
+                                   vllm_engine)  # fmt: skip
+    con = connect(data)
+    assert con.sql("SELECT count(*) FROM cache").fetchall()[0][0] == 12
+    n_tokens = con.sql("SELECT count(*) FROM teacher_tokens").fetchall()[0][0]
+    assert n_tokens == summary["tokens_cached"]
+    per_sample = con.sql("SELECT count(*), sum(n_tokens) FROM teacher_samples").fetchall()[0]
+    assert per_sample == (12, n_tokens)
+    rows = _rows(data / "cache")
+    sid, pos, token_id, top1_id, entropy = con.sql(
+        "SELECT sample_id, position, token_id, top1_id, entropy FROM teacher_tokens ORDER BY sample_id, position LIMIT 1"
+    ).fetchall()[0]
+    assert token_id == rows[sid]["token_ids"][pos] and top1_id == rows[sid]["topk_ids"][pos, 0]
+    p = np.exp(rows[sid]["topk_logprobs"][pos].astype(np.float64))
+    p /= p.sum()
+    assert abs(entropy - float(-(p * np.log(p)).sum())) < 0.02
+    joined = con.sql("SELECT count(*) FROM teacher_samples JOIN samples USING (sample_id)").fetchall()[0][0]
+    assert joined == 12
