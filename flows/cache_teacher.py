@@ -19,6 +19,7 @@ Prefect's retries continue where a failure stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,17 @@ from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits,
 FLOW_NAME = "cache-teacher"
 
 
+def retry_unless_config_error(task, task_run, state) -> bool:
+    """Retry transient failures; a missing file or a wrong value fails at once."""
+    try:
+        state.result()
+    except (FileNotFoundError, ValueError):  # FingerprintMismatch is a ValueError
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
 @task(name="prepare-samples")
 def prepare_samples(source: str, samples_dir: Path, split: str) -> dict:
     result = samples_stage.ingest(source, samples_dir, default_split=split, progress=False)
@@ -47,27 +59,32 @@ def prepare_samples(source: str, samples_dir: Path, split: str) -> dict:
 @task(name="build-default-teacher")
 def build_default_teacher(samples_dir: Path, teacher_dir: Path) -> str:
     """The embedded toy teacher, trained once and reused."""
-    if not toy_teacher.is_built(teacher_dir):
+    if toy_teacher.is_built(teacher_dir):
+        report = json.loads((Path(teacher_dir) / toy_teacher.BUILD_REPORT).read_text())
+        how = "already built"
+    else:
         report = toy_teacher.build_teacher(samples_dir, teacher_dir, toy_teacher.TeacherConfig(), progress=False)
-        print(f"built the toy teacher: eval exact match {report['eval_accuracy']:.1%}")
+        how = f"built in {report['seconds']:.0f}s"
+    print(f"toy teacher ({how}): eval exact match {report['eval_accuracy']:.1%} on {report['n_eval']} "
+          f"held-out-template questions -> {teacher_dir}")
     return str(teacher_dir)
 
 
-@task(name="synthesize-speech", retries=2, retry_delay_seconds=5)
+@task(name="synthesize-speech", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
 def synthesize_speech(samples_dir: Path, audio_dir: Path, voices: list[str], rates: list[int], per_sample: int) -> dict:
     r = speech_stage.synthesize_all(samples_dir, audio_dir, voices=tuple(voices), rates=tuple(rates),
                                     per_sample=per_sample, progress=False)  # fmt: skip
     return {"clips": r.index.num_rows, "synthesized": r.synthesized, "rejected": r.rejects.num_rows}
 
 
-@task(name="extract-features", retries=1, retry_delay_seconds=5)
+@task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
 def extract_features(audio_dir: Path, features_dir: Path, n_mels: int) -> dict:
     r = features_stage.extract_all(audio_dir / speech_stage.INDEX_FILE, features_dir,
                                    features_stage.FeatureConfig(n_mels=n_mels), progress=False)  # fmt: skip
     return {"extracted": r.written, "already_there": r.skipped, "rejected": r.rejects.num_rows}
 
 
-@task(name="cache-teacher-logits", retries=1, retry_delay_seconds=10)
+@task(name="cache-teacher-logits", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_config_error)
 def cache_logits(cfg: CacheRunConfig) -> dict:
     summary = cache_teacher_logits(cfg, progress=False)
     print(format_summary(summary))
@@ -129,7 +146,7 @@ def cache_teacher(
     speech = synthesize_speech(samples_dir, audio_dir, voices, rates, per_sample)
     feats = extract_features(audio_dir, features_dir, n_mels)
     cfg = CacheRunConfig(
-        samples_dir=samples_dir, out_dir=data / "cache", top_k=top_k, responses=responses,
+        samples_dir=samples_dir, out_dir=data / "cache", features_dir=features_dir, top_k=top_k, responses=responses,
         max_new_tokens=max_new_tokens, limit=limit, overwrite=overwrite,
         engine=EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib),
     )  # fmt: skip

@@ -210,7 +210,9 @@ class CacheWriter:
         encoding: CacheEncoding,
         rows_per_shard: int = 512,
         overwrite: bool = False,
+        inputs: dict | None = None,
     ):
+        self.inputs = inputs or {}
         self.dir = Path(cache_dir)
         self.fingerprint = {**fingerprint, **encoding.to_dict()}
         self.encoding = encoding
@@ -245,6 +247,7 @@ class CacheWriter:
         if manifest is None:
             manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": {}}
         manifest["fingerprint"] = self.fingerprint
+        manifest["inputs"] = self.inputs  # where the samples and speech features are
         manifest["schema_version"] = schemas.CACHE_VERSION
         # Adopt complete shards the manifest missed (killed between shard and manifest rename).
         for path in shard_paths(self.dir, SHARD_PREFIX):

@@ -1,0 +1,199 @@
+"""Throughput and size of the teacher-caching stage, side by side in one run.
+
+    .venv/bin/python bench/cache_throughput.py                 # ~10 min on 2 CPU cores
+    .venv/bin/python bench/cache_throughput.py --samples 300 --dtypes float32
+
+For each model (a ~50M-parameter Llama with a 32k vocabulary and random weights,
+and the embedded toy teacher) and each dtype, on the same toy-world samples:
+  (a) the whole caching stage: vLLM flat prompt logprobs + encode + Parquet write
+  (b) vLLM with default (non-flat) prompt_logprobs, top-k taken out into arrays
+  (c) transformers forward + log_softmax + topk, batched, same dtype
+Tokens/s count every scored token (prompt + response); engine start and model
+load are excluded (reported apart). Also: bytes per cached response token at k,
+and the error of the decoded logprobs against vLLM's exact float32 values.
+Writes bench/results/cache_throughput.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import schemas
+from pipeline.cache import CacheReader
+from pipeline.chat import encode_pair
+from pipeline.samples import ingest, load_samples
+from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, extract_response_logprobs, make_engine
+
+WORK = Path("data/bench")
+
+
+def build_random_llama(out: Path, tokenizer_dir: Path, vocab: int = 32000) -> Path:
+    """~50M-parameter Llama, 32k vocab, random weights, with the toy tokenizer and chat template."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.eos_token_id)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def bench_transformers(model_dir: Path, pairs, k: int, dtype: str, batch_size: int = 32) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    pad = 0
+    tokens = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            width = max(len(p.input_ids) for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, p in enumerate(chunk):
+                ids[r, : len(p.input_ids)] = torch.tensor(p.input_ids)
+                mask[r, : len(p.input_ids)] = 1
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for r, p in enumerate(chunk):
+                n0, n = len(p.prompt_ids), len(p.response_ids)
+                lp = torch.log_softmax(logits[r, n0 - 1 : n0 - 1 + n].float(), dim=-1)
+                top = lp.topk(k, dim=-1)
+                _ = (top.indices.numpy(), top.values.numpy(), lp.gather(1, torch.tensor(p.response_ids)[:, None]))
+                tokens += len(p.input_ids)
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def bench_vllm_default(llm, pairs, k: int) -> tuple[dict, list]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)  # flat_logprobs=False: the default
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], params, use_tqdm=False)
+    exact = []
+    for p, out in zip(pairs, outs):
+        n0, n = len(p.prompt_ids), len(p.response_ids)
+        ids = np.zeros((n, k), dtype=np.int64)
+        lps = np.zeros((n, k), dtype=np.float32)
+        for t, pos in enumerate(out.prompt_logprobs[n0 : n0 + n]):
+            ranked = sorted(((lp.rank, tid, lp.logprob) for tid, lp in pos.items() if lp.rank <= k))
+            # the actual token may also appear at its own rank; keep ranks 1..k once
+            seen = {}
+            for rank, tid, value in ranked:
+                seen.setdefault(rank, (tid, value))
+            for rank in range(1, k + 1):
+                ids[t, rank - 1], lps[t, rank - 1] = seen[rank]
+        exact.append((ids, lps))
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(p.input_ids) for p in pairs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}, exact
+
+
+def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dtype: str) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = load_samples(samples_dir).to_pylist()[:n]
+    pairs = [encode_pair(tok, r["prompt"], r["response"]) for r in rows]
+    t0 = time.perf_counter()
+    engine = EngineConfig(model=str(model_dir), dtype=dtype, max_model_len=512, kv_cache_gib=1.0)
+    llm = make_engine(engine, k)
+    engine_s = time.perf_counter() - t0
+    out = WORK / "cache" / f"{name}-{dtype}"
+    # warm-up, then (a) (b) alternating order is not needed: one engine, same inputs
+    cache_teacher_logits(CacheRunConfig(samples_dir=samples_dir, out_dir=WORK / "cache" / "warmup", top_k=k,
+                                        limit=32, overwrite=True, engine=engine), progress=False, llm=llm)  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    a = cache_teacher_logits(CacheRunConfig(samples_dir=samples_dir, out_dir=out, top_k=k, limit=n, engine=engine),
+                             progress=False, llm=llm)  # fmt: skip
+    a_stats = {"tokens": a["tokens_scored"], "seconds": a["seconds"] - a["engine_start_seconds"],
+               "tokens_per_s": a["tokens_per_second"]}  # fmt: skip
+    b, exact = bench_vllm_default(llm, pairs, k)
+    del llm
+    c = bench_transformers(model_dir, pairs, k, dtype)
+    # fidelity of what the cache decodes, against vLLM's exact values for the same tokens
+    reader = CacheReader(out)
+    decoded = {sid: r for sid, r in ((r["sample_id"], reader.decode_row(r)) for r in reader.iter_rows())}
+    errs, id_match = [], []
+    for r, (ids, lps) in zip(rows, exact):
+        d = decoded[r["sample_id"]]
+        id_match.append((d["topk_ids"] == ids).mean())
+        errs.append(np.abs(d["topk_logprobs"] - lps).ravel())
+    errs = np.concatenate(errs)
+    return {
+        "model": name,
+        "dtype": dtype,
+        "k": k,
+        "samples": n,
+        "engine_start_s": round(engine_s, 1),
+        "a_stage_tok_s": round(a_stats["tokens_per_s"], 1),
+        "b_vllm_default_tok_s": round(b["tokens_per_s"], 1),
+        "c_transformers_tok_s": round(c["tokens_per_s"], 1),
+        "a_over_c": round(a_stats["tokens_per_s"] / c["tokens_per_s"], 2),
+        "a_over_b": round(a_stats["tokens_per_s"] / b["tokens_per_s"], 2),
+        "bytes_per_cached_token": a["bytes_per_cached_token"],
+        "response_tokens": a["tokens_cached"],
+        "decode_mae_nats": float(errs.mean()),
+        "decode_max_err_nats": float(errs.max()),
+        "topk_id_agreement": float(np.mean(id_match)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=800, help="toy-world samples per measurement")
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--models", default="llama50m-32k,toy-teacher")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    samples_dir = WORK / "samples"
+    if not (samples_dir / "samples.parquet").exists():
+        ingest("toy-world", samples_dir, progress=False)
+    teacher = schemas.TEACHER_DIR
+    if not (teacher / "config.json").exists():
+        print("bench: building the toy teacher first (python -m pipeline.toy_teacher)")
+        from pipeline.toy_teacher import TeacherConfig, build_teacher
+
+        build_teacher(samples_dir, teacher, TeacherConfig())
+    models = {"llama50m-32k": lambda: build_random_llama(WORK / "llama50m-32k", teacher), "toy-teacher": lambda: teacher}
+    results = []
+    for name in args.models.split(","):
+        model_dir = models[name]()
+        for dtype in args.dtypes.split(","):
+            r = run_model(name, model_dir, samples_dir, args.samples, args.top_k, dtype)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    out = Path("bench/results/cache_throughput.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print("\n| model | dtype | (a) stage tok/s | (b) vLLM default tok/s | (c) transformers tok/s | a/c | a/b "
+          "| bytes/token (k=%d) | decode MAE (nats) | max err |" % args.top_k)
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['dtype']} | {r['a_stage_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | "
+              f"{r['c_transformers_tok_s']:.0f} | {r['a_over_c']:.2f}x | {r['a_over_b']:.2f}x | "
+              f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

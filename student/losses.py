@@ -1,0 +1,89 @@
+"""Distillation losses against sparse (top-k) teacher targets, and CE on the response.
+
+All functions take the student's logits at the response positions (B, T, V),
+the cached teacher top-k `teacher_ids` (B, T, k) / `teacher_logprobs` (B, T, k),
+the teacher's `tail_logmass` (B, T) and a `mask` (B, T) of real positions, and
+return the mean over real positions (a scalar).
+
+  forward_kl_topk   KL(p_T || p_S) over the top-k ids, both renormalized to them
+  forward_kl_tail   KL over k+1 buckets: the top-k ids and one "everything else"
+                    bucket (teacher: its tail mass; student: 1 - its top-k mass)
+  reverse_kl_topk   KL(p_S || p_T) over the top-k ids, both renormalized
+
+With temperature tau both sides are softened: teacher log-probs / tau and
+student logits / tau (for the tail bucket the teacher's tail log-mass / tau, the
+same softening of one merged bucket). With k = vocabulary size every variant
+equals its dense full-vocabulary counterpart (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _teacher_topk(teacher_logprobs: torch.Tensor, tau: float) -> torch.Tensor:
+    """Renormalized teacher log-probs over its top-k at temperature tau."""
+    lp = teacher_logprobs.float() / tau
+    return lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+
+
+def forward_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, **_) -> torch.Tensor:
+    t = _teacher_topk(teacher_logprobs, tau)
+    s = torch.gather(student_logits.float() / tau, -1, teacher_ids)
+    s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return _masked_mean(kl, mask)
+
+
+def reverse_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, **_) -> torch.Tensor:
+    t = _teacher_topk(teacher_logprobs, tau)
+    s = torch.gather(student_logits.float() / tau, -1, teacher_ids)
+    s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    kl = (s.exp() * (s - t)).sum(-1)
+    return _masked_mean(kl, mask)
+
+
+def forward_kl_tail(
+    student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, tail_logmass=None, **_
+) -> torch.Tensor:
+    if tail_logmass is None:
+        raise ValueError("forward_kl_tail needs the teacher's tail_logmass")
+    # Teacher buckets: top-k and tail, softened together and renormalized.
+    t = torch.cat([teacher_logprobs.float(), tail_logmass.float().unsqueeze(-1)], dim=-1) / tau
+    t = t - torch.logsumexp(t, dim=-1, keepdim=True)
+    # Student buckets: full-softmax mass on the top-k ids, and the rest.
+    s_all = torch.log_softmax(student_logits.float() / tau, dim=-1)
+    s_top = torch.gather(s_all, -1, teacher_ids)
+    s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    s = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1)
+    p = t.exp()
+    kl = torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum(-1)
+    return _masked_mean(kl, mask)
+
+
+KD_LOSSES = {"forward_kl": forward_kl_topk, "forward_kl_tail": forward_kl_tail, "reverse_kl": reverse_kl_topk}
+
+
+def response_ce(student_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the response tokens (the teacher-written or dataset response)."""
+    ce = F.cross_entropy(student_logits.float().transpose(1, 2), target_ids, reduction="none")
+    return _masked_mean(ce, mask)
+
+
+# Dense references (full vocabulary), for tests.
+def dense_forward_kl(student_logits, teacher_logits, mask, tau: float = 1.0):
+    t = torch.log_softmax(teacher_logits.float() / tau, -1)
+    s = torch.log_softmax(student_logits.float() / tau, -1)
+    return _masked_mean((t.exp() * (t - s)).sum(-1), mask)
+
+
+def dense_reverse_kl(student_logits, teacher_logits, mask, tau: float = 1.0):
+    t = torch.log_softmax(teacher_logits.float() / tau, -1)
+    s = torch.log_softmax(student_logits.float() / tau, -1)
+    return _masked_mean((s.exp() * (s - t)).sum(-1), mask)

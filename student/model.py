@@ -1,0 +1,158 @@
+"""The speech LLM student: speech encoder + adapter + LLM backbone.
+
+  encoder   default: conv subsampling (8x in time) + a small transformer over
+            fbank features; or a Whisper encoder from transformers
+            (`--encoder openai/whisper-small`), which takes its own features.
+  adapter   stacks `stack` consecutive encoder frames and projects them with a
+            two-layer MLP to the backbone's hidden size.
+  backbone  any Hugging Face causal LM; by default the teacher named in the
+            cache manifest (the student starts as a copy of the text LLM).
+
+Channel T feeds the backbone the chat-templated text prompt; channel S feeds it
+the same template with the speech embeddings in place of the prompt text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class StudentConfig:
+    backbone: str = "data/models/teacher"
+    encoder: str = "conv-transformer"  # or a Whisper model id/path
+    n_mels: int = 80
+    encoder_dim: int = 128
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    stack: int = 2  # adapter frame stacking (after the encoder's 8x subsampling): 160 ms a token
+    adapter_hidden: int = 512
+    dropout: float = 0.1
+    train_encoder: bool = True
+    train_adapter: bool = True
+    train_backbone: bool = True
+
+
+class ConvSubsampling(nn.Module):
+    """Three stride-2 convolutions: (B, T, n_mels) at 10 ms -> (B, ~T/8, dim) at 80 ms."""
+
+    def __init__(self, n_mels: int, dim: int, layers: int = 3):
+        super().__init__()
+        convs = []
+        for i in range(layers):
+            convs += [nn.Conv1d(n_mels if i == 0 else dim, dim, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        self.conv = nn.Sequential(*convs)
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        for _ in range(self.layers):
+            lengths = (lengths + 1) // 2
+        return y, lengths
+
+
+class ConvTransformerEncoder(nn.Module):
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(cfg.n_mels)
+        self.subsample = ConvSubsampling(cfg.n_mels, cfg.encoder_dim)
+        self.pos = nn.Parameter(torch.zeros(1, 2048, cfg.encoder_dim))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.encoder_dim, cfg.encoder_heads, 4 * cfg.encoder_dim, cfg.dropout, batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
+        self.out_dim = cfg.encoder_dim
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = self.subsample(self.norm_in(feats), lengths)
+        x = x + self.pos[:, : x.shape[1]]
+        pad = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
+        return self.layers(x, src_key_padding_mask=pad), lengths
+
+
+class WhisperEncoder(nn.Module):
+    """A Whisper encoder from transformers; takes Whisper log-mel input features (B, 80|128, 3000)."""
+
+    def __init__(self, name_or_path: str):
+        super().__init__()
+        from transformers import WhisperModel
+
+        self.encoder = WhisperModel.from_pretrained(name_or_path).get_encoder()
+        self.out_dim = self.encoder.config.d_model
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(input_features=feats).last_hidden_state
+        return out, torch.clamp((lengths + 1) // 2, max=out.shape[1])
+
+
+class Adapter(nn.Module):
+    """Frame stacking + MLP projector to the backbone's hidden size."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, stack: int):
+        super().__init__()
+        self.stack = stack
+        self.proj = nn.Sequential(nn.Linear(in_dim * stack, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        T2 = (T + self.stack - 1) // self.stack
+        x = nn.functional.pad(x, (0, 0, 0, T2 * self.stack - T))
+        x = x.reshape(B, T2, D * self.stack)
+        return self.proj(x), (lengths + self.stack - 1) // self.stack
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, cfg: StudentConfig, backbone=None):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_pretrained(
+            cfg.backbone, dtype=torch.float32)  # fmt: skip
+        hidden = self.backbone.get_input_embeddings().embedding_dim
+        if cfg.encoder == "conv-transformer":
+            self.encoder = ConvTransformerEncoder(cfg)
+        else:
+            self.encoder = WhisperEncoder(cfg.encoder)
+        self.adapter = Adapter(self.encoder.out_dim, cfg.adapter_hidden, hidden, cfg.stack)
+        for module, train in ((self.encoder, cfg.train_encoder), (self.adapter, cfg.train_adapter),
+                              (self.backbone, cfg.train_backbone)):  # fmt: skip
+            module.requires_grad_(train)
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def speech_embeddings(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = self.encoder(feats, lengths)
+        return self.adapter(x, lengths)
+
+    def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).logits
+
+    def save(self, out_dir: Path, tokenizer=None) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out_dir / "backbone")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir / "backbone")
+        torch.save({"encoder": self.encoder.state_dict(), "adapter": self.adapter.state_dict()},
+                   out_dir / "speech.pt")  # fmt: skip
+        (out_dir / "student_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "SpeechLLM":
+        out_dir = Path(out_dir)
+        cfg = StudentConfig(**json.loads((out_dir / "student_config.json").read_text()))
+        cfg.backbone = str(out_dir / "backbone")
+        model = cls(cfg)
+        state = torch.load(out_dir / "speech.pt", map_location="cpu")
+        model.encoder.load_state_dict(state["encoder"])
+        model.adapter.load_state_dict(state["adapter"])
+        return model

@@ -1,0 +1,101 @@
+"""Integration: a real Prefect server on loopback, the served deployment, `prefect deployment run`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.cache import CacheReader
+from pipeline.query import connect
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{what}: process exited with {p.returncode}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_the_flow_and_writes_the_cache(tiny_teacher, tiny_rows, tmp_path):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    src = tmp_path / "tiny.jsonl"
+    rows = tiny_rows[:30]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "data"
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "serve")}
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=logs["server"], stderr=subprocess.STDOUT)  # fmt: skip
+    serve = None
+    try:
+
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        _wait(healthy, 120, "the Prefect server", [server])
+        serve = subprocess.Popen(
+            [sys.executable, "flows/cache_teacher.py", "--serve", "it", "--data-dir", str(data), "--source", str(src),
+             "--teacher", str(tiny_teacher), "--top-k", "8", "--voices", "en-us", "--rates", "170",
+             "--max-model-len", "128", "--kv-cache-gib", "0.25", "--dtype", "float32"],
+            cwd=REPO, env=env, stdout=logs["serve"], stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def deployed():
+            r = subprocess.run([PREFECT, "deployment", "inspect", "cache-teacher/it"], env=env, capture_output=True)
+            return r.returncode == 0
+
+        _wait(deployed, 120, "the deployment to be served", [server, serve])
+        run = subprocess.run([PREFECT, "deployment", "run", "cache-teacher/it", "--watch"], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+        assert "Completed" in run.stdout
+
+        reader = CacheReader(data / "cache", verify=True)
+        assert sorted(reader.sample_ids()) == sorted(r["sample_id"] for r in rows)
+        assert reader.encoding.top_k == 8
+        con = connect(data)
+        assert con.sql("SELECT count(*) FROM features").fetchall()[0][0] == len(rows)
+        assert con.sql("SELECT count(DISTINCT sample_id) FROM teacher_tokens").fetchall()[0][0] == len(rows)
+        art = subprocess.run([PREFECT, "artifact", "inspect", "cache-teacher-summary"], env=env, capture_output=True,
+                             text=True)  # fmt: skip
+        assert art.returncode == 0 and "bytes per cached token" in art.stdout
+    finally:
+        for p in (serve, server):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        for fh in logs.values():
+            fh.close()

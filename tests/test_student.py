@@ -1,0 +1,205 @@
+"""The student: KD losses against dense references, the data join, resume, and the no-teacher rule."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from student import losses
+from tests.conftest import tiny_engine_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- losses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kd_losses_equal_dense_reference_when_k_is_the_vocabulary(tau):
+    torch.manual_seed(0)
+    B, T, V = 3, 5, 50
+    student = torch.randn(B, T, V) * 2
+    teacher = torch.randn(B, T, V) * 2
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3:] = False
+    t_lp = torch.log_softmax(teacher, -1)
+    top = t_lp.topk(V, dim=-1)  # k = V: every id, in rank order
+    tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1.0))
+    args = dict(teacher_ids=top.indices, teacher_logprobs=top.values, mask=mask, tau=tau, tail_logmass=tail)
+    dense_f = losses.dense_forward_kl(student, teacher, mask, tau)
+    dense_r = losses.dense_reverse_kl(student, teacher, mask, tau)
+    torch.testing.assert_close(losses.forward_kl_topk(student, **args), dense_f, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(losses.forward_kl_tail(student, **args), dense_f, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(losses.reverse_kl_topk(student, **args), dense_r, atol=1e-5, rtol=1e-4)
+    assert dense_f > 0.1  # a real difference, not two zeros
+
+
+def test_sparse_kd_is_zero_at_the_teacher_and_the_tail_variant_sees_outside_mass():
+    torch.manual_seed(1)
+    V, k = 40, 6
+    logits = torch.randn(2, 4, V) * 3
+    lp = torch.log_softmax(logits, -1)
+    top = lp.topk(k, dim=-1)
+    tail = torch.log1p(-top.values.exp().sum(-1))
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    args = dict(teacher_ids=top.indices, teacher_logprobs=top.values, mask=mask, tail_logmass=tail)
+    assert losses.forward_kl_topk(logits, **args) < 1e-6
+    assert losses.forward_kl_tail(logits, **args) < 1e-5
+    assert losses.reverse_kl_topk(logits, **args) < 1e-6
+    # a student with the same shape inside the top-k but a different tail mass:
+    shifted = logits.clone()
+    shifted.scatter_(-1, top.indices, torch.gather(logits, -1, top.indices) + 2.0)
+    assert losses.forward_kl_topk(shifted, **args) < 1e-5  # renormalized top-k cannot see it
+    assert losses.forward_kl_tail(shifted, **args) > 1e-2  # the tail bucket does
+
+
+def test_response_ce_masks_padding():
+    logits = torch.randn(2, 3, 10)
+    target = torch.randint(0, 10, (2, 3))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    ce = losses.response_ce(logits, target, mask)
+    ref = torch.nn.functional.cross_entropy(logits[mask], target[mask])
+    torch.testing.assert_close(ce, ref)
+
+
+# --- data -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student_cache(samples_dir, tiny_teacher, vllm_engine, tmp_path_factory):
+    """A real cache + real speech features for the tiny toy world."""
+    from pipeline.features import FeatureConfig, extract_all
+    from pipeline.speech import synthesize_all
+    from pipeline.teacher import CacheRunConfig, cache_teacher_logits
+
+    root = tmp_path_factory.mktemp("student")
+    synthesize_all(samples_dir, root / "audio", voices=("en-us",), rates=(170,), progress=False)
+    extract_all(root / "audio" / "index.parquet", root / "features", FeatureConfig(n_mels=40), progress=False)
+    cfg = CacheRunConfig(samples_dir=samples_dir, out_dir=root / "cache", features_dir=root / "features", top_k=8,
+                         engine=tiny_engine_config(tiny_teacher))  # fmt: skip
+    cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
+    return root / "cache"
+
+
+def test_join_aligns_response_positions_with_cached_tokens(student_cache, tiny_teacher):
+    from transformers import AutoTokenizer
+
+    from pipeline.cache import CacheReader
+    from student.data import SpeechTemplate, collate, gather_positions, load_examples, speech_inputs
+    from student.model import SpeechLLM, StudentConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    examples, report = load_examples(student_cache, tok, split="train")
+    assert report.examples == report.samples > 0 and not report.missing_cache and not report.missing_features
+    cached = CacheReader(student_cache).get([e.sample_id for e in examples[:6]])
+    for e in examples[:6]:
+        assert e.response_ids.tolist() == cached[e.sample_id]["token_ids"].tolist()
+        assert e.response_ids[-1] == tok.eos_token_id
+    batch = collate(examples[:6], tok.pad_token_id)
+    # channel T: the token after each response position is the cached response token
+    for b, e in enumerate(examples[:6]):
+        n = len(e.response_ids)
+        nxt = batch["text_ids"][b, batch["text_response_pos"][b, :n] + 1]
+        assert nxt.tolist() == e.response_ids.tolist()
+    # channel S: the embedding after each response position is that token's embedding
+    model = SpeechLLM(StudentConfig(backbone=str(tiny_teacher), n_mels=40)).eval()
+    embeds, attention, pos = speech_inputs(model, SpeechTemplate.from_tokenizer(tok), batch)
+    for b, e in enumerate(examples[:6]):
+        n = len(e.response_ids)
+        got = embeds[b, pos[b, :n] + 1]
+        torch.testing.assert_close(got, model.embed(torch.from_numpy(e.response_ids)))
+        assert attention[b, pos[b, n - 1] + 1] == 1
+    logits = torch.randn(embeds.shape[0], embeds.shape[1], 7)
+    assert gather_positions(logits, pos).shape == (6, pos.shape[1], 7)
+
+
+def test_missing_features_are_counted_not_silently_skipped(student_cache, tiny_teacher, tmp_path):
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from student.data import load_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    full, _ = load_examples(student_cache, tok, split="train")
+    dropped = full[0].sample_id
+    features = tmp_path / "features"
+    shutil.copytree(student_cache.parent / "features", features)
+    for shard in features.glob("part-*.parquet"):
+        t = pq.read_table(shard)
+        pq.write_table(t.filter(pc.not_equal(t["sample_id"], dropped)), shard)
+    examples, report = load_examples(student_cache, tok, features_dir=features, split="train")
+    assert report.missing_features == [dropped]
+    assert len(examples) == len(full) - 1 and dropped not in {e.sample_id for e in examples}
+    assert "1 cached samples have no speech features" in report.summary()
+
+
+def test_tokenizer_fingerprint_mismatch_is_refused(student_cache, tmp_path):
+    from pipeline.toy_teacher import train_tokenizer
+    from student.data import TokenizerMismatch, load_examples
+
+    other = train_tokenizer(["a completely different corpus", "with other merges"], 300)
+    with pytest.raises(TokenizerMismatch, match="different tokenizer"):
+        load_examples(student_cache, other)
+
+
+# --- training ------------------------------------------------------------------------
+
+
+def _cfg(cache, out, **kw):
+    from student.train import TrainConfig
+
+    base = dict(logits=str(cache), out=str(out), steps=6, batch_size=4, eval_every=0, save_every=2, warmup=2,
+                seed=3)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_run_lowers_the_kd_loss(student_cache, tmp_path):
+    from student.train import train
+
+    train(_cfg(student_cache, tmp_path / "run", steps=40, lr=3e-3, backbone_lr=1e-3, batch_size=8), progress=False,
+          final_eval=False)  # fmt: skip
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    first = np.mean([float(r["kd_S"]) for r in rows[:5]])
+    last = np.mean([float(r["kd_S"]) for r in rows[-5:]])
+    assert last < 0.7 * first, (first, last)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "final" / "backbone" / "config.json").exists()
+    assert (tmp_path / "run" / "final" / "speech.pt").exists()
+
+
+def test_resume_reproduces_the_next_steps_loss(student_cache, tmp_path):
+    import csv
+
+    from student.train import train
+
+    train(_cfg(student_cache, tmp_path / "a"), progress=False, final_eval=False)
+    train(_cfg(student_cache, tmp_path / "b", stop_after=2), progress=False, final_eval=False)
+    train(_cfg(student_cache, tmp_path / "b", resume=True), progress=False, final_eval=False)
+    a = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    assert [r["step"] for r in b] == [str(i) for i in range(1, 7)]
+    for ra, rb in zip(a[2:], b[2:]):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-6, abs=1e-7)
+
+
+def test_training_process_never_imports_vllm(student_cache, tmp_path):
+    code = (
+        "import sys; from student.train import main; "
+        f"main(['--logits', '{student_cache}', '--out', '{tmp_path / 'run'}', '--steps', '2', '--batch-size', '2', "
+        "'--eval-every', '0']); "
+        "print('VLLM_LOADED' if any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules) else 'NO_VLLM')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NO_VLLM" in r.stdout
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert 0 <= result["student_speech_accuracy"] <= 1 and "forgetting" in result
