@@ -3,7 +3,8 @@ PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
-DEMO_STUDENT_STEPS ?= 300
+DEMO_STUDENT_STEPS ?= 200
+DEMO_ALIGN_STEPS ?= 100
 
 .PHONY: setup demo test clean
 
@@ -15,7 +16,7 @@ setup:
 # then a short student training from that cache and its evaluation.
 demo: setup
 	$(PY) flows/cache_teacher.py
-	$(PY) student/train.py --logits data/cache --steps $(DEMO_STUDENT_STEPS) --eval-every 0
+	$(PY) student/train.py --logits data/cache --steps $(DEMO_STUDENT_STEPS) --align-steps $(DEMO_ALIGN_STEPS) --eval-every 0
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

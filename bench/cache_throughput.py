@@ -114,7 +114,7 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
     rows = load_samples(samples_dir).to_pylist()[:n]
     pairs = [encode_pair(tok, r["prompt"], r["response"]) for r in rows]
     t0 = time.perf_counter()
-    engine = EngineConfig(model=str(model_dir), dtype=dtype, max_model_len=512, kv_cache_gib=1.0)
+    engine = EngineConfig(model=str(model_dir), dtype=dtype, kv_cache_gib=1.0)
     llm = make_engine(engine, k)
     engine_s = time.perf_counter() - t0
     out = WORK / "cache" / f"{name}-{dtype}"
@@ -184,6 +184,11 @@ def main() -> int:
             results.append(r)
     out = Path("bench/results/cache_throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Keep rows of other (model, dtype, k) from earlier runs; this run's replace their own.
+    key = lambda r: (r["model"], r["dtype"], r["k"])  # noqa: E731
+    earlier = json.loads(out.read_text()) if out.exists() else []
+    mine = {key(r) for r in results}
+    results = [r for r in earlier if key(r) not in mine] + results
     out.write_text(json.dumps(results, indent=2))
     print("\n| model | dtype | (a) stage tok/s | (b) vLLM default tok/s | (c) transformers tok/s | a/c | a/b "
           "| bytes/token (k=%d) | decode MAE (nats) | max err |" % args.top_k)

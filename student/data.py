@@ -62,6 +62,7 @@ class Example:
     sample_id: str
     rendition: str | None
     prompt_ids: list[int]  # channel T: templated text prompt
+    transcript_ids: list[int]  # the prompt text alone + end-of-turn (speech alignment target)
     speech: np.ndarray | None  # channel S: (frames, n_mels) float16
     response_ids: np.ndarray  # (n,)
     topk_ids: np.ndarray  # (n, k)
@@ -116,13 +117,15 @@ def load_examples(
         seen.add(sid)
         report.cache_rows_in_split += 1
         d = reader.decode_row(row)
-        prompt_ids = tokenizer(render_prompt(tokenizer, samples[sid]["prompt"]), add_special_tokens=False)["input_ids"]
+        prompt = samples[sid]["prompt"]
+        prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        transcript_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         speech = renditions.get(sid, []) if need_speech else [(None, None)]
         if not speech:
             report.missing_features.append(sid)
             continue
         for rend, feats in sorted(speech, key=lambda x: x[0] or ""):
-            examples.append(Example(sid, rend, prompt_ids, feats, d["token_ids"], d["topk_ids"],
+            examples.append(Example(sid, rend, prompt_ids, transcript_ids, feats, d["token_ids"], d["topk_ids"],
                                     d["topk_logprobs"], d["tail_logmass"]))  # fmt: skip
     report.missing_cache = sorted(set(samples) - seen)
     report.examples = len(examples)
@@ -174,6 +177,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         batch["text_attention"][b, : len(ids)] = 1
         p = len(e.prompt_ids)
         batch["text_response_pos"][b, : len(e.response_ids)] = torch.arange(p - 1, p - 1 + len(e.response_ids))
+    m = max(len(e.transcript_ids) for e in examples)
+    batch["transcript_ids"] = torch.full((B, m), pad_id, dtype=torch.long)
+    batch["transcript_mask"] = torch.zeros(B, m, dtype=torch.bool)
+    for b, e in enumerate(examples):
+        batch["transcript_ids"][b, : len(e.transcript_ids)] = torch.tensor(e.transcript_ids)
+        batch["transcript_mask"][b, : len(e.transcript_ids)] = True
     if examples[0].speech is not None:
         T = max(e.speech.shape[0] for e in examples)
         batch["speech"] = torch.zeros(B, T, examples[0].speech.shape[1])
@@ -183,21 +192,27 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def speech_inputs(model, template: SpeechTemplate, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Channel S embeddings: [template prefix, speech, template suffix, response], right-padded.
+def speech_inputs(
+    model, template: SpeechTemplate, batch: dict, target: str = "response"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channel S embeddings: [template prefix, speech, template suffix, target tokens], right-padded.
 
-    Returns (embeds (B, L, H), attention (B, L), response_pos (B, n)).
+    target "response": the cached response (channel S proper); "transcript": the
+    prompt text itself (speech alignment; pass an empty template).
+    Returns (embeds (B, L, H), attention (B, L), target_pos (B, n)): logits at
+    target_pos[b, t] predict target token t.
     """
+    ids_key, mask_key = ("response_ids", "mask") if target == "response" else ("transcript_ids", "transcript_mask")
     speech, lengths = model.speech_embeddings(batch["speech"], batch["speech_lengths"])
     embed = model.embed
     device = speech.device
     prefix = embed(torch.tensor(template.prefix_ids, dtype=torch.long, device=device))
     suffix = embed(torch.tensor(template.suffix_ids, dtype=torch.long, device=device))
-    resp = embed(batch["response_ids"])
+    resp = embed(batch[ids_key])
     rows, positions = [], []
-    n = batch["response_ids"].shape[1]
+    n = batch[ids_key].shape[1]
     for b in range(speech.shape[0]):
-        m = int(batch["mask"][b].sum())
+        m = int(batch[mask_key][b].sum())
         row = torch.cat([prefix, speech[b, : lengths[b]], suffix, resp[b, :m]])
         start = prefix.shape[0] + int(lengths[b]) + suffix.shape[0]
         rows.append(row)

@@ -4,8 +4,11 @@
     python student/train.py --logits data/cache --alpha 0 --beta 0 --ce-channels S   # CE-only baseline
     python student/train.py --logits data/cache --resume
 
-Loss (the paper's recipe by default: forward KL, tau 2, both channels, CE on
-the cached responses of both channels):
+First `--align-steps` steps align the speech encoder+adapter to the frozen
+backbone by transcription (from the speech alone, predict the prompt's tokens),
+as speech LLMs are built before their fine-tuning. Then the loss (the paper's
+recipe by default: forward KL, tau 2, both channels, CE on the cached responses
+of both channels):
 
     total = alpha * tau^2 * KD(T->T) + beta * tau^2 * KD(S->T) + gamma * sum(CE over --ce-channels)
 
@@ -45,6 +48,7 @@ class TrainConfig:
     backbone: str | None = None  # default: the teacher named in the cache manifest
     encoder: str = "conv-transformer"
     steps: int = 600
+    align_steps: int = 300  # first: encoder+adapter learn to transcribe the spoken prompt (backbone frozen)
     batch_size: int = 32
     lr: float = 1e-3  # encoder + adapter
     backbone_lr: float = 3e-4
@@ -89,6 +93,13 @@ def channel_losses(model, template, batch, cfg: TrainConfig) -> dict[str, torch.
     return out
 
 
+def alignment_loss(model, batch) -> dict[str, torch.Tensor]:
+    """Speech alignment: from the speech alone, predict the prompt's own tokens."""
+    embeds, attention, pos = speech_inputs(model, SpeechTemplate([], []), batch, target="transcript")
+    logits = gather_positions(model.forward_embeds(embeds, attention), pos)
+    return {"align": response_ce(logits, batch["transcript_ids"], batch["transcript_mask"])}
+
+
 def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
     t2 = cfg.tau**2
     total = torch.zeros(())
@@ -99,6 +110,8 @@ def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor
     for name in ("ce_T", "ce_S"):
         if name in parts:
             total = total + cfg.gamma * parts[name]
+    if "align" in parts:
+        total = total + parts["align"]
     return total
 
 
@@ -123,6 +136,7 @@ def make_optimizer(model: SpeechLLM, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": [p for m in (model.encoder, model.adapter) for p in m.parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
     ]
+    groups[0]["name"], groups[1]["name"] = "speech", "backbone"
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -153,11 +167,10 @@ def plot(metrics_csv: Path, out_png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    steps = [int(r["step"]) for r in rows]
-    for key in ("loss", "kd_T", "kd_S", "ce_T", "ce_S"):
-        ys = [float(r[key]) for r in rows if r.get(key)]
-        if ys and len(ys) == len(steps):
-            ax.plot(steps, ys, label=key)
+    for key in ("loss", "align", "kd_T", "kd_S", "ce_T", "ce_S"):
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend()
@@ -167,7 +180,7 @@ def plot(metrics_csv: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-METRIC_FIELDS = ["step", "loss", "kd_T", "kd_S", "ce_T", "ce_S", "lr", "data_s", "step_s"]
+METRIC_FIELDS = ["step", "loss", "align", "kd_T", "kd_S", "ce_T", "ce_S", "lr", "data_s", "step_s"]
 
 
 def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> dict:
@@ -212,9 +225,12 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> d
         batch = collate([examples[i] for i in sampler.indices(step)], tokenizer.pad_token_id or 0)
         t1 = time.perf_counter()
         model.train()
+        aligning = step < cfg.align_steps
         for g in optim.param_groups:
-            g["lr"] = g["base_lr"] * lr_scale(step, cfg)
-        parts = channel_losses(model, template, batch, cfg)
+            # While aligning speech the backbone stays as the text LLM it was (lr 0).
+            frozen = aligning and g["name"] == "backbone"
+            g["lr"] = 0.0 if frozen else g["base_lr"] * lr_scale(step, cfg)
+        parts = alignment_loss(model, batch) if aligning else channel_losses(model, template, batch, cfg)
         loss = total_loss(parts, cfg)
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,7 +240,7 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> d
         data_time += t1 - t0
         step_time += t2 - t0
         last = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                "lr": optim.param_groups[0]["lr"], "data_s": t1 - t0, "step_s": t2 - t0}  # fmt: skip
+                "lr": optim.param_groups[-1]["lr"], "data_s": t1 - t0, "step_s": t2 - t0}  # fmt: skip
         writer.writerow(last)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1

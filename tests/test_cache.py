@@ -71,7 +71,18 @@ def test_cached_topk_equals_a_transformers_forward(samples_dir, tiny_teacher, vl
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
     samples = {r["sample_id"]: r for r in pq.read_table(samples_dir / "samples.parquet").to_pylist()}
-    enc = CacheReader(out).encoding
+    reader = CacheReader(out)
+    enc = reader.encoding
+    # the reader's torch view of a batch: padded, masked, equal to the decoded rows
+    ids = sorted(rows)[:3]
+    batch = reader.batch(ids)
+    T = max(len(rows[i]["token_ids"]) for i in ids)
+    assert batch["topk_ids"].shape == (3, T, 16) and batch["topk_logprobs"].dtype == torch.float32
+    for b, sid in enumerate(ids):
+        n = len(rows[sid]["token_ids"])
+        assert batch["mask"][b].sum() == n and not batch["mask"][b, n:].any()
+        assert batch["token_ids"][b, :n].tolist() == rows[sid]["token_ids"].tolist()
+        np.testing.assert_array_equal(batch["topk_logprobs"][b, :n].numpy(), rows[sid]["topk_logprobs"])
     for sid, row in rows.items():
         s = samples[sid]
         pair = encode_pair(tok, s["prompt"], s["response"])

@@ -155,16 +155,16 @@ def test_tokenizer_fingerprint_mismatch_is_refused(student_cache, tmp_path):
 def _cfg(cache, out, **kw):
     from student.train import TrainConfig
 
-    base = dict(logits=str(cache), out=str(out), steps=6, batch_size=4, eval_every=0, save_every=2, warmup=2,
-                seed=3)  # fmt: skip
+    base = dict(logits=str(cache), out=str(out), steps=6, align_steps=2, batch_size=4, eval_every=0, save_every=2,
+                warmup=2, seed=3)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
 def test_short_run_lowers_the_kd_loss(student_cache, tmp_path):
     from student.train import train
 
-    train(_cfg(student_cache, tmp_path / "run", steps=40, lr=3e-3, backbone_lr=1e-3, batch_size=8), progress=False,
-          final_eval=False)  # fmt: skip
+    train(_cfg(student_cache, tmp_path / "run", steps=40, align_steps=0, lr=3e-3, backbone_lr=1e-3, batch_size=8),
+          progress=False, final_eval=False)  # fmt: skip
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
@@ -187,6 +187,7 @@ def test_resume_reproduces_the_next_steps_loss(student_cache, tmp_path):
     a = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
     b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
     assert [r["step"] for r in b] == [str(i) for i in range(1, 7)]
+    assert b[1]["align"] and not b[1]["kd_S"] and b[2]["kd_S"]  # resumed across the alignment -> KD boundary
     for ra, rb in zip(a[2:], b[2:]):
         assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-6, abs=1e-7)
 
@@ -194,8 +195,8 @@ def test_resume_reproduces_the_next_steps_loss(student_cache, tmp_path):
 def test_training_process_never_imports_vllm(student_cache, tmp_path):
     code = (
         "import sys; from student.train import main; "
-        f"main(['--logits', '{student_cache}', '--out', '{tmp_path / 'run'}', '--steps', '2', '--batch-size', '2', "
-        "'--eval-every', '0']); "
+        f"main(['--logits', '{student_cache}', '--out', '{tmp_path / 'run'}', '--steps', '2', '--align-steps', '1', "
+        "'--batch-size', '2', '--eval-every', '0']); "
         "print('VLLM_LOADED' if any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules) else 'NO_VLLM')"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
