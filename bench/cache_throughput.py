@@ -30,7 +30,7 @@ from pipeline import schemas
 from pipeline.cache import CacheReader
 from pipeline.chat import encode_pair
 from pipeline.samples import ingest, load_samples
-from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, extract_response_logprobs, make_engine
+from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, make_engine
 
 WORK = Path("data/bench")
 

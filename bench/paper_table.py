@@ -61,7 +61,7 @@ def main() -> int:
         results.append(r)
         (out / "paper_table.json").write_text(json.dumps(results, indent=2))
     lines = [
-        f"| row | teacher text | student text | student speech | forgetting | modality gap | minutes |",
+        "| row | teacher text | student text | student speech | forgetting | modality gap | minutes |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:

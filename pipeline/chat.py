@@ -64,3 +64,11 @@ def encode_pair(tokenizer, prompt: str, response: str) -> EncodedPair:
 def normalize_answer(text: str) -> str:
     """Exact-match normalization: case, surrounding space and a final period."""
     return " ".join(text.strip().lower().split()).rstrip(".")
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after `normalize_answer`."""
+    if not references:
+        return 0.0
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+    return hits / len(references)

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import schemas
-from pipeline.chat import encode_pair, encode_prompt, normalize_answer
+from pipeline.chat import encode_pair, encode_prompt, exact_match
 from pipeline.samples import load_samples
 
 BUILD_REPORT = "speechkd_teacher.json"
@@ -138,13 +138,6 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
         )
         out.extend(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True))
     return out
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    if not references:
-        return 0.0
-    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
-    return hits / len(references)
 
 
 def build_teacher(samples_dir: Path, out_dir: Path, cfg: TeacherConfig, progress: bool = True) -> dict:

@@ -17,15 +17,10 @@ from pathlib import Path
 import torch
 
 from pipeline.cache import CacheReader
-from pipeline.chat import normalize_answer, render_prompt
+from pipeline.chat import exact_match, render_prompt
 from pipeline.features import load_features
 from pipeline.samples import load_samples
 from student.data import SpeechTemplate, inputs_from_manifest
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
-    return hits / max(len(references), 1)
 
 
 @torch.no_grad()

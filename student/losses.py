@@ -33,20 +33,20 @@ def _teacher_topk(teacher_logprobs: torch.Tensor, tau: float) -> torch.Tensor:
     return lp - torch.logsumexp(lp, dim=-1, keepdim=True)
 
 
-def forward_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, **_) -> torch.Tensor:
-    t = _teacher_topk(teacher_logprobs, tau)
+def _student_topk(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tau: float) -> torch.Tensor:
+    """Student log-probs at temperature tau, renormalized over the teacher's top-k ids."""
     s = torch.gather(student_logits.float() / tau, -1, teacher_ids)
-    s = s - torch.logsumexp(s, dim=-1, keepdim=True)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return _masked_mean(kl, mask)
+    return s - torch.logsumexp(s, dim=-1, keepdim=True)
+
+
+def forward_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, **_) -> torch.Tensor:
+    t, s = _teacher_topk(teacher_logprobs, tau), _student_topk(student_logits, teacher_ids, tau)
+    return _masked_mean((t.exp() * (t - s)).sum(-1), mask)
 
 
 def reverse_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, **_) -> torch.Tensor:
-    t = _teacher_topk(teacher_logprobs, tau)
-    s = torch.gather(student_logits.float() / tau, -1, teacher_ids)
-    s = s - torch.logsumexp(s, dim=-1, keepdim=True)
-    kl = (s.exp() * (s - t)).sum(-1)
-    return _masked_mean(kl, mask)
+    t, s = _teacher_topk(teacher_logprobs, tau), _student_topk(student_logits, teacher_ids, tau)
+    return _masked_mean((s.exp() * (s - t)).sum(-1), mask)
 
 
 def forward_kl_tail(

@@ -20,7 +20,7 @@ def audio_index(samples_dir, tmp_path_factory):
 def test_features_shape_and_determinism(audio_index, tmp_path):
     cfg = FeatureConfig(n_mels=40)
     a = extract_all(audio_index, tmp_path / "a", cfg, rows_per_shard=7, progress=False)
-    b = extract_all(audio_index, tmp_path / "b", cfg, rows_per_shard=7, progress=False)
+    extract_all(audio_index, tmp_path / "b", cfg, rows_per_shard=7, progress=False)
     index = pq.read_table(audio_index).to_pylist()
     assert a.written == len(index) and a.rejects.num_rows == 0 and len(a.shards) > 1
     fa, fb = load_features(tmp_path / "a"), load_features(tmp_path / "b")
