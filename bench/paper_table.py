@@ -1,7 +1,7 @@
 """The paper's table at toy scale: does cross-modal KD reduce forgetting and the modality gap?
 
-    .venv/bin/python bench/paper_table.py                # after `make demo`; ~35 min on 2 CPU cores
-    .venv/bin/python bench/paper_table.py --steps 300    # quicker, noisier
+    .venv/bin/python bench/paper_table.py                # after `make demo`; ~25 min on 2 CPU cores
+    .venv/bin/python bench/paper_table.py --features data/features_1voice   # single-voice speech (see README)
 
 Four students trained from the same cache with the same budget (steps, batch,
 learning rates, seed); every row fine-tunes the whole model on speech with CE
@@ -36,7 +36,9 @@ ROWS = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logits", default="data/cache")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--features", default=None, help="speech features (default: from the cache manifest)")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--align-steps", type=int, default=400, help="shared speech-alignment phase")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--backbone-lr", type=float, default=3e-4)
@@ -52,7 +54,8 @@ def main() -> int:
     for i, (name, weights) in enumerate(ROWS, 1):
         if i not in wanted:
             continue
-        cfg = TrainConfig(logits=args.logits, out=f"data/runs/paper_table/row{i}", steps=args.steps,
+        cfg = TrainConfig(logits=args.logits, features=args.features, out=f"data/runs/paper_table/row{i}",
+                          steps=args.steps, align_steps=args.align_steps,
                           batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, tau=args.tau,
                           kd=args.kd, ce_channels="S", eval_every=0, save_every=0, seed=args.seed, **weights)  # fmt: skip
         t0 = time.monotonic()
