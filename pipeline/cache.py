@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.fingerprint import diff
-from pipeline.parquet_io import remove_stale_temp_files, shard_paths, write_table_atomic
+from pipeline.parquet_io import next_shard_path, remove_stale_temp_files, shard_paths, write_table_atomic
 
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "part-"
@@ -281,8 +281,8 @@ class CacheWriter:
             schemas.CACHE_SCHEMA, "cache", schemas.CACHE_VERSION, {"encoding": json.dumps(self.encoding.to_dict())}
         )
         table = rows_to_table(self._rows, schema)
-        index = 1 + max((int(p[len(SHARD_PREFIX) : -8]) for p in self.manifest["shards"]), default=-1)
-        path = write_table_atomic(table, self.dir / f"{SHARD_PREFIX}{index:05d}.parquet", row_group_size=256)
+        # Every shard on disk is in the manifest (adopted on open), so the next free name is the disk's.
+        path = write_table_atomic(table, next_shard_path(self.dir, SHARD_PREFIX), row_group_size=256)
         entry = self._shard_entry(path)
         self.manifest["shards"][path.name] = entry
         _write_manifest(self.dir, self.manifest)
