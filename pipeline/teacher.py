@@ -237,6 +237,9 @@ def cache_teacher_logits(cfg: CacheRunConfig, progress: bool = True, llm=None) -
                         continue
                 pairs.append(pair)
                 ready.append(s)
+            if not pairs:  # the whole group was rejected: nothing to score
+                bar.update(len(group))
+                continue
             outs = llm.generate(
                 [TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], score_params, use_tqdm=False
             )

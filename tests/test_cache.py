@@ -140,6 +140,13 @@ def test_over_long_and_empty_samples_are_rejects(tiny_teacher, vllm_engine, tmp_
     assert rejects["empty"]["field"] == "response" and "--responses teacher" in rejects["empty"]["reason"]
     assert rejects["long-prompt"]["field"] == "prompt" and "max_model_len 128" in rejects["long-prompt"]["reason"]
     assert rejects["long-response"]["field"] == "response" and "too long" in rejects["long-response"]["reason"]
+    # a group in which every sample is rejected is recorded, not sent to vLLM empty
+    only_bad = tmp_path / "only_bad.jsonl"
+    only_bad.write_text("".join(json.dumps({**r, "response": ""}) + "\n" for r in rows))
+    ingest(str(only_bad), tmp_path / "bad_samples", progress=False)
+    s_bad = cache_teacher_logits(_cfg(tmp_path / "bad_samples", tmp_path / "bad_cache", tiny_teacher, top_k=4),
+                                 False, vllm_engine)  # fmt: skip
+    assert s_bad["cached_now"] == 0 and s_bad["rejected"] == 4
     # the explicit truncation policy keeps the long response, cut to fit
     out2 = tmp_path / "cache2"
     s2 = cache_teacher_logits(_cfg(tmp_path / "samples", out2, tiny_teacher, top_k=4, too_long="truncate"), False,
