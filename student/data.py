@@ -193,17 +193,18 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def speech_inputs(
-    model, template: SpeechTemplate, batch: dict, target: str = "response"
+    model, template: SpeechTemplate, batch: dict, target: str = "response", encoded=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Channel S embeddings: [template prefix, speech, template suffix, target tokens], right-padded.
 
     target "response": the cached response (channel S proper); "transcript": the
-    prompt text itself (speech alignment; pass an empty template).
+    prompt text itself (speech alignment; pass an empty template). `encoded`: the
+    encoder's output for batch["speech"], when the caller has it already.
     Returns (embeds (B, L, H), attention (B, L), target_pos (B, n)): logits at
     target_pos[b, t] predict target token t.
     """
     ids_key, mask_key = ("response_ids", "mask") if target == "response" else ("transcript_ids", "transcript_mask")
-    speech, lengths = model.speech_embeddings(batch["speech"], batch["speech_lengths"])
+    speech, lengths = model.speech_embeddings(batch["speech"], batch["speech_lengths"], encoded)
     embed = model.embed
     device = speech.device
     prefix = embed(torch.tensor(template.prefix_ids, dtype=torch.long, device=device))

@@ -36,6 +36,7 @@ class StudentConfig:
     train_encoder: bool = True
     train_adapter: bool = True
     train_backbone: bool = True
+    ctc: bool = True  # a CTC head on the encoder output (speech alignment: recognise the prompt's tokens)
 
 
 class ConvSubsampling(nn.Module):
@@ -121,17 +122,42 @@ class SpeechLLM(nn.Module):
         else:
             self.encoder = WhisperEncoder(cfg.encoder)
         self.adapter = Adapter(self.encoder.out_dim, cfg.adapter_hidden, hidden, cfg.stack)
+        # Token recognition straight from the encoder frames (80 ms each): one class per backbone token + blank
+        # (the last class). Trains the encoder to hear the words the adapter then hands to the backbone.
+        vocab = self.backbone.get_input_embeddings().num_embeddings
+        self.ctc_head = nn.Linear(self.encoder.out_dim, vocab + 1) if cfg.ctc else None
         for module, train in ((self.encoder, cfg.train_encoder), (self.adapter, cfg.train_adapter),
-                              (self.backbone, cfg.train_backbone)):  # fmt: skip
-            module.requires_grad_(train)
+                              (self.backbone, cfg.train_backbone), (self.ctc_head, cfg.train_encoder)):  # fmt: skip
+            if module is not None:
+                module.requires_grad_(train)
+
+    def speech_parameters(self):
+        """Parameters of the speech side: encoder, adapter and CTC head (trained at --lr)."""
+        heads = [self.ctc_head] if self.ctc_head is not None else []
+        for module in (self.encoder, self.adapter, *heads):
+            yield from module.parameters()
 
     @property
     def embed(self) -> nn.Embedding:
         return self.backbone.get_input_embeddings()
 
-    def speech_embeddings(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, lengths = self.encoder(feats, lengths)
+    def speech_embeddings(
+        self, feats: torch.Tensor, lengths: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone-sized speech embeddings (B, T', H) and their lengths; `encoded`: the encoder's output, if run."""
+        x, lengths = encoded if encoded is not None else self.encoder(feats, lengths)
         return self.adapter(x, lengths)
+
+    def ctc_loss(self, encoded: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor,
+                 target_lengths: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """CTC of the encoder frames against the first `target_lengths[b]` token ids of `targets[b]`."""
+        if self.ctc_head is None:
+            raise ValueError("this student has no CTC head (StudentConfig.ctc is False)")
+        x, lengths = encoded
+        log_probs = self.ctc_head(x).float().log_softmax(-1).transpose(0, 1)  # (T, B, C)
+        blank = self.ctc_head.out_features - 1
+        return nn.functional.ctc_loss(log_probs, targets, lengths, target_lengths, blank=blank,
+                                      zero_infinity=True)  # fmt: skip
 
     def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).logits
@@ -142,8 +168,10 @@ class SpeechLLM(nn.Module):
         self.backbone.save_pretrained(out_dir / "backbone")
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / "backbone")
-        torch.save({"encoder": self.encoder.state_dict(), "adapter": self.adapter.state_dict()},
-                   out_dir / "speech.pt")  # fmt: skip
+        speech = {"encoder": self.encoder.state_dict(), "adapter": self.adapter.state_dict()}
+        if self.ctc_head is not None:
+            speech["ctc_head"] = self.ctc_head.state_dict()
+        torch.save(speech, out_dir / "speech.pt")
         (out_dir / "student_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
 
     @classmethod
@@ -155,4 +183,6 @@ class SpeechLLM(nn.Module):
         state = torch.load(out_dir / "speech.pt", map_location="cpu")
         model.encoder.load_state_dict(state["encoder"])
         model.adapter.load_state_dict(state["adapter"])
+        if model.ctc_head is not None and "ctc_head" in state:
+            model.ctc_head.load_state_dict(state["ctc_head"])
         return model

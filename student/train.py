@@ -49,6 +49,7 @@ class TrainConfig:
     encoder: str = "conv-transformer"
     steps: int = 600
     align_steps: int = 300  # first: encoder+adapter learn to transcribe the spoken prompt (backbone frozen)
+    ctc_weight: float = 1.0  # CTC on the encoder frames during alignment (0: none, and no CTC head)
     batch_size: int = 32
     lr: float = 1e-3  # encoder + adapter
     backbone_lr: float = 3e-4
@@ -93,11 +94,17 @@ def channel_losses(model, template, batch, cfg: TrainConfig) -> dict[str, torch.
     return out
 
 
-def alignment_loss(model, batch) -> dict[str, torch.Tensor]:
-    """Speech alignment: from the speech alone, predict the prompt's own tokens."""
-    embeds, attention, pos = speech_inputs(model, SpeechTemplate([], []), batch, target="transcript")
+def alignment_loss(model, batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Speech alignment: from the speech alone, predict the prompt's own tokens, through the backbone
+    (`align`) and, with --ctc-weight > 0, straight from the encoder frames by CTC (`ctc`)."""
+    encoded = model.encoder(batch["speech"], batch["speech_lengths"])
+    embeds, attention, pos = speech_inputs(model, SpeechTemplate([], []), batch, target="transcript", encoded=encoded)
     logits = gather_positions(model.forward_embeds(embeds, attention), pos)
-    return {"align": response_ce(logits, batch["transcript_ids"], batch["transcript_mask"])}
+    parts = {"align": response_ce(logits, batch["transcript_ids"], batch["transcript_mask"])}
+    if cfg.ctc_weight > 0:
+        # the transcript without its end-of-turn token
+        parts["ctc"] = model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1)
+    return parts
 
 
 def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
@@ -112,6 +119,8 @@ def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor
             total = total + cfg.gamma * parts[name]
     if "align" in parts:
         total = total + parts["align"]
+    if "ctc" in parts:
+        total = total + cfg.ctc_weight * parts["ctc"]
     return total
 
 
@@ -125,7 +134,7 @@ def build(cfg: TrainConfig):
     if not examples:
         raise ValueError(f"no training examples: {report.summary()}")
     scfg = StudentConfig(backbone=backbone, encoder=cfg.encoder, n_mels=examples[0].speech.shape[1],
-                         train_backbone=not cfg.freeze_backbone)  # fmt: skip
+                         train_backbone=not cfg.freeze_backbone, ctc=cfg.ctc_weight > 0)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = SpeechLLM(scfg)
     return reader, tokenizer, examples, report, model
@@ -133,7 +142,7 @@ def build(cfg: TrainConfig):
 
 def make_optimizer(model: SpeechLLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [
-        {"params": [p for m in (model.encoder, model.adapter) for p in m.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": [p for p in model.speech_parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
     ]
     groups[0]["name"], groups[1]["name"] = "speech", "backbone"
@@ -167,7 +176,7 @@ def plot(metrics_csv: Path, out_png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in ("loss", "align", "kd_T", "kd_S", "ce_T", "ce_S"):
+    for key in ("loss", "align", "ctc", "kd_T", "kd_S", "ce_T", "ce_S"):
         pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
         if pts:
             ax.plot(*zip(*pts), label=key)
@@ -180,7 +189,7 @@ def plot(metrics_csv: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-METRIC_FIELDS = ["step", "loss", "align", "kd_T", "kd_S", "ce_T", "ce_S", "lr", "data_s", "step_s"]
+METRIC_FIELDS = ["step", "loss", "align", "ctc", "kd_T", "kd_S", "ce_T", "ce_S", "lr", "data_s", "step_s"]
 
 
 def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> dict:
@@ -230,7 +239,7 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> d
             # While aligning speech the backbone stays as the text LLM it was (lr 0).
             frozen = aligning and g["name"] == "backbone"
             g["lr"] = 0.0 if frozen else g["base_lr"] * lr_scale(step, cfg)
-        parts = alignment_loss(model, batch) if aligning else channel_losses(model, template, batch, cfg)
+        parts = alignment_loss(model, batch, cfg) if aligning else channel_losses(model, template, batch, cfg)
         loss = total_loss(parts, cfg)
         optim.zero_grad(set_to_none=True)
         loss.backward()
