@@ -1,7 +1,14 @@
-"""Speech features: Kaldi-compatible log-mel filterbanks (torchaudio) of every clip.
+"""Speech features of every clip: Kaldi-compatible log-mel filterbanks (torchaudio), or Whisper's log-mel.
 
     python -m pipeline.features                      # over data/audio/index.parquet
     python -m pipeline.features --audio-index my_index.parquet --n-mels 128
+    python -m pipeline.features --kind whisper --out data/features_whisper   # for --encoder openai/whisper-*
+
+`--kind fbank` (default): torchaudio's Kaldi fbank, for the built-in
+conv-transformer encoder. `--kind whisper`: the log-mel spectrogram of
+transformers' WhisperFeatureExtractor (normalized as Whisper does), stored
+unpadded; the Whisper encoder pads it to its 30 s window itself (`--n-mels 128`
+for whisper-large-v3).
 
 Input is an audio index (sample_id, rendition, path; paths relative to the
 index's directory or absolute), the one `pipeline.speech` writes or your own.
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +49,8 @@ from pipeline.parquet_io import (
 )
 
 SHARD_PREFIX = "part-"
+FEATURE_KINDS = ("fbank", "whisper")
+WHISPER_WINDOW_S = 30.0  # Whisper encoders see at most 30 s
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,15 @@ class FeatureConfig:
     # Kaldi conventions: int16-scaled input, no dither (deterministic), povey window.
     dither: float = 0.0
     window: str = "povey"
+    kind: str = "fbank"  # fbank (Kaldi, torchaudio) | whisper (WhisperFeatureExtractor log-mel)
+
+    def __post_init__(self):
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"feature kind {self.kind!r} is not one of {FEATURE_KINDS}")
+
+    @classmethod
+    def from_json(cls, text: str) -> "FeatureConfig":
+        return cls(**json.loads(text))  # shards from before `kind` existed are fbank
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -94,6 +113,35 @@ def fbank(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     )
 
 
+@lru_cache(maxsize=4)
+def _whisper_extractor(n_mels: int, sample_rate: int, n_fft: int, hop: int):
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=sample_rate, n_fft=n_fft, hop_length=hop)
+
+
+def whisper_logmel(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """(n_frames, n_mels) Whisper log-mel of a mono waveform, unpadded.
+
+    Equal to the first n_frames of WhisperFeatureExtractor's 30 s padded output
+    except the last frame (its window sees the clip's end instead of padding);
+    the padding itself is restored by the encoder (`student.model.WhisperEncoder`).
+    """
+    if wave.numel() > WHISPER_WINDOW_S * cfg.sample_rate:
+        raise BadAudio(f"audio longer than Whisper's {WHISPER_WINDOW_S:g} s window ({wave.numel() / cfg.sample_rate:.1f} s)")
+    n_fft = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    if wave.numel() < n_fft:
+        raise BadAudio(f"audio shorter than one {cfg.frame_length_ms:g} ms frame ({wave.numel()} samples)")
+    extractor = _whisper_extractor(cfg.n_mels, cfg.sample_rate, n_fft, int(cfg.sample_rate * cfg.frame_shift_ms / 1000))
+    out = extractor(wave.numpy(), sampling_rate=cfg.sample_rate, padding="longest", return_tensors="np")
+    return torch.from_numpy(out["input_features"][0].T.copy())
+
+
+def compute_features(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """(n_frames, n_mels) features of the configured kind."""
+    return whisper_logmel(wave, cfg) if cfg.kind == "whisper" else fbank(wave, cfg)
+
+
 def _feature_schema(cfg: FeatureConfig) -> pa.Schema:
     return schemas.with_metadata(
         schemas.FEATURES_SCHEMA, "features", schemas.FEATURES_VERSION, {"feature_config": cfg.to_json()}
@@ -105,7 +153,8 @@ def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = Fals
     keys: set[tuple[str, str]] = set()
     for path in shard_paths(features_dir, SHARD_PREFIX):
         meta = schemas.check_artifact(pq.read_schema(path), path, "features", schemas.FEATURES_VERSION)
-        if meta.get("feature_config") != cfg.to_json():
+        stored = meta.get("feature_config")
+        if stored is None or FeatureConfig.from_json(stored) != cfg:
             if overwrite:
                 path.unlink()
                 continue
@@ -166,7 +215,7 @@ def extract_all(
     written = 0
     for r in tqdm(todo, desc="features", unit="clip", disable=not progress):
         try:
-            feats = fbank(load_audio(r["path"], cfg.sample_rate), cfg)
+            feats = compute_features(load_audio(r["path"], cfg.sample_rate), cfg)
         except BadAudio as exc:
             rejected.append(reject("features", "audio", str(exc), sample_id=r["sample_id"], rendition=r["rendition"]))
             continue
@@ -188,7 +237,7 @@ def feature_config_of(features_dir: Path) -> FeatureConfig:
     if not shards:
         raise FileNotFoundError(f"no feature shards in {features_dir}: run `python -m pipeline.features` first")
     meta = schemas.check_artifact(pq.read_schema(shards[0]), shards[0], "features", schemas.FEATURES_VERSION)
-    return FeatureConfig(**json.loads(meta["feature_config"]))
+    return FeatureConfig.from_json(meta["feature_config"])
 
 
 def load_features(features_dir: Path = schemas.FEATURES_DIR) -> dict[tuple[str, str], np.ndarray]:
@@ -212,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     d = FeatureConfig()
     parser.add_argument("--audio-index", type=Path, default=schemas.AUDIO_DIR / "index.parquet")
     parser.add_argument("--out", type=Path, default=schemas.FEATURES_DIR, help="features directory")
+    parser.add_argument("--kind", choices=FEATURE_KINDS, default=d.kind,
+                        help="fbank (built-in encoder) or whisper (log-mel for --encoder openai/whisper-*)")
     parser.add_argument("--n-mels", type=int, default=d.n_mels)
     parser.add_argument("--sample-rate", type=int, default=d.sample_rate)
     parser.add_argument("--frame-length-ms", type=float, default=d.frame_length_ms)
@@ -219,11 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--overwrite", action="store_true", help="replace shards made with another config")
     args = parser.parse_args(argv)
-    cfg = FeatureConfig(args.n_mels, args.sample_rate, args.frame_length_ms, args.frame_shift_ms)
+    cfg = FeatureConfig(args.n_mels, args.sample_rate, args.frame_length_ms, args.frame_shift_ms, kind=args.kind)
     result = extract_all(args.audio_index, args.out, cfg, args.rows_per_shard, args.overwrite)
     print(
         f"features: {result.written} clips extracted, {result.skipped} already there, "
-        f"{result.rejects.num_rows} rejected -> {args.out} ({cfg.n_mels} mel bins)"
+        f"{result.rejects.num_rows} rejected -> {args.out} ({cfg.kind}, {cfg.n_mels} mel bins)"
     )
 
 

@@ -78,17 +78,39 @@ class ConvTransformerEncoder(nn.Module):
 
 
 class WhisperEncoder(nn.Module):
-    """A Whisper encoder from transformers; takes Whisper log-mel input features (B, 80|128, 3000)."""
+    """A Whisper encoder from transformers over Whisper log-mel features (`pipeline.features --kind whisper`).
 
-    def __init__(self, name_or_path: str):
+    Takes the stored, unpadded (B, T, n_mels) log-mel and pads every clip to
+    Whisper's 30 s window the way WhisperFeatureExtractor does: padding is silence,
+    which after Whisper's normalization is the clip's maximum minus 2.
+    """
+
+    def __init__(self, name_or_path: str, n_mels: int):
         super().__init__()
         from transformers import WhisperModel
 
         self.encoder = WhisperModel.from_pretrained(name_or_path).get_encoder()
         self.out_dim = self.encoder.config.d_model
+        self.window = 2 * self.encoder.config.max_source_positions  # input frames (3000 = 30 s at 10 ms)
+        if n_mels != self.encoder.config.num_mel_bins:
+            raise ValueError(
+                f"{name_or_path} takes {self.encoder.config.num_mel_bins} mel bins but the speech features have "
+                f"{n_mels}: extract them with `python -m pipeline.features --kind whisper "
+                f"--n-mels {self.encoder.config.num_mel_bins}`"
+            )
+
+    def pad_to_window(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_mels) -> (B, n_mels, window) with Whisper's silence after each clip."""
+        B, T, M = feats.shape
+        x = torch.empty(B, self.window, M, dtype=feats.dtype, device=feats.device)
+        for b in range(B):
+            n = min(int(lengths[b]), self.window)
+            x[b, :n] = feats[b, :n]
+            x[b, n:] = feats[b, :n].max() - 2.0
+        return x.transpose(1, 2)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.encoder(input_features=feats).last_hidden_state
+        out = self.encoder(input_features=self.pad_to_window(feats, lengths)).last_hidden_state
         return out, torch.clamp((lengths + 1) // 2, max=out.shape[1])
 
 
@@ -120,7 +142,7 @@ class SpeechLLM(nn.Module):
         if cfg.encoder == "conv-transformer":
             self.encoder = ConvTransformerEncoder(cfg)
         else:
-            self.encoder = WhisperEncoder(cfg.encoder)
+            self.encoder = WhisperEncoder(cfg.encoder, cfg.n_mels)
         self.adapter = Adapter(self.encoder.out_dim, cfg.adapter_hidden, hidden, cfg.stack)
         # Token recognition straight from the encoder frames (80 ms each): one class per backbone token + blank
         # (the last class). Trains the encoder to hear the words the adapter then hands to the backbone.

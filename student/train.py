@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import CacheReader
+from pipeline.features import feature_config_of
 from student.data import BatchSampler, SpeechTemplate, collate, gather_positions, load_examples, speech_inputs
 from student.evaluate import eval_set, evaluate_student, evaluate_teacher, format_report, inputs_from_manifest
 from student.losses import KD_LOSSES, response_ce
@@ -130,6 +131,14 @@ def build(cfg: TrainConfig):
     reader = CacheReader(cfg.logits)
     backbone = cfg.backbone or reader.fingerprint["model"]
     tokenizer = AutoTokenizer.from_pretrained(backbone)
+    _, features_dir = inputs_from_manifest(reader, cfg.samples, cfg.features)
+    kind = feature_config_of(features_dir).kind
+    if cfg.encoder != "conv-transformer" and kind != "whisper":
+        raise ValueError(
+            f"--encoder {cfg.encoder} takes Whisper log-mel features but {features_dir} holds {kind!r} features: "
+            f"run `python -m pipeline.features --kind whisper --out data/features_whisper` and pass "
+            f"--features data/features_whisper"
+        )
     examples, report = load_examples(Path(cfg.logits), tokenizer, cfg.samples, cfg.features, split="train")
     if not examples:
         raise ValueError(f"no training examples: {report.summary()}")

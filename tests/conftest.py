@@ -64,3 +64,17 @@ def vllm_engine(tiny_teacher):
     llm = make_engine(tiny_engine_config(tiny_teacher), top_k=64)
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(data_root) -> Path:
+    """A randomly initialised two-layer Whisper saved locally: the --encoder path without a download."""
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(num_mel_bins=40, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                        max_source_positions=1500, max_target_positions=32)  # fmt: skip
+    out = data_root / "models" / "whisper-tiny-random"
+    WhisperModel(cfg).save_pretrained(out)
+    return out

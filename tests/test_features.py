@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+import torch
 
 from pipeline.features import FeatureConfig, extract_all, feature_config_of, load_features
 from pipeline.parquet_io import rejects_path
@@ -74,3 +77,30 @@ def test_resume_skips_done_clips_and_refuses_other_config(audio_index, tmp_path)
         extract_all(audio_index, out, FeatureConfig(n_mels=80), progress=False)
     redo = extract_all(audio_index, out, FeatureConfig(n_mels=80), overwrite=True, progress=False)
     assert redo.written == first.written and feature_config_of(out).n_mels == 80
+
+
+def test_whisper_features_match_the_extractor_and_the_encoder_restores_its_padding(audio_index, tmp_path,
+                                                                                    tiny_whisper):  # fmt: skip
+    from transformers import WhisperFeatureExtractor
+
+    from pipeline.features import load_audio
+    from student.model import WhisperEncoder
+
+    cfg = FeatureConfig(n_mels=40, kind="whisper")
+    result = extract_all(audio_index, tmp_path / "w", cfg, progress=False)
+    assert result.written > 0 and result.rejects.num_rows == 0 and feature_config_of(tmp_path / "w") == cfg
+    stored = load_features(tmp_path / "w")
+    reference = WhisperFeatureExtractor(feature_size=40)
+    encoder = WhisperEncoder(str(tiny_whisper), n_mels=40)
+    for r in pq.read_table(audio_index).to_pylist()[:4]:
+        wave = load_audio(Path(audio_index).parent / r["path"], 16000).numpy()
+        ref = reference(wave, sampling_rate=16000, return_tensors="np")["input_features"][0]  # (40, 3000)
+        feats = stored[(r["sample_id"], r["rendition"])].astype(np.float32)
+        n = feats.shape[0]
+        assert 0 < n < 3000 and n == len(wave) // 160
+        np.testing.assert_allclose(feats[:-1].T, ref[:, : n - 1], atol=2e-3)  # float16 storage
+        padded = encoder.pad_to_window(torch.from_numpy(feats)[None], torch.tensor([n]))[0].numpy()
+        np.testing.assert_allclose(padded[:, n:], ref[:, n:], atol=2e-3)
+    # a config change is refused, not mixed into the same directory
+    with pytest.raises(ValueError, match="feature config"):
+        extract_all(audio_index, tmp_path / "w", FeatureConfig(n_mels=40), progress=False)

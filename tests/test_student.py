@@ -176,6 +176,53 @@ def test_short_run_lowers_the_kd_loss(student_cache, tmp_path):
     assert (tmp_path / "run" / "final" / "speech.pt").exists()
 
 
+def test_short_alignment_lowers_the_ctc_and_transcription_losses(student_cache, tmp_path):
+    import csv
+
+    from student.model import SpeechLLM
+    from student.train import train
+
+    train(_cfg(student_cache, tmp_path / "run", steps=40, align_steps=40, lr=3e-3, batch_size=8),
+          progress=False, final_eval=False)  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert all(r["ctc"] and r["align"] and not r["kd_S"] for r in rows)
+    # CTC learns fast; the transcription through the frozen backbone slowly (40 steps of batch 8 here)
+    for key, factor in (("ctc", 0.8), ("align", 0.95)):
+        first = np.mean([float(r[key]) for r in rows[:5]])
+        last = np.mean([float(r[key]) for r in rows[-5:]])
+        assert last < factor * first, (key, first, last)
+    # the CTC head is saved with the speech side and comes back on load
+    loaded = SpeechLLM.load(tmp_path / "run" / "final")
+    assert loaded.ctc_head is not None
+    # --ctc-weight 0: no head, no ctc column
+    train(_cfg(student_cache, tmp_path / "noctc", steps=2, align_steps=2, ctc_weight=0.0),
+          progress=False, final_eval=False)  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "noctc" / "metrics.csv")))
+    assert rows and not any(r["ctc"] for r in rows)
+    assert SpeechLLM.load(tmp_path / "noctc" / "final").ctc_head is None
+
+
+def test_whisper_encoder_trains_from_whisper_features_and_refuses_fbank(student_cache, tiny_whisper, tmp_path):
+    import csv
+
+    from pipeline.features import FeatureConfig, extract_all
+    from student.model import SpeechLLM
+    from student.train import train
+
+    with pytest.raises(ValueError, match="--kind whisper"):
+        train(_cfg(student_cache, tmp_path / "fbank", encoder=str(tiny_whisper)), progress=False, final_eval=False)
+    whisper_feats = tmp_path / "features_whisper"
+    extract_all(student_cache.parent / "audio" / "index.parquet", whisper_feats, FeatureConfig(n_mels=40, kind="whisper"),
+                progress=False)  # fmt: skip
+    train(_cfg(student_cache, tmp_path / "run", encoder=str(tiny_whisper), features=str(whisper_feats), steps=4,
+               align_steps=2), progress=False, final_eval=False)  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert len(rows) == 4 and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert rows[0]["ctc"] and rows[-1]["kd_S"]
+    loaded = SpeechLLM.load(tmp_path / "run" / "final")
+    assert loaded.encoder.out_dim == 32 and loaded.cfg.encoder == str(tiny_whisper)
+
+
 def test_resume_reproduces_the_next_steps_loss(student_cache, tmp_path):
     import csv
 
