@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -20,6 +21,35 @@ def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _hash_memo_path() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "speechkd" / "file-sha256.json"
+
+
+def _sha256_file_memo(path: Path) -> str:
+    """_sha256_file, remembered across runs by (absolute path, size, mtime): a big teacher is hashed once,
+    not on every caching run. A changed file (size or mtime) is hashed again."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = _hash_memo_path()
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = _sha256_file(path)
+    memo[key] = digest
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)
+    except OSError:
+        pass  # a read-only home only costs the re-hash next time
+    return digest
 
 
 def local_model_dir(model: str) -> Path:
@@ -40,7 +70,7 @@ def weights_sha256(model_dir: Path) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
-        h.update(_sha256_file(p).encode())
+        h.update(_sha256_file_memo(p).encode())
     return h.hexdigest()
 
 

@@ -47,6 +47,17 @@ class IngestResult:
     rejects: pa.Table
 
 
+def _text_problem(field: str, value, max_chars: int, allow_empty: bool) -> tuple[str, str] | None:
+    """(field, reason) when `value` cannot be this text field, else None."""
+    if not isinstance(value, str):
+        return field, f"must be a string, got {_type_name(value)}"
+    if not allow_empty and not value.strip():
+        return field, "empty"
+    if len(value) > max_chars:
+        return field, f"too long: {len(value)} characters > --max-chars {max_chars}"
+    return None
+
+
 def content_id(prompt: str, response: str) -> str:
     """Stable id for a sample whose source gives none: a hash of its content."""
     digest = hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()
@@ -86,24 +97,13 @@ def validate(
             bad("prompt", f"missing (no value in source column {fields.prompt!r})")
             continue
         prompt = row[fields.prompt]
-        if not isinstance(prompt, str):
-            bad("prompt", f"must be a string, got {_type_name(prompt)}")
-            continue
-        if not prompt.strip():
-            bad("prompt", "empty")
-            continue
-        if len(prompt) > max_chars:
-            bad("prompt", f"too long: {len(prompt)} characters > --max-chars {max_chars}")
-            continue
-
         response = row.get(fields.response) if fields.response else None
-        if response is None:
-            response = ""
-        if not isinstance(response, str):
-            bad("response", f"must be a string, got {_type_name(response)}")
-            continue
-        if len(response) > max_chars:
-            bad("response", f"too long: {len(response)} characters > --max-chars {max_chars}")
+        response = "" if response is None else response  # may be empty: the teacher can write it
+        problem = _text_problem("prompt", prompt, max_chars, allow_empty=False) or _text_problem(
+            "response", response, max_chars, allow_empty=True
+        )
+        if problem:
+            bad(*problem)
             continue
 
         split = row.get(fields.split) if fields.split else None
