@@ -82,13 +82,23 @@ def eval_set(samples_dir: Path, features_dir: Path, split: str = "eval", limit: 
 
 
 @torch.no_grad()
-def evaluate_student(model, tokenizer, rows: list[dict], max_new_tokens: int = 32) -> dict:
+def evaluate_student(
+    model, tokenizer, rows: list[dict], max_new_tokens: int = 32, subsets: dict[str, set[str]] | None = None
+) -> dict:
+    """Student text/speech exact match and modality gap; with `subsets` ({name: sample ids}) also per subset."""
     model.eval()
-    refs = [r["response"] for r in rows]
-    text = exact_match(answer_text(model.backbone, tokenizer, [r["prompt"] for r in rows], max_new_tokens), refs)
-    speech = exact_match(answer_speech(model, tokenizer, [r["speech"] for r in rows], max_new_tokens), refs)
-    return {"student_text_accuracy": text, "student_speech_accuracy": speech, "modality_gap": text - speech,
-            "n_eval": len(rows)}  # fmt: skip
+    text = answer_text(model.backbone, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
+    speech = answer_speech(model, tokenizer, [r["speech"] for r in rows], max_new_tokens)
+    report = {}
+    for name, ids in {"": None, **(subsets or {})}.items():
+        pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
+        refs = [rows[i]["response"] for i in pick]
+        t = exact_match([text[i] for i in pick], refs)
+        s = exact_match([speech[i] for i in pick], refs)
+        prefix = f"{name}_" if name else ""
+        report.update({f"{prefix}student_text_accuracy": t, f"{prefix}student_speech_accuracy": s,
+                       f"{prefix}modality_gap": t - s, f"{prefix}n_eval": len(pick)})  # fmt: skip
+    return report
 
 
 @torch.no_grad()
@@ -114,9 +124,15 @@ def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_di
 
 
 def format_report(r: dict) -> str:
-    return (f"eval ({r['n_eval']} questions): teacher text {r['teacher_text_accuracy']:.1%} | student text "
-            f"{r['student_text_accuracy']:.1%} | student speech {r['student_speech_accuracy']:.1%} | forgetting "
-            f"{r['forgetting']:+.1%} | modality gap {r['modality_gap']:+.1%}")  # fmt: skip
+    lines = [f"eval ({r['n_eval']} questions): teacher text {r['teacher_text_accuracy']:.1%} | student text "
+             f"{r['student_text_accuracy']:.1%} | student speech {r['student_speech_accuracy']:.1%} | forgetting "
+             f"{r['forgetting']:+.1%} | modality gap {r['modality_gap']:+.1%}"]  # fmt: skip
+    for name in ("finetuned", "not_finetuned"):
+        if f"{name}_n_eval" in r:
+            lines.append(f"  {name.replace('_', ' ')} facts ({r[f'{name}_n_eval']}): student text "
+                         f"{r[f'{name}_student_text_accuracy']:.1%} | student speech "
+                         f"{r[f'{name}_student_speech_accuracy']:.1%}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

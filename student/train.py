@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from pipeline.cache import CacheReader
 from pipeline.features import feature_config_of
+from pipeline.samples import load_samples
 from student.data import BatchSampler, SpeechTemplate, collate, gather_positions, load_examples, speech_inputs
 from student.evaluate import eval_set, evaluate_student, evaluate_teacher, format_report, inputs_from_manifest
 from student.losses import KD_LOSSES, response_ce
@@ -62,6 +64,11 @@ class TrainConfig:
     beta: float = 0.5  # S->T KD weight
     gamma: float = 1.0  # CE weight
     ce_channels: str = "T,S"
+    # Fine-tune on the samples of only this fraction of the groups (meta key `finetune_group`, e.g. the toy
+    # world's entities); alignment still hears every training prompt. Models the paper's setting: speech
+    # fine-tuning data that covers part of what the model knows, evaluated on all of it.
+    finetune_fraction: float = 1.0
+    finetune_group: str = "entity"
     freeze_backbone: bool = False
     eval_every: int = 200
     eval_limit: int = 300  # eval questions during training (the final eval uses all)
@@ -125,6 +132,23 @@ def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor
     return total
 
 
+def finetune_groups(samples_dir: Path, cfg: TrainConfig) -> tuple[dict[str, str], set[str]] | None:
+    """({sample_id: group} over all splits, the groups fine-tuned on), or None when fine-tuning on everything.
+
+    A group is the value of meta key `cfg.finetune_group` (a sample without it is its own group); a seeded
+    `cfg.finetune_fraction` of the training split's groups is kept.
+    """
+    if cfg.finetune_fraction >= 1.0:
+        return None
+    if not 0.0 < cfg.finetune_fraction:
+        raise ValueError(f"--finetune-fraction must be in (0, 1], got {cfg.finetune_fraction}")
+    rows = load_samples(samples_dir).to_pylist()
+    group = {r["sample_id"]: str(json.loads(r["meta"] or "{}").get(cfg.finetune_group, r["sample_id"])) for r in rows}
+    groups = sorted({group[r["sample_id"]] for r in rows if r["split"] == "train"})
+    random.Random(cfg.seed).shuffle(groups)
+    return group, set(groups[: max(1, round(cfg.finetune_fraction * len(groups)))])
+
+
 def build(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
@@ -162,9 +186,14 @@ def make_optimizer(model: SpeechLLM, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def lr_scale(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    """Linear warm-up then cosine decay, restarted for each phase (alignment, then fine-tuning), so a
+    longer alignment does not leave the fine-tuning at the tail of one long decay."""
+    start, end = (0, cfg.align_steps) if step < cfg.align_steps else (cfg.align_steps, cfg.steps)
+    i, n = step - start, max(1, end - start)
+    warmup = min(cfg.warmup, n)
+    if i < warmup:
+        return (i + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, n - warmup)))
 
 
 def save_checkpoint(path: Path, model, optim, step: int, cfg: TrainConfig) -> None:
@@ -209,6 +238,16 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> d
     template = SpeechTemplate.from_tokenizer(tokenizer)
     optim = make_optimizer(model, cfg)
     sampler = BatchSampler(len(examples), cfg.batch_size, cfg.seed)
+    samples_dir, features_dir = inputs_from_manifest(reader, cfg.samples, cfg.features)
+    grouping = finetune_groups(samples_dir, cfg)
+    ft_examples = list(range(len(examples)))
+    if grouping:
+        group, kept = grouping
+        ft_examples = [i for i, e in enumerate(examples) if group[e.sample_id] in kept]
+    ft_sampler = BatchSampler(len(ft_examples), cfg.batch_size, cfg.seed)
+    if len(ft_examples) < len(examples):
+        print(f"fine-tuning on {len(ft_examples)} of {len(examples)} examples "
+              f"({cfg.finetune_fraction:g} of the {cfg.finetune_group!r} groups); alignment on all")  # fmt: skip
     start = 0
     ckpt = out / "checkpoint.pt"
     if cfg.resume:
@@ -222,7 +261,6 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> d
         print(f"resumed from {ckpt} at step {start}")
     elif (out / "metrics.csv").exists():
         (out / "metrics.csv").unlink()
-    samples_dir, features_dir = inputs_from_manifest(reader, cfg.samples, cfg.features)
     eval_rows = eval_set(samples_dir, features_dir, limit=cfg.eval_limit) if cfg.eval_every else []
     metrics_fh = open(out / "metrics.csv", "a", newline="")
     writer = csv.DictWriter(metrics_fh, METRIC_FIELDS)
@@ -240,10 +278,11 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> d
             print(f"stopped after step {step} (--stop-after); continue with --resume")
             return {"stopped_at": step}
         t0 = time.perf_counter()
-        batch = collate([examples[i] for i in sampler.indices(step)], tokenizer.pad_token_id or 0)
+        aligning = step < cfg.align_steps
+        chosen = sampler.indices(step) if aligning else [ft_examples[i] for i in ft_sampler.indices(step)]
+        batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id or 0)
         t1 = time.perf_counter()
         model.train()
-        aligning = step < cfg.align_steps
         for g in optim.param_groups:
             # While aligning speech the backbone stays as the text LLM it was (lr 0).
             frozen = aligning and g["name"] == "backbone"
@@ -275,10 +314,15 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> d
     model.save(out / "final", tokenizer)
     steps_run = cfg.steps - start
     result = {"final_loss": last.get("loss"), "steps": cfg.steps,
-              "data_fraction": data_time / step_time if step_time else 0.0, "examples": len(examples)}  # fmt: skip
+              "data_fraction": data_time / step_time if step_time else 0.0, "examples": len(examples),
+              "finetune_examples": len(ft_examples)}  # fmt: skip
     if final_eval:
         rows = eval_set(samples_dir, features_dir)
-        result.update(evaluate_student(model, tokenizer, rows))
+        subsets = None
+        if grouping:
+            finetuned = {r["sample_id"] for r in rows if group[r["sample_id"]] in kept}
+            subsets = {"finetuned": finetuned, "not_finetuned": {r["sample_id"] for r in rows} - finetuned}
+        result.update(evaluate_student(model, tokenizer, rows, subsets=subsets))
         result["teacher_text_accuracy"] = evaluate_teacher(reader.fingerprint["model"], rows)
         result["forgetting"] = result["teacher_text_accuracy"] - result["student_text_accuracy"]
         print(format_report(result))

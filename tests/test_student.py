@@ -223,6 +223,31 @@ def test_whisper_encoder_trains_from_whisper_features_and_refuses_fbank(student_
     assert loaded.encoder.out_dim == 32 and loaded.cfg.encoder == str(tiny_whisper)
 
 
+def test_finetune_fraction_keeps_whole_groups_and_evaluates_both_sides(student_cache, tmp_path):
+    import csv
+
+    from pipeline.cache import CacheReader
+    from pipeline.samples import load_samples
+    from student.data import inputs_from_manifest
+    from student.train import TrainConfig, finetune_groups, train
+
+    samples_dir, _ = inputs_from_manifest(CacheReader(student_cache), None, None)
+    assert finetune_groups(samples_dir, TrainConfig(finetune_fraction=1.0)) is None
+    group, kept = finetune_groups(samples_dir, TrainConfig(finetune_fraction=0.5, seed=3))
+    rows = load_samples(samples_dir).to_pylist()
+    train_groups = {group[r["sample_id"]] for r in rows if r["split"] == "train"}
+    assert len(kept) == round(0.5 * len(train_groups)) and kept < train_groups
+    entity = {r["sample_id"]: json.loads(r["meta"])["entity"] for r in rows}
+    assert all(group[sid] == entity[sid] for sid in group)  # a fact's templates, train and eval, stay together
+
+    result = train(_cfg(student_cache, tmp_path / "run", finetune_fraction=0.5, steps=6, align_steps=2),
+                   progress=False)  # fmt: skip
+    assert 0 < result["finetune_examples"] < result["examples"]
+    assert result["finetuned_n_eval"] > 0 and result["not_finetuned_n_eval"] > 0
+    assert result["finetuned_n_eval"] + result["not_finetuned_n_eval"] == result["n_eval"]
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))) == 6
+
+
 def test_resume_reproduces_the_next_steps_loss(student_cache, tmp_path):
     import csv
 
