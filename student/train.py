@@ -150,12 +150,14 @@ def finetune_groups(samples_dir: Path, cfg: TrainConfig) -> tuple[dict[str, str]
 
 
 def build(cfg: TrainConfig):
+    """Cache reader, tokenizer, training examples + join report, the student, and the samples/features dirs
+    (from the cache manifest unless given)."""
     from transformers import AutoTokenizer
 
     reader = CacheReader(cfg.logits)
     backbone = cfg.backbone or reader.fingerprint["model"]
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    _, features_dir = inputs_from_manifest(reader, cfg.samples, cfg.features)
+    samples_dir, features_dir = inputs_from_manifest(reader, cfg.samples, cfg.features)
     kind = feature_config_of(features_dir).kind
     if cfg.encoder != "conv-transformer" and kind != "whisper":
         raise ValueError(
@@ -163,14 +165,14 @@ def build(cfg: TrainConfig):
             f"run `python -m pipeline.features --kind whisper --out data/features_whisper` and pass "
             f"--features data/features_whisper"
         )
-    examples, report = load_examples(Path(cfg.logits), tokenizer, cfg.samples, cfg.features, split="train")
+    examples, report = load_examples(Path(cfg.logits), tokenizer, samples_dir, features_dir, split="train")
     if not examples:
         raise ValueError(f"no training examples: {report.summary()}")
     scfg = StudentConfig(backbone=backbone, encoder=cfg.encoder, n_mels=examples[0].speech.shape[1],
                          train_backbone=not cfg.freeze_backbone, ctc=cfg.ctc_weight > 0)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = SpeechLLM(scfg)
-    return reader, tokenizer, examples, report, model
+    return reader, tokenizer, examples, report, model, (samples_dir, features_dir)
 
 
 def make_optimizer(model: SpeechLLM, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -233,12 +235,11 @@ METRIC_FIELDS = ["step", "loss", "align", "ctc", "kd_T", "kd_S", "ce_T", "ce_S",
 def train(cfg: TrainConfig, progress: bool = True, final_eval: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    reader, tokenizer, examples, report, model = build(cfg)
+    reader, tokenizer, examples, report, model, (samples_dir, features_dir) = build(cfg)
     print(f"student data: {report.summary()}")
     template = SpeechTemplate.from_tokenizer(tokenizer)
     optim = make_optimizer(model, cfg)
     sampler = BatchSampler(len(examples), cfg.batch_size, cfg.seed)
-    samples_dir, features_dir = inputs_from_manifest(reader, cfg.samples, cfg.features)
     grouping = finetune_groups(samples_dir, cfg)
     ft_examples = list(range(len(examples)))
     if grouping:
