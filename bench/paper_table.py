@@ -31,7 +31,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from student.train import TrainConfig, train
+from student.config import build_parser, config_from_args
+from student.train import train
 
 ROWS = [
     ("(1) speech fine-tuning, CE only", dict(alpha=0.0, beta=0.0)),
@@ -58,23 +59,18 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The bench's own setting of the student config (every other TrainConfig field keeps the trainer's default and
+# can be overridden here by the same flag as in student/train.py).
+BENCH_DEFAULTS = dict(steps=800, align_steps=400, lr=2e-3, backbone_lr=1e-3, ce_channels="S", finetune_fraction=0.5,
+                      eval_every=0, save_every=0, out="data/runs/paper_table")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--logits", default="data/cache")
-    parser.add_argument("--features", default=None, help="speech features (default: from the cache manifest)")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--align-steps", type=int, default=400, help="shared speech-alignment phase")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--backbone-lr", type=float, default=1e-3)
-    parser.add_argument("--tau", type=float, default=2.0)
-    parser.add_argument("--kd", default="forward_kl")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ctc-weight", type=float, default=1.0, help="CTC on the encoder during alignment")
-    parser.add_argument("--finetune-fraction", type=float, default=0.5,
-                        help="fine-tune on the facts of this fraction of the entities (alignment hears all)")
+    # every student option, from the one config (alpha/beta are the rows' to set, out is --runs)
+    build_parser(defaults=BENCH_DEFAULTS, parser=parser, skip=("alpha", "beta", "resume", "stop_after", "out"))
     parser.add_argument("--rows", default="1,2,3,4", help="which rows to run")
-    parser.add_argument("--runs", default="data/runs/paper_table", help="where the students are written")
+    parser.add_argument("--runs", default=BENCH_DEFAULTS["out"], help="where the students are written")
     parser.add_argument("--render", type=Path, default=None, help="only print the table of a paper_table.json")
     args = parser.parse_args()
     if args.render:
@@ -85,11 +81,7 @@ def main() -> int:
     results = []
     wanted = {int(x) for x in args.rows.split(",")}
     runs = Path(args.runs)
-    base = TrainConfig(logits=args.logits, features=args.features, out=str(runs / "aligned"),
-                       steps=args.steps, align_steps=args.align_steps, ctc_weight=args.ctc_weight,
-                       batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, tau=args.tau,
-                       kd=args.kd, ce_channels="S", eval_every=0, save_every=0, seed=args.seed,
-                       finetune_fraction=args.finetune_fraction)  # fmt: skip
+    base = config_from_args(args, out=str(runs / "aligned")).validate()
     # The speech alignment phase is the same for every row (same seed, backbone frozen): run it once and
     # start every row from its checkpoint, so the rows differ only in their fine-tuning losses.
     t0 = time.monotonic()

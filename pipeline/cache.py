@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schemas
+from pipeline.errors import InputMismatch, MissingInput
 from pipeline.fingerprint import diff
 from pipeline.parquet_io import next_shard_path, remove_stale_temp_files, shard_paths, write_table_atomic
 
@@ -193,8 +194,15 @@ def _write_manifest(cache_dir: Path, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(InputMismatch):
     pass
+
+
+def relative_to(value: str | Path | None, directory: Path) -> str | None:
+    """A local path as seen from `directory` (relative), anything else (a hub id, None) unchanged."""
+    if value is None or not Path(value).exists():
+        return None if value is None else str(value)
+    return os.path.relpath(Path(value).resolve(), Path(directory).resolve())
 
 
 class CacheWriter:
@@ -247,7 +255,10 @@ class CacheWriter:
         if manifest is None:
             manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": {}}
         manifest["fingerprint"] = self.fingerprint
-        manifest["inputs"] = self.inputs  # where the samples and speech features are
+        # where the samples, speech features and teacher are: relative to this directory (a local path) so the
+        # cache can be read from any working directory, or as given (a hub id)
+        manifest["inputs"] = {key: relative_to(value, self.dir) for key, value in self.inputs.items()}
+        manifest["inputs_relative_to"] = "manifest"
         manifest["schema_version"] = schemas.CACHE_VERSION
         # Adopt complete shards the manifest missed (killed between shard and manifest rename).
         for path in shard_paths(self.dir, SHARD_PREFIX):
@@ -310,9 +321,10 @@ class CacheReader:
         self.dir = Path(cache_dir)
         manifest = read_manifest(self.dir)
         if manifest is None:
-            raise FileNotFoundError(f"no cache at {self.dir} (no {MANIFEST}): run the cache-teacher flow first")
+            raise MissingInput(f"no cache at {self.dir} (no {MANIFEST}): run the cache-teacher flow first "
+                               f"(`python flows/cache_teacher.py`) or point --logits at a cache")  # fmt: skip
         if manifest.get("schema_version") != schemas.CACHE_VERSION:
-            raise ValueError(
+            raise InputMismatch(
                 f"{self.dir}: cache schema version {manifest.get('schema_version')}, this speechkd reads "
                 f"{schemas.CACHE_VERSION}; rebuild the cache"
             )
@@ -380,34 +392,50 @@ class CacheReader:
                 out[row["sample_id"]] = self.decode_row(row)
         return out
 
-    def batch(self, sample_ids: list[str]):
-        """Padded torch tensors for a batch of samples (the student's view).
+    def input_path(self, key: str) -> str | None:
+        """An input the manifest names (samples_dir, features_dir, teacher), resolved against the cache
+        directory; caches written before paths were stored relative to the manifest resolve against the
+        working directory, as they were written."""
+        value = self.manifest.get("inputs", {}).get(key)
+        if key == "teacher" and value is None:
+            value = self.fingerprint.get("model")
+        if value is None:
+            return None
+        if self.manifest.get("inputs_relative_to") == "manifest" and not Path(value).is_absolute():
+            local = Path(os.path.normpath(self.dir / value))
+            return str(local) if local.exists() or key != "teacher" else value  # a hub id stays as it is
+        return value
 
-        Returns dict with token_ids (B, T) long, topk_ids (B, T, k) long,
-        topk_logprobs (B, T, k) float32, tail_logmass (B, T) float32,
-        token_logprobs (B, T), mask (B, T) bool. Padding is id 0 / logprob -inf masked out.
-        """
-        import torch
+    @property
+    def teacher(self) -> str:
+        """The teacher's HF id or local path, usable from any working directory."""
+        return self.input_path("teacher")
 
-        rows = self.get(sample_ids)
-        k = self.encoding.top_k
-        T = max(len(rows[s]["token_ids"]) for s in sample_ids)
-        B = len(sample_ids)
-        out = {
-            "token_ids": torch.zeros(B, T, dtype=torch.long),
-            "topk_ids": torch.zeros(B, T, k, dtype=torch.long),
-            "topk_logprobs": torch.full((B, T, k), float("-inf")),
-            "tail_logmass": torch.full((B, T), float("-inf")),
-            "token_logprobs": torch.zeros(B, T),
-            "mask": torch.zeros(B, T, dtype=torch.bool),
-        }
-        for b, sid in enumerate(sample_ids):
-            r = rows[sid]
-            n = len(r["token_ids"])
-            out["token_ids"][b, :n] = torch.from_numpy(r["token_ids"])
-            out["topk_ids"][b, :n] = torch.from_numpy(r["topk_ids"])
-            out["topk_logprobs"][b, :n] = torch.from_numpy(r["topk_logprobs"])
-            out["tail_logmass"][b, :n] = torch.from_numpy(r["tail_logmass"])
-            out["token_logprobs"][b, :n] = torch.from_numpy(r["token_logprobs"])
-            out["mask"][b, :n] = True
+    def row_groups(self) -> Iterator[tuple[int, int, list[str]]]:
+        """(shard index, row group index, sample ids in it) over the cache, in storage order."""
+        for s, path in enumerate(self.shards):
+            pf = pq.ParquetFile(path)
+            for g in range(pf.num_row_groups):
+                yield s, g, pf.read_row_group(g, columns=["sample_id"])["sample_id"].to_pylist()
+
+    def read_row_group(self, shard: int, group: int) -> pa.Table:
+        """One row group of a shard, still encoded (decode a row with decode_table_row)."""
+        if getattr(self, "_pid", None) != os.getpid():  # handles are per process (DataLoader workers fork)
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = pq.ParquetFile(self.shards[shard])
+        return self._files[shard].read_row_group(group)
+
+    def decode_table_row(self, table: pa.Table, i: int, targets: bool = True) -> dict:
+        """Row i of an encoded table as numpy arrays (the top-k decoded unless targets=False)."""
+        col = lambda name: table[name][i]  # noqa: E731
+        arr = lambda name, dtype: col(name).values.to_numpy(zero_copy_only=False).astype(dtype)  # noqa: E731
+        n = col("n_tokens").as_py()
+        out = {"sample_id": col("sample_id").as_py(), "response": col("response").as_py(),
+               "token_ids": arr("token_ids", np.int64)}  # fmt: skip
+        if targets:
+            ids, lps = decode_topk(col("topk_ids").as_py(), arr("topk_codes", np.int64),
+                                   arr("top1_logprobs", np.float64), n, self.encoding)  # fmt: skip
+            out.update(topk_ids=ids, topk_logprobs=lps, tail_logmass=arr("tail_logmass", np.float32),
+                       token_logprobs=arr("token_logprobs", np.float32))  # fmt: skip
         return out

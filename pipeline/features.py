@@ -49,6 +49,7 @@ from pipeline.parquet_io import (
 )
 
 SHARD_PREFIX = "part-"
+ROW_GROUP_ROWS = 64  # clips per Parquet row group: the unit a random read decodes
 FEATURE_KINDS = ("fbank", "whisper")
 WHISPER_WINDOW_S = 30.0  # Whisper encoders see at most 30 s
 
@@ -208,7 +209,9 @@ def extract_all(
     def flush():
         if buffer["sample_id"]:
             table = pa.table(buffer, schema=schema)
-            shards.append(write_table_atomic(table, next_shard_path(out_dir, SHARD_PREFIX)))
+            # small row groups: the student reads clips by key, a row group at a time (see FeatureStore)
+            shards.append(write_table_atomic(table, next_shard_path(out_dir, SHARD_PREFIX),
+                                             row_group_size=ROW_GROUP_ROWS))  # fmt: skip
             for col in buffer.values():
                 col.clear()
 
@@ -241,19 +244,83 @@ def feature_config_of(features_dir: Path) -> FeatureConfig:
 
 
 def load_features(features_dir: Path = schemas.FEATURES_DIR) -> dict[tuple[str, str], np.ndarray]:
-    """All stored features as {(sample_id, rendition): (n_frames, n_mels) float16}."""
-    cfg = feature_config_of(features_dir)
-    out = {}
-    for path in shard_paths(features_dir, SHARD_PREFIX):
-        t = pq.read_table(path)
-        flat = t["fbank"].combine_chunks()
-        values = flat.values.to_numpy(zero_copy_only=False)
-        offsets = flat.offsets.to_numpy()
-        for i, (sid, rend, n) in enumerate(
-            zip(t["sample_id"].to_pylist(), t["rendition"].to_pylist(), t["n_frames"].to_pylist())
-        ):
-            out[(sid, rend)] = values[offsets[i] : offsets[i + 1]].reshape(n, cfg.n_mels)
-    return out
+    """All stored features as {(sample_id, rendition): (n_frames, n_mels) float16}. Loads everything: for
+    tests and small sets; the student reads through FeatureStore instead."""
+    store = FeatureStore(features_dir)
+    return store.get([(sid, rend) for sid, rend in store.keys()])
+
+
+class FeatureStore:
+    """Clips by (sample_id, rendition) without loading the store: an index of where each clip is
+    (shard, row group, row) and reads of whole row groups, the last `keep_row_groups` of them kept.
+
+    The index holds three small columns per clip; features are read only when asked for. Open handles are
+    per process (safe to use after a DataLoader worker forks).
+    """
+
+    def __init__(self, features_dir: Path | str, keep_row_groups: int = 32):
+        self.dir = Path(features_dir)
+        self.cfg = feature_config_of(self.dir)
+        self.shards = shard_paths(self.dir, SHARD_PREFIX)
+        sids, rends, shard_of, group_of, row_of, frames = [], [], [], [], [], []
+        for s, path in enumerate(self.shards):
+            pf = pq.ParquetFile(path)
+            meta = schemas.check_artifact(pf.schema_arrow, path, "features", schemas.FEATURES_VERSION)
+            if FeatureConfig.from_json(meta["feature_config"]) != self.cfg:
+                raise ValueError(f"{path} holds features of another config than {self.shards[0]}; re-extract them")
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g, columns=["sample_id", "rendition", "n_frames"])
+                sids.extend(t["sample_id"].to_pylist())
+                rends.extend(t["rendition"].to_pylist())
+                frames.append(t["n_frames"].to_numpy())
+                shard_of.append(np.full(t.num_rows, s, dtype=np.int32))
+                group_of.append(np.full(t.num_rows, g, dtype=np.int32))
+                row_of.append(np.arange(t.num_rows, dtype=np.int32))
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int32)  # noqa: E731
+        self.sample_ids = np.array(sids, dtype=object)
+        self.renditions = np.array(rends, dtype=object)
+        self.n_frames, self.shard, self.group, self.row = cat(frames), cat(shard_of), cat(group_of), cat(row_of)
+        self._pos = {key: i for i, key in enumerate(zip(sids, rends))}
+        self.keep_row_groups = keep_row_groups
+        self._groups: dict[tuple[int, int], pa.Table] = {}
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def keys(self):
+        return zip(self.sample_ids.tolist(), self.renditions.tolist())
+
+    def position(self, sample_id: str, rendition: str) -> int | None:
+        return self._pos.get((sample_id, rendition))
+
+    def _row_group(self, s: int, g: int) -> pa.Table:
+        import os
+
+        if self._pid != os.getpid():  # a forked worker: its own handles and row groups
+            self._files, self._groups, self._pid = {}, {}, os.getpid()
+        key = (s, g)
+        table = self._groups.pop(key, None)
+        if table is None:
+            if s not in self._files:
+                self._files[s] = pq.ParquetFile(self.shards[s])
+            table = self._files[s].read_row_group(g, columns=["fbank"])
+        self._groups[key] = table  # most recently used last
+        while len(self._groups) > self.keep_row_groups:
+            self._groups.pop(next(iter(self._groups)))
+        return table
+
+    def read(self, i: int) -> np.ndarray:
+        """Clip at index position i: (n_frames, n_mels) float16."""
+        col = self._row_group(int(self.shard[i]), int(self.group[i]))["fbank"]
+        values = col[int(self.row[i])].values.to_numpy(zero_copy_only=False)
+        return values.reshape(int(self.n_frames[i]), self.cfg.n_mels)
+
+    def get(self, keys) -> dict[tuple[str, str], np.ndarray]:
+        """{(sample_id, rendition): features} for the keys, read in storage order."""
+        pos = sorted((self._pos[k], k) for k in keys)
+        return {k: self.read(i) for i, k in pos}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -192,7 +192,7 @@ def cache_teacher_logits(cfg: CacheRunConfig, progress: bool = True, llm=None) -
     encoding = CacheEncoding(cfg.top_k, max(vocab_size, len(tokenizer)), cfg.logprob_step)
     rejected: list[dict] = []
     stats = Counter()
-    inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir)}
+    inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir), "teacher": cfg.engine.model}
     with CacheWriter(cfg.out_dir, fingerprint, encoding, cfg.rows_per_shard, cfg.overwrite, inputs) as writer:
         todo = [s for s in samples if s["sample_id"] not in writer.done]
         stats["skipped"] = len(samples) - len(todo)

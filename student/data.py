@@ -9,7 +9,6 @@ teacher targets.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +17,16 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.chat import render_prompt
-from pipeline.features import load_features
+from pipeline.errors import InputMismatch, MissingInput
+from pipeline.features import FeatureStore
 from pipeline.fingerprint import tokenizer_sha256
 from pipeline.samples import load_samples
+from student.config import ConfigError
 
 PLACEHOLDER = "\u2047SPEECH\u2047"
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(InputMismatch):
     pass
 
 
@@ -65,9 +66,9 @@ class Example:
     transcript_ids: list[int]  # the prompt text alone + end-of-turn (speech alignment target)
     speech: np.ndarray | None  # channel S: (frames, n_mels) float16
     response_ids: np.ndarray  # (n,)
-    topk_ids: np.ndarray  # (n, k)
-    topk_logprobs: np.ndarray  # (n, k)
-    tail_logmass: np.ndarray  # (n,)
+    topk_ids: np.ndarray | None = None  # (n, k); None when the targets were not decoded (alignment)
+    topk_logprobs: np.ndarray | None = None  # (n, k)
+    tail_logmass: np.ndarray | None = None  # (n,)
 
 
 @dataclass
@@ -86,85 +87,230 @@ class JoinReport:
 
 
 def inputs_from_manifest(reader: CacheReader, samples_dir, features_dir) -> tuple[Path, Path]:
-    inputs = reader.manifest.get("inputs", {})
-    samples = samples_dir or inputs.get("samples_dir")
-    features = features_dir or inputs.get("features_dir")
+    """The samples and features directories: as given, else as the cache manifest names them (resolved
+    against the cache directory, so any working directory works)."""
+    samples = samples_dir or reader.input_path("samples_dir")
+    features = features_dir or reader.input_path("features_dir")
     if not samples or not features:
-        raise ValueError(f"{reader.dir}/manifest.json does not say where the samples/features are: pass them")
+        raise MissingInput(f"{reader.dir}/manifest.json does not say where the samples/features are: pass "
+                           f"--samples and --features")  # fmt: skip
     return Path(samples), Path(features)
+
+
+def read_split(samples_dir: Path, split: str | None, columns=("sample_id", "prompt", "response", "split", "meta")):
+    """Columns of one split of the samples table (the text columns only: no decoded targets, no speech)."""
+    table = load_samples(samples_dir, split)
+    return table.select(list(columns))
+
+
+class StudentData:
+    """The examples of one split, one per (cached sample, speech rendition), without loading them.
+
+    Holds an index: per example, where its cache row (shard, row group, row) and its speech clip (a
+    FeatureStore position) are, in cache storage order, and the split's prompts. Decoded targets and
+    features exist only for the examples being read (`example(i)`); the cache is read a row group at a
+    time, the most recent `keep_row_groups` kept per process.
+    """
+
+    def __init__(
+        self, cache_dir: Path | str, tokenizer, samples_dir: Path | None = None, features_dir: Path | None = None,
+        split: str = "train", need_speech: bool = True, keep_row_groups: int = 16,
+    ):  # fmt: skip
+        self.reader = CacheReader(cache_dir)
+        check_tokenizer(self.reader, tokenizer)
+        self.tokenizer = tokenizer
+        self.samples_dir, self.features_dir = inputs_from_manifest(self.reader, samples_dir, features_dir)
+        table = read_split(self.samples_dir, split, ("sample_id", "prompt", "meta"))
+        prompt_of = dict(zip(table["sample_id"].to_pylist(), table["prompt"].to_pylist()))
+        self.meta_of = dict(zip(table["sample_id"].to_pylist(), table["meta"].to_pylist()))
+        del table
+        self.features = FeatureStore(self.features_dir, keep_row_groups=4 * keep_row_groups) if need_speech else None
+        clips: dict[str, list[tuple[str, int]]] = {}
+        if self.features is not None:
+            for pos, (sid, rend) in enumerate(self.features.keys()):
+                if sid in prompt_of:
+                    clips.setdefault(sid, []).append((rend, pos))
+        # per cache row in the split: (block, shard, group, row); per example: cache row index, clip position
+        self.block_keys: list[tuple[int, int]] = []
+        rows, ex_row, ex_clip = [], [], []
+        self.row_sample_ids: list[str] = []
+        report = JoinReport(samples=len(prompt_of))
+        seen = set()
+        for s, g, sids in self.reader.row_groups():
+            block = len(self.block_keys)
+            self.block_keys.append((s, g))
+            for r, sid in enumerate(sids):
+                if sid not in prompt_of:
+                    continue
+                seen.add(sid)
+                report.cache_rows_in_split += 1
+                if need_speech and sid not in clips:
+                    report.missing_features.append(sid)
+                    continue
+                row_index = len(rows)
+                rows.append((block, s, g, r))
+                self.row_sample_ids.append(sid)
+                for _, pos in sorted(clips.get(sid, [(None, -1)]), key=lambda x: x[0] or ""):
+                    ex_row.append(row_index)
+                    ex_clip.append(pos)
+        report.missing_cache = sorted(set(prompt_of) - seen)
+        self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # block, shard, group, row
+        self.ex_row = np.array(ex_row, dtype=np.int64)
+        self.ex_clip = np.array(ex_clip, dtype=np.int64)
+        self.prompt_of = prompt_of
+        report.examples = len(self.ex_row)
+        self.report = report
+        self.keep_row_groups = keep_row_groups
+        self._groups: dict[tuple[int, int], object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.ex_row)
+
+    def block_of(self) -> np.ndarray:
+        """Per example, the cache row group (block) it is stored in: the unit of shuffling and reading."""
+        return self.rows[self.ex_row, 0]
+
+    def sample_id(self, i: int) -> str:
+        return self.row_sample_ids[self.ex_row[i]]
+
+    def _row_group(self, s: int, g: int):
+        import os
+
+        if self._pid != os.getpid():  # a forked DataLoader worker: its own row groups
+            self._groups, self._pid = {}, os.getpid()
+        table = self._groups.pop((s, g), None)
+        if table is None:
+            table = self.reader.read_row_group(s, g)
+        self._groups[(s, g)] = table
+        while len(self._groups) > self.keep_row_groups:
+            self._groups.pop(next(iter(self._groups)))
+        return table
+
+    def example(self, i: int, targets: bool = True) -> Example:
+        """Example i, read and decoded now (targets=False: skip decoding the top-k, e.g. while aligning)."""
+        _, s, g, r = self.rows[self.ex_row[i]].tolist()
+        row = self.reader.decode_table_row(self._row_group(s, g), r, targets=targets)
+        sid = row["sample_id"]
+        prompt = self.prompt_of[sid]
+        tok = self.tokenizer
+        prompt_ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        transcript_ids = tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        clip = int(self.ex_clip[i])
+        speech = self.features.read(clip) if clip >= 0 and self.features is not None else None
+        rendition = self.features.renditions[clip] if clip >= 0 and self.features is not None else None
+        return Example(sid, rendition, prompt_ids, transcript_ids, speech, row["token_ids"], row.get("topk_ids"),
+                       row.get("topk_logprobs"), row.get("tail_logmass"))  # fmt: skip
 
 
 def load_examples(
     cache_dir: Path, tokenizer, samples_dir: Path | None = None, features_dir: Path | None = None,
     split: str = "train", need_speech: bool = True,
 ) -> tuple[list[Example], JoinReport]:  # fmt: skip
-    """Examples of one split: one per (cached sample, speech rendition)."""
-    reader = CacheReader(cache_dir)
-    check_tokenizer(reader, tokenizer)
-    samples_dir, features_dir = inputs_from_manifest(reader, samples_dir, features_dir)
-    samples = {r["sample_id"]: r for r in load_samples(samples_dir, split).to_pylist()}
-    renditions: dict[str, list[tuple[str, np.ndarray]]] = {}
-    if need_speech:
-        for (sid, rend), feats in load_features(features_dir).items():
-            if sid in samples:
-                renditions.setdefault(sid, []).append((rend, feats))
-    report = JoinReport(samples=len(samples))
-    examples, seen = [], set()
-    for row in reader.iter_rows():  # streams shard by shard
-        sid = row["sample_id"]
-        if sid not in samples:
-            continue
-        seen.add(sid)
-        report.cache_rows_in_split += 1
-        d = reader.decode_row(row)
-        prompt = samples[sid]["prompt"]
-        prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        transcript_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        speech = renditions.get(sid, []) if need_speech else [(None, None)]
-        if not speech:
-            report.missing_features.append(sid)
-            continue
-        for rend, feats in sorted(speech, key=lambda x: x[0] or ""):
-            examples.append(Example(sid, rend, prompt_ids, transcript_ids, feats, d["token_ids"], d["topk_ids"],
-                                    d["topk_logprobs"], d["tail_logmass"]))  # fmt: skip
-    report.missing_cache = sorted(set(samples) - seen)
-    report.examples = len(examples)
-    return examples, report
+    """Every example of one split, decoded, in memory: for tests and small sets (training streams)."""
+    data = StudentData(cache_dir, tokenizer, samples_dir, features_dir, split, need_speech)
+    return [data.example(i) for i in range(len(data))], data.report
 
 
-class BatchSampler:
-    """Deterministic, resumable order: batch `step` is a function of (seed, step) only."""
+class BlockShuffleSampler:
+    """Deterministic, resumable order over a subset of examples: the global batch of `step` is a function
+    of (seed, step) only.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = max(1, n // batch_size)
+    Each epoch permutes the cache row groups (blocks) the examples are stored in, cuts that order into
+    windows of `window` blocks and shuffles the examples within each window: batches read a bounded set of
+    row groups at a time (memory does not grow with the cache), while the order still mixes `window` random
+    blocks. With window >= the number of blocks it is a full shuffle. Epochs drop their last partial batch.
+    """
 
-    def indices(self, step: int) -> list[int]:
+    def __init__(self, examples: np.ndarray, blocks: np.ndarray, batch_size: int, seed: int, window: int = 8):
+        self.examples = np.asarray(examples, dtype=np.int64)  # example indices of the subset
+        self.blocks = np.asarray(blocks, dtype=np.int64)  # their blocks
+        self.batch_size, self.seed, self.window = batch_size, seed, window
+        if len(self.examples) < batch_size:
+            raise ConfigError(f"--batch-size {batch_size} is larger than the {len(self.examples)} examples to "
+                              f"train on; use a smaller batch")  # fmt: skip
+        self.per_epoch = len(self.examples) // batch_size
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            uniq = np.unique(self.blocks)
+            perm = rng.permutation(uniq)
+            rank = np.empty(perm.max() + 1, dtype=np.int64)
+            rank[perm] = np.arange(len(perm))
+            window_of = rank[self.blocks] // self.window
+            noise = rng.random(len(self.examples))
+            self._order = self.examples[np.lexsort((noise, window_of))]
+            self._epoch = epoch
+        return self._order
+
+    def indices(self, step: int) -> np.ndarray:
         epoch, i = divmod(step, self.per_epoch)
-        order = list(range(self.n))
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
-        return order[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def shard_of_batch(indices: np.ndarray, rank: int, world_size: int, grad_accum: int) -> list[np.ndarray]:
+    """This rank's share of a global batch, split into its micro-batches: disjoint across ranks, and their
+    union over ranks and micro-batches is the global batch."""
+    per_rank = len(indices) // world_size
+    mine = indices[rank * per_rank : (rank + 1) * per_rank]
+    return np.array_split(mine, grad_accum)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` = this rank's micro-batches of that optimizer step, collated (for a DataLoader with
+    batch_size=None and a sampler over the steps to run; workers read and decode ahead of training)."""
+
+    def __init__(self, data: StudentData, phases: list[tuple[int, BlockShuffleSampler]], pad_id: int,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1, targets_from: int = 0):  # fmt: skip
+        self.data, self.phases, self.pad_id = data, phases, pad_id  # phases: (first step, sampler), ascending
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.targets_from = targets_from  # steps before this need no decoded top-k (alignment)
+
+    def sampler_at(self, step: int) -> tuple[int, BlockShuffleSampler]:
+        first, sampler = self.phases[0]
+        for start, s in self.phases:
+            if step >= start:
+                first, sampler = start, s
+        return first, sampler
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, step: int) -> list[dict[str, torch.Tensor]]:
+        first, sampler = self.sampler_at(step)
+        targets = step >= self.targets_from
+        micro = shard_of_batch(sampler.indices(step - first), self.rank, self.world_size, self.grad_accum)
+        return [collate([self.data.example(int(i), targets=targets) for i in part], self.pad_id) for part in micro]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Targets, text inputs and speech features of a batch, padded."""
+    """The student's one padding contract: a batch of examples as padded tensors.
+
+    Padded response positions have mask False, response id `pad_id`, top-k ids 0, top-k logprobs 0 and tail
+    log-mass 0 — finite values, so nothing downstream can turn them into NaN; every loss masks them out
+    before it multiplies (student.losses).
+    """
     B = len(examples)
     n = max(len(e.response_ids) for e in examples)
-    k = examples[0].topk_ids.shape[1]
     batch = {
         "response_ids": torch.full((B, n), pad_id, dtype=torch.long),
         "mask": torch.zeros(B, n, dtype=torch.bool),
-        "topk_ids": torch.zeros(B, n, k, dtype=torch.long),
-        "topk_logprobs": torch.zeros(B, n, k),
-        "tail_logmass": torch.full((B, n), float("-inf")),
     }
+    has_targets = examples[0].topk_ids is not None
+    if has_targets:
+        k = examples[0].topk_ids.shape[1]
+        batch.update(topk_ids=torch.zeros(B, n, k, dtype=torch.long), topk_logprobs=torch.zeros(B, n, k),
+                     tail_logmass=torch.zeros(B, n))  # fmt: skip
     for b, e in enumerate(examples):
         m = len(e.response_ids)
         batch["response_ids"][b, :m] = torch.from_numpy(e.response_ids)
         batch["mask"][b, :m] = True
-        batch["topk_ids"][b, :m] = torch.from_numpy(e.topk_ids)
-        batch["topk_logprobs"][b, :m] = torch.from_numpy(e.topk_logprobs)
-        batch["tail_logmass"][b, :m] = torch.from_numpy(e.tail_logmass)
+        if has_targets:
+            batch["topk_ids"][b, :m] = torch.from_numpy(e.topk_ids)
+            batch["topk_logprobs"][b, :m] = torch.from_numpy(e.topk_logprobs)
+            batch["tail_logmass"][b, :m] = torch.from_numpy(e.tail_logmass)
     # channel T: prompt + response, right-padded; response_pos[b, t] is where token t is predicted
     lens = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
     L = max(lens)
@@ -184,12 +330,22 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         batch["transcript_ids"][b, : len(e.transcript_ids)] = torch.tensor(e.transcript_ids)
         batch["transcript_mask"][b, : len(e.transcript_ids)] = True
     if examples[0].speech is not None:
-        T = max(e.speech.shape[0] for e in examples)
-        batch["speech"] = torch.zeros(B, T, examples[0].speech.shape[1])
-        batch["speech_lengths"] = torch.tensor([e.speech.shape[0] for e in examples])
-        for b, e in enumerate(examples):
-            batch["speech"][b, : e.speech.shape[0]] = torch.from_numpy(e.speech.astype(np.float32))
+        batch.update(pad_speech([e.speech for e in examples]))
     return batch
+
+
+def pad_speech(clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Speech features (frames, n_mels) of a batch, zero-padded in time, with their lengths."""
+    T = max(c.shape[0] for c in clips)
+    speech = torch.zeros(len(clips), T, clips[0].shape[1])
+    for b, c in enumerate(clips):
+        speech[b, : c.shape[0]] = torch.from_numpy(c.astype(np.float32))
+    return {"speech": speech, "speech_lengths": torch.tensor([c.shape[0] for c in clips])}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a (pinned, on CUDA) batch to the device without blocking the host."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def speech_inputs(

@@ -12,24 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.cache import CacheReader
 from pipeline.chat import exact_match, render_prompt
-from pipeline.features import load_features
-from pipeline.samples import load_samples
-from student.data import SpeechTemplate, inputs_from_manifest
+from pipeline.errors import MissingInput, run_cli
+from pipeline.features import FeatureStore
+from student.data import SpeechTemplate, inputs_from_manifest, pad_speech, read_split
 
 
 @torch.no_grad()
 def generate_from_embeds(backbone, tokenizer, rows: list[torch.Tensor], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of left-padded input embeddings."""
+    """Greedy continuation of left-padded input embeddings (on the rows' device)."""
     L = max(r.shape[0] for r in rows)
     H = rows[0].shape[-1]
-    embeds = torch.zeros(len(rows), L, H, dtype=rows[0].dtype)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    device = rows[0].device
+    embeds = torch.zeros(len(rows), L, H, dtype=rows[0].dtype, device=device)
+    mask = torch.zeros(len(rows), L, dtype=torch.long, device=device)
     for b, r in enumerate(rows):
         embeds[b, L - r.shape[0] :] = r
         mask[b, L - r.shape[0] :] = 1
@@ -39,56 +42,85 @@ def generate_from_embeds(backbone, tokenizer, rows: list[torch.Tensor], max_new_
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def answer_text(backbone, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
     embed = backbone.get_input_embeddings()
+    device = _device_of(backbone)
     out = []
     for i in range(0, len(prompts), batch_size):
-        rows = [embed(torch.tensor(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]))
+        rows = [embed(torch.tensor(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"],
+                                   device=device))
                 for p in prompts[i : i + batch_size]]  # fmt: skip
         out.extend(generate_from_embeds(backbone, tokenizer, rows, max_new_tokens))
     return out
 
 
 @torch.no_grad()
-def answer_speech(model, tokenizer, feats: list, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+def answer_speech(model, tokenizer, clips: list[np.ndarray], max_new_tokens: int) -> list[str]:
+    """Greedy answers to spoken prompts (one batch of clips)."""
     template = SpeechTemplate.from_tokenizer(tokenizer)
+    device = _device_of(model)
     embed = model.embed
-    prefix = embed(torch.tensor(template.prefix_ids, dtype=torch.long))
-    suffix = embed(torch.tensor(template.suffix_ids, dtype=torch.long))
-    out = []
-    for i in range(0, len(feats), batch_size):
-        chunk = feats[i : i + batch_size]
-        T = max(f.shape[0] for f in chunk)
-        x = torch.zeros(len(chunk), T, chunk[0].shape[1])
-        for b, f in enumerate(chunk):
-            x[b, : f.shape[0]] = torch.from_numpy(f.astype("float32"))
-        sp, lens = model.speech_embeddings(x, torch.tensor([f.shape[0] for f in chunk]))
-        rows = [torch.cat([prefix, sp[b, : lens[b]], suffix]) for b in range(len(chunk))]
-        out.extend(generate_from_embeds(model.backbone, tokenizer, rows, max_new_tokens))
-    return out
+    prefix = embed(torch.tensor(template.prefix_ids, dtype=torch.long, device=device))
+    suffix = embed(torch.tensor(template.suffix_ids, dtype=torch.long, device=device))
+    padded = pad_speech(clips)
+    sp, lens = model.speech_embeddings(padded["speech"].to(device), padded["speech_lengths"].to(device))
+    rows = [torch.cat([prefix, sp[b, : lens[b]], suffix]) for b in range(len(clips))]
+    return generate_from_embeds(model.backbone, tokenizer, rows, max_new_tokens)
 
 
-def eval_set(samples_dir: Path, features_dir: Path, split: str = "eval", limit: int | None = None) -> list[dict]:
-    """Eval samples with one speech rendition each (the first by name)."""
-    feats = {}
-    for (sid, rend), f in sorted(load_features(features_dir).items()):
-        feats.setdefault(sid, f)
-    rows = [r for r in load_samples(samples_dir, split).to_pylist() if r["sample_id"] in feats and r["response"]]
+@dataclass
+class EvalSet:
+    """Eval questions with one speech rendition each; the speech is read when asked for, a batch at a time."""
+
+    rows: list[dict]  # sample_id, prompt, response
+    clips: list[int]  # FeatureStore positions
+    features: FeatureStore
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [r["sample_id"] for r in self.rows]
+
+    def speech(self, start: int, stop: int) -> list[np.ndarray]:
+        return [self.features.read(i) for i in self.clips[start:stop]]
+
+
+def eval_set(samples_dir: Path, features_dir: Path, split: str = "eval", limit: int | None = None) -> EvalSet:
+    """The split's questions that have a reference answer and speech (the first rendition by name); reads
+    only the features index, not the features."""
+    store = FeatureStore(features_dir)
+    first: dict[str, tuple[str, int]] = {}
+    for pos, (sid, rend) in enumerate(store.keys()):
+        if sid not in first or rend < first[sid][0]:
+            first[sid] = (rend, pos)
+    table = read_split(samples_dir, split, ("sample_id", "prompt", "response"))
+    rows = [r for r in table.to_pylist() if r["sample_id"] in first and r["response"]]
     rows = rows[:limit] if limit else rows
-    for r in rows:
-        r["speech"] = feats[r["sample_id"]]
-    return rows
+    return EvalSet(rows, [first[r["sample_id"]][1] for r in rows], store)
 
 
 @torch.no_grad()
 def evaluate_student(
-    model, tokenizer, rows: list[dict], max_new_tokens: int = 32, subsets: dict[str, set[str]] | None = None
-) -> dict:
-    """Student text/speech exact match and modality gap; with `subsets` ({name: sample ids}) also per subset."""
+    model, tokenizer, evalset: EvalSet, max_new_tokens: int = 32, subsets: dict[str, set[str]] | None = None,
+    device=None, batch_size: int = 64,
+) -> dict:  # fmt: skip
+    """Student text/speech exact match and modality gap; with `subsets` ({name: sample ids}) also per subset.
+    Runs on the model's device; `device` only checks that is where the caller expects it."""
     model.eval()
-    text = answer_text(model.backbone, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
-    speech = answer_speech(model, tokenizer, [r["speech"] for r in rows], max_new_tokens)
+    if device is not None and _device_of(model) != torch.device(device):
+        raise ValueError(f"the student is on {_device_of(model)}, evaluation asked for {device}")
+    rows = evalset.rows
+    text = answer_text(model.backbone, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    speech = []
+    for i in range(0, len(rows), batch_size):
+        speech.extend(answer_speech(model, tokenizer, evalset.speech(i, i + batch_size), max_new_tokens))
     report = {}
     for name, ids in {"": None, **(subsets or {})}.items():
         pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
@@ -102,23 +134,27 @@ def evaluate_student(
 
 
 @torch.no_grad()
-def evaluate_teacher(teacher: str, rows: list[dict], max_new_tokens: int = 32) -> float:
-    """The text teacher's own accuracy (transformers, loaded for evaluation only)."""
+def evaluate_teacher(teacher: str, evalset: EvalSet, max_new_tokens: int = 32, device="cpu") -> float:
+    """The text teacher's own accuracy (transformers, loaded for evaluation only, on `device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    return exact_match(answer_text(model, tok, [r["prompt"] for r in rows], max_new_tokens), [r["response"] for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
+    rows = evalset.rows
+    answers = answer_text(model, tok, [r["prompt"] for r in rows], max_new_tokens)
+    del model
+    return exact_match(answers, [r["response"] for r in rows])
 
 
-def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_dir=None, limit=None) -> dict:
+def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_dir=None, limit=None,
+                device="cpu") -> dict:  # fmt: skip
     reader = CacheReader(cache_dir)
     samples_dir, features_dir = inputs_from_manifest(reader, samples_dir, features_dir)
     rows = eval_set(samples_dir, features_dir, limit=limit)
-    if not rows:
-        raise ValueError(f"no eval samples with speech features under {samples_dir} / {features_dir}")
-    report = evaluate_student(model, tokenizer, rows)
-    report["teacher_text_accuracy"] = evaluate_teacher(reader.fingerprint["model"], rows)
+    if not len(rows):
+        raise MissingInput(f"no eval samples with speech features under {samples_dir} / {features_dir}")
+    report = evaluate_student(model, tokenizer, rows, device=device)
+    report["teacher_text_accuracy"] = evaluate_teacher(reader.teacher, rows, device=device)
     report["forgetting"] = report["teacher_text_accuracy"] - report["student_text_accuracy"]
     return report
 
@@ -136,23 +172,31 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer
-
-    from student.model import SpeechLLM
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", type=Path, default=Path("data/runs/student/final"))
     parser.add_argument("--logits", type=Path, default=Path("data/cache"), help="cache (for teacher and inputs)")
     parser.add_argument("--samples", type=Path, default=None)
     parser.add_argument("--features", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=None, help="only the first N eval questions")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
-    model = SpeechLLM.load(args.student)
-    tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
-    report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit)
-    print(format_report(report))
-    print(json.dumps(report))
-    return 0
+
+    def run():
+        from transformers import AutoTokenizer
+
+        from student.model import SpeechLLM
+
+        if not (args.student / "student_config.json").exists():
+            raise MissingInput(f"no student at {args.student} (no student_config.json): train one with "
+                               f"`python student/train.py` or pass --student <run>/final")  # fmt: skip
+        device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+        model = SpeechLLM.load(args.student).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
+        report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device)
+        print(format_report(report))
+        print(json.dumps(report))
+
+    return run_cli(run, prog="evaluate.py")
 
 
 if __name__ == "__main__":

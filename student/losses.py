@@ -3,7 +3,14 @@
 All functions take the student's logits at the response positions (B, T, V),
 the cached teacher top-k `teacher_ids` (B, T, k) / `teacher_logprobs` (B, T, k),
 the teacher's `tail_logmass` (B, T) and a `mask` (B, T) of real positions, and
-return the mean over real positions (a scalar).
+return the sum over real positions divided by `normalizer` (default: their
+count, i.e. the mean). Distributed training passes the global count of real
+positions (over ranks and accumulation steps) / world size, so that summed
+gradients equal one process's on the whole batch.
+
+Padding cannot turn into NaN: padded positions are filled with finite values
+(`masked_fill`) before anything is multiplied or exponentiated, whatever the
+padding value (0 or -inf), and teacher log-probs are floored at MIN_LOGPROB.
 
   forward_kl_topk   KL(p_T || p_S) over the top-k ids, both renormalized to them
   forward_kl_tail   KL over k+1 buckets: the top-k ids and one "everything else"
@@ -22,14 +29,24 @@ import torch
 import torch.nn.functional as F
 
 
-def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(per_position.dtype)
-    return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
+MIN_LOGPROB = -1e4  # a teacher log-prob of -inf (an impossible token) is floored here: exp() is exactly 0
 
 
-def _teacher_topk(teacher_logprobs: torch.Tensor, tau: float) -> torch.Tensor:
+def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor, normalizer=None) -> torch.Tensor:
+    total = per_position.masked_fill(~mask.bool(), 0.0).sum()
+    denom = mask.sum().clamp_min(1) if normalizer is None else normalizer
+    return total / denom
+
+
+def _clean_teacher(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Teacher log-probs (B, T, k) or log-masses (B, T) with padded positions set to 0 and -inf floored."""
+    m = mask.bool() if values.dim() == mask.dim() else mask.bool().unsqueeze(-1)
+    return values.float().masked_fill(~m, 0.0).clamp_min(MIN_LOGPROB)
+
+
+def _teacher_topk(teacher_logprobs: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
     """Renormalized teacher log-probs over its top-k at temperature tau."""
-    lp = teacher_logprobs.float() / tau
+    lp = _clean_teacher(teacher_logprobs, mask) / tau
     return lp - torch.logsumexp(lp, dim=-1, keepdim=True)
 
 
@@ -39,23 +56,26 @@ def _student_topk(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tau: 
     return s - torch.logsumexp(s, dim=-1, keepdim=True)
 
 
-def forward_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, **_) -> torch.Tensor:
-    t, s = _teacher_topk(teacher_logprobs, tau), _student_topk(student_logits, teacher_ids, tau)
-    return _masked_mean((t.exp() * (t - s)).sum(-1), mask)
+def forward_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, normalizer=None,
+                    **_) -> torch.Tensor:  # fmt: skip
+    t, s = _teacher_topk(teacher_logprobs, mask, tau), _student_topk(student_logits, teacher_ids, tau)
+    return _masked_mean((t.exp() * (t - s)).sum(-1), mask, normalizer)
 
 
-def reverse_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, **_) -> torch.Tensor:
-    t, s = _teacher_topk(teacher_logprobs, tau), _student_topk(student_logits, teacher_ids, tau)
-    return _masked_mean((s.exp() * (s - t)).sum(-1), mask)
+def reverse_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, normalizer=None,
+                    **_) -> torch.Tensor:  # fmt: skip
+    t, s = _teacher_topk(teacher_logprobs, mask, tau), _student_topk(student_logits, teacher_ids, tau)
+    return _masked_mean((s.exp() * (s - t)).sum(-1), mask, normalizer)
 
 
 def forward_kl_tail(
-    student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, tail_logmass=None, **_
+    student_logits, teacher_ids, teacher_logprobs, mask, tau: float = 1.0, tail_logmass=None, normalizer=None, **_
 ) -> torch.Tensor:
     if tail_logmass is None:
         raise ValueError("forward_kl_tail needs the teacher's tail_logmass")
     # Teacher buckets: top-k and tail, softened together and renormalized.
-    t = torch.cat([teacher_logprobs.float(), tail_logmass.float().unsqueeze(-1)], dim=-1) / tau
+    t = torch.cat([_clean_teacher(teacher_logprobs, mask), _clean_teacher(tail_logmass, mask).unsqueeze(-1)],
+                  dim=-1) / tau  # fmt: skip
     t = t - torch.logsumexp(t, dim=-1, keepdim=True)
     # Student buckets: full-softmax mass on the top-k ids, and the rest.
     s_all = torch.log_softmax(student_logits.float() / tau, dim=-1)
@@ -64,16 +84,17 @@ def forward_kl_tail(
     s = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1)
     p = t.exp()
     kl = torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum(-1)
-    return _masked_mean(kl, mask)
+    return _masked_mean(kl, mask, normalizer)
 
 
 KD_LOSSES = {"forward_kl": forward_kl_topk, "forward_kl_tail": forward_kl_tail, "reverse_kl": reverse_kl_topk}
 
 
-def response_ce(student_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def response_ce(student_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor,
+                normalizer=None) -> torch.Tensor:  # fmt: skip
     """Cross-entropy of the response tokens (the teacher-written or dataset response)."""
     ce = F.cross_entropy(student_logits.float().transpose(1, 2), target_ids, reduction="none")
-    return _masked_mean(ce, mask)
+    return _masked_mean(ce, mask, normalizer)
 
 
 # Dense references (full vocabulary), for tests.

@@ -51,10 +51,20 @@ class ConvSubsampling(nn.Module):
         self.layers = layers
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.conv(x.transpose(1, 2)).transpose(1, 2)
-        for _ in range(self.layers):
+        """Frames at or past a clip's length are zero before every convolution, so a clip's encoding does not
+        depend on how much padding its batch adds after it (it sees zeros, as at its own edge)."""
+        y = _zero_past(x, lengths).transpose(1, 2)
+        for i in range(self.layers):
+            y = self.conv[2 * i + 1](self.conv[2 * i](y))
             lengths = (lengths + 1) // 2
-        return y, lengths
+            y = _zero_past(y.transpose(1, 2), lengths).transpose(1, 2)
+        return y.transpose(1, 2), lengths
+
+
+def _zero_past(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) with the frames at t >= lengths[b] set to 0."""
+    keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None].to(x.device)
+    return x * keep.unsqueeze(-1).to(x.dtype)
 
 
 class ConvTransformerEncoder(nn.Module):
@@ -74,7 +84,7 @@ class ConvTransformerEncoder(nn.Module):
         x, lengths = self.subsample(self.norm_in(feats), lengths)
         x = x + self.pos[:, : x.shape[1]]
         pad = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
-        return self.layers(x, src_key_padding_mask=pad), lengths
+        return _zero_past(self.layers(x, src_key_padding_mask=pad), lengths), lengths
 
 
 class WhisperEncoder(nn.Module):
@@ -171,15 +181,19 @@ class SpeechLLM(nn.Module):
         return self.adapter(x, lengths)
 
     def ctc_loss(self, encoded: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor,
-                 target_lengths: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """CTC of the encoder frames against the first `target_lengths[b]` token ids of `targets[b]`."""
+                 target_lengths: torch.Tensor, normalizer=None) -> torch.Tensor:  # fmt: skip
+        """CTC of the encoder frames against the first `target_lengths[b]` token ids of `targets[b]`: each
+        clip's loss per target token, summed over the batch and divided by `normalizer` (default: the batch
+        size, i.e. torch's reduction="mean")."""
         if self.ctc_head is None:
             raise ValueError("this student has no CTC head (StudentConfig.ctc is False)")
         x, lengths = encoded
         log_probs = self.ctc_head(x).float().log_softmax(-1).transpose(0, 1)  # (T, B, C)
         blank = self.ctc_head.out_features - 1
-        return nn.functional.ctc_loss(log_probs, targets, lengths, target_lengths, blank=blank,
-                                      zero_infinity=True)  # fmt: skip
+        per_clip = nn.functional.ctc_loss(log_probs, targets, lengths, target_lengths, blank=blank,
+                                          reduction="none", zero_infinity=True)  # fmt: skip
+        per_token = per_clip / target_lengths.clamp_min(1).to(per_clip.dtype)
+        return per_token.sum() / (len(per_clip) if normalizer is None else normalizer)
 
     def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).logits
@@ -202,7 +216,7 @@ class SpeechLLM(nn.Module):
         cfg = StudentConfig(**json.loads((out_dir / "student_config.json").read_text()))
         cfg.backbone = str(out_dir / "backbone")
         model = cls(cfg)
-        state = torch.load(out_dir / "speech.pt", map_location="cpu")
+        state = torch.load(out_dir / "speech.pt", map_location="cpu", weights_only=True)
         model.encoder.load_state_dict(state["encoder"])
         model.adapter.load_state_dict(state["adapter"])
         if model.ctc_head is not None and "ctc_head" in state:

@@ -155,8 +155,10 @@ def test_tokenizer_fingerprint_mismatch_is_refused(student_cache, tmp_path):
 def _cfg(cache, out, **kw):
     from student.train import TrainConfig
 
+    # num_workers=0: this pytest process hosts a vLLM CPU engine, whose OpenMP runtime does not survive a fork
+    # (a DataLoader worker hangs in its first torch op); the subprocess tests below run real workers.
     base = dict(logits=str(cache), out=str(out), steps=6, align_steps=2, batch_size=4, eval_every=0, save_every=2,
-                warmup=2, seed=3)  # fmt: skip
+                warmup=2, seed=3, num_workers=0)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
@@ -276,3 +278,205 @@ def test_training_process_never_imports_vllm(student_cache, tmp_path):
     assert "NO_VLLM" in r.stdout
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert 0 <= result["student_speech_accuracy"] <= 1 and "forgetting" in result
+
+
+# --- issue 8: scale (devices, DDP, streaming, any backbone, padding, config) -----------------------------
+
+
+def test_losses_are_finite_and_equal_with_inf_or_zero_padding():
+    torch.manual_seed(4)
+    B, T, V, k = 2, 5, 30, 6
+    student = torch.randn(B, T, V, requires_grad=True)
+    lp = torch.log_softmax(torch.randn(B, T, V) * 2, -1).topk(k, dim=-1)
+    tail = torch.log1p(-lp.values.exp().sum(-1))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 2:] = False
+    results = {}
+    for pad in (float("-inf"), 0.0):
+        t_lp = lp.values.clone().masked_fill(~mask[..., None], pad)
+        t_tail = tail.clone().masked_fill(~mask, pad)
+        ids = lp.indices.masked_fill(~mask[..., None], 0)
+        for name, fn in losses.KD_LOSSES.items():
+            student.grad = None
+            value = fn(student, ids, t_lp, mask, tau=2.0, tail_logmass=t_tail)
+            value.backward()
+            assert torch.isfinite(value) and torch.isfinite(student.grad).all(), (name, pad)
+            assert student.grad[0, 2:].abs().max() == 0  # padded positions get no gradient
+            results.setdefault(name, []).append(value.item())
+    for name, (inf_padded, zero_padded) in results.items():
+        assert inf_padded == pytest.approx(zero_padded, rel=1e-6), name
+    # and equal to the same positions without any padding (the real rows alone)
+    ref = losses.forward_kl_topk(student[1:], lp.indices[1:], lp.values[1:], mask[1:], tau=2.0)
+    part = losses.forward_kl_topk(student[:1, :2], lp.indices[:1, :2], lp.values[:1, :2], mask[:1, :2], tau=2.0)
+    both = (ref * 5 + part * 2) / 7
+    assert results["forward_kl"][0] == pytest.approx(both.item(), rel=1e-5)
+
+
+def test_streaming_batches_are_deterministic_and_ranks_split_them_disjointly(student_cache, tiny_teacher):
+    from transformers import AutoTokenizer
+
+    from student.data import BlockShuffleSampler, StepBatches, StudentData, shard_of_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    data = StudentData(student_cache, tok)
+    every = np.arange(len(data))
+    a = BlockShuffleSampler(every, data.block_of(), 8, seed=5, window=2)
+    b = BlockShuffleSampler(every, data.block_of(), 8, seed=5, window=2)
+    for step in (0, 1, a.per_epoch, 3 * a.per_epoch + 1):  # within and across epochs, built in any order
+        assert a.indices(step).tolist() == b.indices(step).tolist()
+        assert len(set(a.indices(step).tolist())) == 8
+    epoch0 = np.concatenate([a.indices(s) for s in range(a.per_epoch)])
+    assert len(set(epoch0.tolist())) == len(epoch0)  # an epoch visits each example at most once
+    # two ranks x two micro-batches: disjoint, and together the global batch
+    g = a.indices(2)
+    shares = [part for r in range(2) for part in shard_of_batch(g, r, 2, 2)]
+    assert sorted(np.concatenate(shares).tolist()) == sorted(g.tolist())
+    assert sum(len(p) for p in shares) == len(g)
+    # a step's batch read by a fresh dataset (a resumed run, a worker process) is the same tensors
+    s1 = StepBatches(data, [(0, a)], tok.pad_token_id)[3][0]
+    s2 = StepBatches(StudentData(student_cache, tok), [(0, b)], tok.pad_token_id)[3][0]
+    assert s1.keys() == s2.keys()
+    for key in s1:
+        assert torch.equal(s1[key], s2[key]), key
+
+
+def test_grad_accumulation_steps_like_one_batch(student_cache, tmp_path):
+    from student.train import train
+
+    common = dict(steps=4, align_steps=2, batch_size=8, encoder_dropout=0.0, num_workers=0, save_every=4)
+    train(_cfg(student_cache, tmp_path / "one", **common), progress=False, final_eval=False)
+    train(_cfg(student_cache, tmp_path / "accum", grad_accum=4, **common), progress=False, final_eval=False)
+    _assert_same_parameters(tmp_path / "one", tmp_path / "accum")
+
+
+def _assert_same_parameters(run_a: Path, run_b: Path, atol: float = 2e-5) -> None:
+    a = torch.load(run_a / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(run_b / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    start = torch.load(run_a / "checkpoint.pt", weights_only=False)["step"]
+    assert start == torch.load(run_b / "checkpoint.pt", weights_only=False)["step"]
+    moved = 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
+        moved += 1
+    assert moved > 10
+
+
+def _torchrun(args: list[str], nproc: int, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(REPO / "student" / "train.py"), *args]  # fmt: skip
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def _ddp_args(cache, out, *extra) -> list[str]:
+    return ["--logits", str(cache), "--out", str(out), "--steps", "6", "--align-steps", "2", "--batch-size", "8",
+            "--warmup", "1", "--eval-every", "0", "--save-every", "2", "--encoder-dropout", "0", "--num-workers", "0",
+            "--seed", "3", "--device", "cpu", "--no-final-eval", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(student_cache, tmp_path_factory):
+    """One process with global batch 8 and two gloo ranks with the same global batch, real torchrun."""
+    root = tmp_path_factory.mktemp("ddp")
+    _torchrun(_ddp_args(student_cache, root / "one"), nproc=1)
+    r = _torchrun(_ddp_args(student_cache, root / "two"), nproc=2)
+    return root, r
+
+
+def test_two_gloo_ranks_step_like_one_process(ddp_runs):
+    import csv
+
+    root, r = ddp_runs
+    assert "2 rank(s), global batch 8 = 2 x 1 x 4" in r.stdout
+    _assert_same_parameters(root / "one", root / "two")
+    one = list(csv.DictReader(open(root / "one" / "metrics.csv")))
+    two = list(csv.DictReader(open(root / "two" / "metrics.csv")))  # rank 0 alone wrote it, once per step
+    assert [x["step"] for x in two] == [str(i) for i in range(1, 7)]
+    for x, y in zip(one, two):
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-4)
+
+
+def test_a_distributed_run_resumes_exactly(ddp_runs, student_cache):
+    import csv
+
+    root, _ = ddp_runs
+    _torchrun(_ddp_args(student_cache, root / "resumed", "--stop-after", "3"), nproc=2)
+    assert len(list(csv.DictReader(open(root / "resumed" / "metrics.csv")))) == 3
+    _torchrun(_ddp_args(student_cache, root / "resumed", "--resume"), nproc=2)
+    full = list(csv.DictReader(open(root / "two" / "metrics.csv")))
+    resumed = list(csv.DictReader(open(root / "resumed" / "metrics.csv")))
+    assert [x["step"] for x in resumed] == [str(i) for i in range(1, 7)]
+    for x, y in zip(full, resumed):
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-6, abs=1e-7)
+    _assert_same_parameters(root / "two", root / "resumed", atol=1e-6)
+
+
+def test_bad_options_fail_before_any_model_or_data_is_loaded(student_cache, tmp_path):
+    cases = [
+        (["--kd", "forward-kl"], "forward_kl"),
+        (["--ce-channels", "T,X"], "--ce-channels"),
+        (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
+        (["--align-steps", "900", "--steps", "10"], "--align-steps"),
+        (["--logits", str(tmp_path / "nowhere")], "no cache there"),
+        (["--resume", "--out", str(tmp_path / "fresh")], "no checkpoint"),
+    ]
+    for args, needle in cases:
+        full = ["--logits", str(student_cache), *args] if "--logits" not in args else args
+        r = subprocess.run([sys.executable, str(REPO / "student" / "train.py"), *full], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert "student data" not in r.stdout  # nothing was loaded
+        assert len(r.stderr.strip().splitlines()[-1]) > 20
+
+
+def test_a_relative_cache_trains_from_another_directory_with_a_second_architecture(
+    student_cache, samples_dir, tiny_teacher, vllm_engine, tmp_path, monkeypatch
+):
+    """A cache written with paths relative to its writer's working directory (as `make demo` does), moved,
+    read from elsewhere; the backbone a tiny random Phi-3 (fused qkv, another architecture than the Llama
+    teacher) sharing the teacher's tokenizer. (Not Qwen2: transformers 5 loads any tokenizer beside a qwen2
+    config as Qwen2Tokenizer, with Qwen's own pre-tokenizer, and the cache's tokenizer check rightly refuses it.)"""
+    import shutil
+
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits
+
+    proj = tmp_path / "proj"
+    shutil.copytree(samples_dir, proj / "data" / "samples")
+    shutil.copytree(student_cache.parent / "features", proj / "data" / "features")
+    shutil.copytree(tiny_teacher, proj / "data" / "models" / "teacher")
+    monkeypatch.chdir(proj)
+    cfg = CacheRunConfig(samples_dir=Path("data/samples"), out_dir=Path("data/cache"), features_dir=Path("data/features"),
+                         top_k=8, engine=EngineConfig(model="data/models/teacher", dtype="float32", max_model_len=128,
+                                                      kv_cache_gib=0.25))  # fmt: skip
+    cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
+    manifest = json.loads((proj / "data" / "cache" / "manifest.json").read_text())
+    assert manifest["inputs"]["samples_dir"] == "../samples"  # relative to the manifest, not the writer's cwd
+    moved = tmp_path / "moved"
+    shutil.move(str(proj), moved)
+    tok = AutoTokenizer.from_pretrained(moved / "data" / "models" / "teacher")
+    phi = tmp_path / "phi3-tiny"
+    cfg2 = Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)  # fmt: skip
+    Phi3ForCausalLM(cfg2).save_pretrained(phi)
+    tok.save_pretrained(phi)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run(
+        [sys.executable, str(REPO / "student" / "train.py"), "--logits", str(moved / "data" / "cache"), "--out", "run",
+         "--backbone", str(phi), "--steps", "3", "--align-steps", "1", "--batch-size", "4", "--eval-every", "0",
+         "--num-workers", "1"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((elsewhere / "run" / "result.json").read_text())
+    assert result["steps"] == 3 and 0 <= result["student_speech_accuracy"] <= 1
+    assert json.loads((elsewhere / "run" / "final" / "backbone" / "config.json").read_text())["model_type"] == "phi3"

@@ -1,0 +1,166 @@
+"""The student's data path at 1x and 10x the demo's cache: peak memory and examples/s, side by side.
+
+    .venv/bin/python bench/student_data.py                  # after `make demo`; ~3 min here
+    .venv/bin/python bench/student_data.py --scale 10 --steps 300 --workers 1
+
+Builds, from the demo's cache + features + samples (data/), a copy at 1x and a
+copy at `--scale`x (every sample repeated under new ids: same rows, same
+bytes, valid manifest with sha256 per shard) under data/bench/student_data/,
+then measures each in a fresh process:
+
+  streaming   the training path: StudentData (index only) + BlockShuffleSampler +
+              StepBatches through a torch DataLoader with `--workers` workers,
+              `--steps` global batches of `--batch-size`
+  in-memory   for contrast, every example decoded into memory first (the
+              `load_examples` helper; what the student did before it streamed)
+
+and reports peak RSS (the process, and its DataLoader workers: the largest one)
+and examples/s. Writes bench/results/student_data.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def replicate(src_data: Path, out: Path, scale: int) -> Path:
+    """A copy of samples/features/cache with every sample repeated `scale` times under new ids."""
+    from pipeline import schemas
+    from pipeline.cache import MANIFEST, _sha256, read_manifest
+    from pipeline.features import ROW_GROUP_ROWS
+    from pipeline.parquet_io import write_table_atomic
+    from pipeline.samples import SAMPLES_FILE
+
+    if (out / "cache" / MANIFEST).exists():
+        return out / "cache"
+    shutil.rmtree(out, ignore_errors=True)
+
+    def renamed(table: pa.Table, rep: int) -> pa.Table:
+        if rep == 0:
+            return table
+        ids = pa.array([f"{s}~{rep}" for s in table["sample_id"].to_pylist()], type=pa.string())
+        return table.set_column(table.schema.get_field_index("sample_id"), table.schema.field("sample_id"), ids)
+
+    samples = pq.read_table(src_data / "samples" / SAMPLES_FILE)
+    write_table_atomic(pa.concat_tables([renamed(samples, r) for r in range(scale)]), out / "samples" / SAMPLES_FILE)
+    n = 0
+    for path in sorted((src_data / "features").glob("part-*.parquet")):
+        table = pq.read_table(path)
+        for rep in range(scale):
+            write_table_atomic(renamed(table, rep), out / "features" / f"part-{n:05d}.parquet",
+                               row_group_size=ROW_GROUP_ROWS)  # fmt: skip
+            n += 1
+    manifest = read_manifest(src_data / "cache")
+    shards, n = {}, 0
+    for name in sorted(manifest["shards"]):
+        table = pq.read_table(src_data / "cache" / name)
+        for rep in range(scale):
+            path = write_table_atomic(renamed(table, rep), out / "cache" / f"part-{n:05d}.parquet", row_group_size=256)
+            shards[path.name] = {"rows": table.num_rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            n += 1
+    teacher = os.path.relpath((src_data / "models" / "teacher").resolve(), (out / "cache").resolve())
+    manifest.update(shards=shards, inputs={"samples_dir": "../samples", "features_dir": "../features",
+                                           "teacher": teacher}, inputs_relative_to="manifest")  # fmt: skip
+    manifest["schema_version"] = schemas.CACHE_VERSION
+    (out / "cache" / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return out / "cache"
+
+
+def measure(cache: str, mode: str, steps: int, batch_size: int, workers: int) -> dict:
+    """Run in a fresh process: the data path alone (no model), its peak RSS and examples/s."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.cache import CacheReader
+    from student.data import BlockShuffleSampler, StepBatches, StudentData, load_examples
+
+    tok = AutoTokenizer.from_pretrained(CacheReader(cache).teacher)
+    t0 = time.perf_counter()
+    if mode == "in-memory":
+        examples, _ = load_examples(Path(cache), tok)
+        n, setup = len(examples), time.perf_counter() - t0
+        from student.data import collate
+
+        rng = np.random.default_rng(0)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            collate([examples[i] for i in rng.choice(n, batch_size, replace=False)], tok.pad_token_id)
+        run = time.perf_counter() - t1
+        worker_rss = 0
+    else:
+        data = StudentData(cache, tok)
+        n, setup = len(data), time.perf_counter() - t0
+        sampler = BlockShuffleSampler(np.arange(n), data.block_of(), batch_size, seed=0)
+        loader = torch.utils.data.DataLoader(StepBatches(data, [(0, sampler)], tok.pad_token_id), batch_size=None,
+                                             sampler=range(steps), num_workers=workers)  # fmt: skip
+        t1 = time.perf_counter()
+        for _ in loader:
+            pass
+        run = time.perf_counter() - t1
+        del loader
+        worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"mode": mode, "examples": n, "setup_s": round(setup, 2), "examples_per_s": round(steps * batch_size / run),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "worker_peak_rss_mib": round(worker_rss)}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data"), help="the demo's data directory")
+    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-in-memory", action="store_true", help="measure the streaming path only")
+    parser.add_argument("--measure", nargs=2, metavar=("CACHE", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], args.measure[1], args.steps, args.batch_size, args.workers)))
+        return 0
+    root = args.data / "bench" / "student_data"
+    results = []
+    for scale in (1, args.scale):
+        cache = replicate(args.data, root / f"x{scale}", scale)
+        for mode in ("streaming", *(() if args.skip_in_memory else ("in-memory",))):
+            r = subprocess.run([sys.executable, __file__, "--measure", str(cache), mode, "--steps", str(args.steps),
+                                "--batch-size", str(args.batch_size), "--workers", str(args.workers)],
+                               capture_output=True, text=True, cwd=REPO)  # fmt: skip
+            if r.returncode:
+                print(r.stderr[-3000:], file=sys.stderr)
+                return 1
+            results.append({"scale": f"{scale}x", **json.loads(r.stdout.strip().splitlines()[-1])})
+            print(results[-1], flush=True)
+    lines = ["| scale | data path | examples | setup s | examples/s | peak RSS MiB (process) | peak RSS MiB (worker) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r['scale']} | {r['mode']} | {r['examples']} | {r['setup_s']} | {r['examples_per_s']} | "
+                     f"{r['peak_rss_mib']} | {r['worker_peak_rss_mib'] or '-'} |")  # fmt: skip
+    stream = [r for r in results if r["mode"] == "streaming"]
+    ratio = (stream[1]["peak_rss_mib"] + stream[1]["worker_peak_rss_mib"]) / (
+        stream[0]["peak_rss_mib"] + stream[0]["worker_peak_rss_mib"])  # fmt: skip
+    lines.append(f"\nstreaming peak RSS (process + worker) at {args.scale}x / 1x: {ratio:.2f}x (target <= 1.3x)")
+    table = "\n".join(lines)
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "student_data.json").write_text(json.dumps(results, indent=2))
+    (out / "student_data.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The student stage's one config: every CLI flag, its type, default, choices and help, declared once.
+
+`TrainConfig` is the single source: `student/train.py`'s parser is generated
+from it (`build_parser`), `bench/paper_table.py` overrides its fields
+(`build_parser(defaults=...)`) rather than re-declaring them, and `validate`
+checks every option before any model or data is loaded, so a typo fails in
+under a second with the allowed values named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+KD_CHOICES = ("forward_kl", "forward_kl_tail", "reverse_kl")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+CHANNELS = ("T", "S")
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its CLI help (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+class ConfigError(UserError, ValueError):
+    """An option value that cannot work; raised before any work starts."""
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    logits: str = opt("data/cache", "the teacher logit cache (its manifest names the samples, features and teacher)")
+    out: str = opt("data/runs/student", "run directory: metrics.csv, eval.csv, loss.png, checkpoint.pt, final/")
+    samples: str | None = opt(None, "samples directory (default: from the cache manifest)")
+    features: str | None = opt(None, "speech features directory (default: from the cache manifest)")
+    num_workers: int = opt(1, "DataLoader worker processes reading and decoding batches (0: in the training process)")
+    shuffle_blocks: int = opt(8, "shuffle window, in cache row groups (256 rows each): examples are shuffled "
+                                 "within a window of this many randomly ordered row groups; memory grows with it, "
+                                 "not with the cache")  # fmt: skip
+    # --- model
+    backbone: str | None = opt(None, "backbone LLM, HF id or path (default: the teacher named in the cache manifest)")
+    encoder: str = opt("conv-transformer", "speech encoder: conv-transformer (from scratch) or a Whisper id/path")
+    encoder_dropout: float = opt(0.1, "dropout in the conv-transformer encoder")
+    freeze_encoder: bool = opt(False, "do not train the speech encoder (or its CTC head)")
+    freeze_adapter: bool = opt(False, "do not train the adapter")
+    freeze_backbone: bool = opt(False, "do not train the backbone LLM")
+    # --- schedule
+    steps: int = opt(600, "optimizer steps in all, alignment included")
+    align_steps: int = opt(300, "first: encoder+adapter learn to transcribe the spoken prompt (backbone frozen)")
+    batch_size: int = opt(32, "global batch (examples per optimizer step, over all ranks and accumulation steps)")
+    grad_accum: int = opt(1, "gradient accumulation steps per optimizer step (per-rank micro-batch = "
+                             "batch-size / (world size * grad-accum))")  # fmt: skip
+    lr: float = opt(1e-3, "learning rate of the encoder + adapter (+ CTC head)")
+    backbone_lr: float = opt(3e-4, "learning rate of the backbone (0 while aligning)")
+    warmup: int = opt(50, "linear warm-up steps, at the start of each phase")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    # --- losses: total = alpha*tau^2*KD(T->T) + beta*tau^2*KD(S->T) + gamma*sum(CE over --ce-channels)
+    kd: str = opt("forward_kl", "KD loss against the cached top-k", KD_CHOICES)
+    tau: float = opt(2.0, "KD temperature")
+    alpha: float = opt(0.5, "T->T KD weight (lambda in the paper)")
+    beta: float = opt(0.5, "S->T KD weight")
+    gamma: float = opt(1.0, "CE weight")
+    ce_channels: str = opt("T,S", "channels with CE on the cached response: comma-separated subset of T,S, or ''")
+    ctc_weight: float = opt(1.0, "CTC on the encoder frames during alignment (0: none, and no CTC head)")
+    # Fine-tune on the samples of only this fraction of the groups (meta key `finetune_group`, e.g. the toy
+    # world's entities); alignment still hears every training prompt. Models the paper's setting: speech
+    # fine-tuning data that covers part of what the model knows, evaluated on all of it.
+    finetune_fraction: float = opt(1.0, "fine-tune on a seeded fraction of the groups (alignment hears all)")
+    finetune_group: str = opt("entity", "meta key that names a sample's group for --finetune-fraction")
+    # --- hardware
+    device: str = opt("auto", "where to train: auto = cuda when available", DEVICE_CHOICES)
+    precision: str = opt("auto", "auto = bf16 autocast on a GPU that supports it, fp32 otherwise", PRECISION_CHOICES)
+    # --- bookkeeping
+    final_eval: bool = opt(True, "evaluate at the end: teacher text, student text and speech on the eval split")
+    eval_every: int = opt(200, "evaluate every N steps (0: only at the end)")
+    eval_limit: int = opt(300, "eval questions during training (the final eval uses all)")
+    save_every: int = opt(200, "checkpoint every N steps (0: only at the end)")
+    seed: int = opt(0, "seeds the initialisation, the data order and dropout")
+    resume: bool = opt(False, "continue from <out>/checkpoint.pt")
+    stop_after: int | None = opt(None, "train this many steps now (checkpointed), --resume later")
+
+    def ce_set(self) -> set[str]:
+        return {c.strip() for c in self.ce_channels.split(",") if c.strip()}
+
+    def validate(self, world_size: int = 1) -> "TrainConfig":
+        """Every option checked before work starts: raises ConfigError naming the option and what is allowed."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"--{_flag(f.name)} {value!r} is not one of: {', '.join(choices)}")
+        bad = self.ce_set() - set(CHANNELS)
+        if bad:
+            raise ConfigError(f"--ce-channels {self.ce_channels!r}: unknown channel(s) {sorted(bad)}; use T, S or T,S")
+        positive = ("steps", "batch_size", "grad_accum", "shuffle_blocks")
+        nonneg = ("align_steps", "num_workers", "warmup", "eval_every", "eval_limit", "save_every", "lr",
+                  "backbone_lr", "weight_decay", "alpha", "beta", "gamma", "ctc_weight", "encoder_dropout")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.tau <= 0:
+            raise ConfigError(f"--tau must be > 0, got {self.tau}")
+        if self.align_steps > self.steps:
+            raise ConfigError(f"--align-steps {self.align_steps} exceeds --steps {self.steps} (steps count both phases)")
+        if not 0.0 < self.finetune_fraction <= 1.0:
+            raise ConfigError(f"--finetune-fraction must be in (0, 1], got {self.finetune_fraction}")
+        if self.stop_after is not None and self.stop_after <= 0:
+            raise ConfigError(f"--stop-after must be > 0, got {self.stop_after}")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ConfigError(f"--encoder-dropout must be in [0, 1), got {self.encoder_dropout}")
+        per_step = world_size * self.grad_accum
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is not divisible by world size {world_size} x --grad-accum "
+                f"{self.grad_accum}: every rank and micro-step takes an equal share of the global batch"
+            )
+        if self.steps > self.align_steps and not (self.alpha or self.beta or (self.gamma and self.ce_set())):
+            raise ConfigError("the fine-tuning phase has no loss: set --alpha, --beta or --gamma with --ce-channels")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda: no CUDA device is visible to torch here; use --device cpu (or auto)")
+        if self.precision == "bf16" and self.resolved_device() == "cuda":
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                raise ConfigError("--precision bf16: this GPU does not support bfloat16; use --precision fp32")
+        manifest = Path(self.logits) / "manifest.json"
+        if not manifest.exists():
+            raise ConfigError(f"--logits {self.logits}: no cache there (no manifest.json); run the cache-teacher "
+                              f"flow first (`python flows/cache_teacher.py`) or point --logits at a cache")  # fmt: skip
+        if self.resume and not (Path(self.out) / "checkpoint.pt").exists():
+            raise ConfigError(f"--resume: no checkpoint at {Path(self.out) / 'checkpoint.pt'}")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        import torch
+
+        return "bf16" if self.resolved_device() == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def build_parser(
+    defaults: dict | None = None, parser: argparse.ArgumentParser | None = None, skip: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per TrainConfig field (types, choices, help from the dataclass).
+
+    `defaults` overrides field defaults (the bench's own setting); `skip` leaves fields out.
+    """
+    parser = parser or argparse.ArgumentParser()
+    defaults = defaults or {}
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        default = defaults.get(f.name, f.default if f.default is not MISSING else None)
+        flag = "--" + _flag(f.name)
+        help_ = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "str | None": str, "str": str}[str(f.type)]
+        shown = f" (default: {default})" if default not in (None, "") else ""
+        parser.add_argument(flag, type=kind, default=default, help=help_ + shown, choices=f.metadata.get("choices"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}, **overrides)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
