@@ -34,6 +34,7 @@ from pipeline import features as features_stage
 from pipeline import samples as samples_stage
 from pipeline import speech as speech_stage
 from pipeline import toy_teacher
+from pipeline.errors import UserError, run_cli
 from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, format_summary
 
 FLOW_NAME = "cache-teacher"
@@ -43,7 +44,7 @@ def retry_unless_config_error(task, task_run, state) -> bool:
     """Retry transient failures; a missing file or a wrong value fails at once."""
     try:
         state.result()
-    except (FileNotFoundError, ValueError):  # FingerprintMismatch is a ValueError
+    except (UserError, FileNotFoundError, ValueError):  # bad input, mismatch, corrupt data: retrying cannot help
         return False
     except Exception:  # noqa: BLE001 - anything else may be transient
         return True
@@ -100,7 +101,7 @@ def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict) -> s
 | samples | {samples['accepted']} accepted, {samples['rejected']} rejected |
 | speech | {speech['clips']} clips ({speech['synthesized']} new), {speech['rejected']} rejected |
 | features | {feats['extracted']} extracted, {feats['already_there']} already there, {feats['rejected']} rejected |
-| teacher cache | {cache['cached_now']} cached now, {cache['already_cached']} already there, {cache['rejected']} rejected |
+| teacher cache | {cache['cached_now']} cached now ({cache.get('rescored_changed', 0)} re-scored: changed since cached), {cache['already_cached']} already there, {cache['rejected']} rejected |
 | response tokens cached | {cache['tokens_cached']} |
 | tokens/s (scored, engine start excluded) | {cache['tokens_per_second']} |
 | bytes per cached token | {cache['bytes_per_cached_token']} |
@@ -181,6 +182,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _main(argv), prog="cache_teacher.py")
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     params = {k: v for k, v in vars(args).items() if k != "serve"}
     params["voices"] = [v for v in args.voices.split(",") if v]

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schemas
-from pipeline.errors import InputMismatch, MissingInput
+from pipeline.errors import CorruptData, InputMismatch, MissingInput, UserError
 from pipeline.fingerprint import diff
 from pipeline.parquet_io import next_shard_path, remove_stale_temp_files, shard_paths, write_table_atomic
 
@@ -46,6 +46,11 @@ FINGERPRINT_KEYS = [
     "logprob_step",
     "id_bits",
     "responses",
+    "dtype",
+    "max_model_len",
+    "too_long",
+    "generation",
+    "vllm",
 ]
 MAX_CODE_NATS = 1000.0  # logprobs further than this below the top-1 are clamped there
 
@@ -107,6 +112,7 @@ class ScoredSample:
     token_logprobs: np.ndarray  # (n,) float
     topk_ids: np.ndarray  # (n, k) int, rank order
     topk_logprobs: np.ndarray  # (n, k) float, non-increasing along k
+    content_sha256: str = ""  # what was scored (pipeline.fingerprint.content_sha256)
 
 
 def encode(s: ScoredSample, enc: CacheEncoding) -> dict:
@@ -127,6 +133,7 @@ def encode(s: ScoredSample, enc: CacheEncoding) -> dict:
     # A rank-to-rank gap over 65535 steps (> 2000 nats at 1/32) cannot happen below MAX_CODE_NATS.
     return {
         "sample_id": s.sample_id,
+        "content_sha256": s.content_sha256,
         "response": s.response,
         "n_tokens": n,
         "token_ids": s.token_ids.astype(np.int32),
@@ -205,10 +212,45 @@ def relative_to(value: str | Path | None, directory: Path) -> str | None:
     return os.path.relpath(Path(value).resolve(), Path(directory).resolve())
 
 
+def fix_command(cache_dir: Path) -> str:
+    return (f"re-run the teacher on this cache with the options it was made with (`python -m pipeline.teacher "
+            f"--out {cache_dir} ...`, or the cache-teacher flow): the samples of a shard moved away are scored "
+            f"again")  # fmt: skip
+
+
+def shard_fingerprint(path: Path) -> dict | None:
+    """The fingerprint a shard was written with (its Parquet metadata), None when it has none."""
+    meta = schemas.read_metadata(pq.read_schema(path))
+    return json.loads(meta["fingerprint"]) if "fingerprint" in meta else None
+
+
+def check_shard(path: Path, entry: dict | None, fingerprint: dict, verify: bool = True) -> None:
+    """Refuse a shard that is unreadable, differs from its manifest checksum, or was written by another
+    teacher setup than `fingerprint`: one CorruptData / FingerprintMismatch naming the shard and the fix."""
+    cache_dir = path.parent
+    if verify and entry is not None and _sha256(path) != entry["sha256"]:
+        raise CorruptData(f"{path}: its sha256 differs from the one {MANIFEST} recorded when it was written "
+                          f"(corrupted or truncated on disk). Move it away (mv {path} {path}.corrupt), then "
+                          f"{fix_command(cache_dir)}; or read without checking (--no-verify) at your own risk")  # fmt: skip
+    try:
+        found = shard_fingerprint(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptData(f"{path}: not a readable Parquet file ({exc}). Move it away (mv {path} "
+                          f"{path}.corrupt), then {fix_command(cache_dir)}") from None  # fmt: skip
+    problems = diff(fingerprint, found or {}, FINGERPRINT_KEYS)
+    if problems:
+        raise FingerprintMismatch(
+            f"{path} was written by a different teacher setup than {cache_dir}/{MANIFEST} says: "
+            + "; ".join(problems) + f". Move it away (mv {path} {path}.foreign), or rebuild the cache (--overwrite)"
+        )
+
+
 class CacheWriter:
     """Appends encoded rows to a cache directory in atomic shards.
 
-    Use as a context manager; `done` holds the sample ids already stored.
+    Use as a context manager; `done` maps each sample id already stored to its content hash. On open every
+    shard is checked (manifest sha256, readable, written with this fingerprint); complete shards the
+    manifest missed are adopted only if their own metadata carries this fingerprint.
     """
 
     def __init__(
@@ -219,6 +261,7 @@ class CacheWriter:
         rows_per_shard: int = 512,
         overwrite: bool = False,
         inputs: dict | None = None,
+        verify: bool = True,
     ):
         self.inputs = inputs or {}
         self.dir = Path(cache_dir)
@@ -226,10 +269,12 @@ class CacheWriter:
         self.encoding = encoding
         self.rows_per_shard = rows_per_shard
         self.overwrite = overwrite
+        self.verify = verify
         self._rows: list[dict] = []
         self._lock_fh = None
         self.written = 0
         self.bytes_written = 0
+        self.removed = 0
 
     def __enter__(self) -> "CacheWriter":
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -237,9 +282,14 @@ class CacheWriter:
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another process is writing the cache at {self.dir}; wait for it or stop it") from None
+            raise UserError(f"another process is writing the cache at {self.dir}; wait for it or stop it") from None
         remove_stale_temp_files(self.dir)
         manifest = read_manifest(self.dir)
+        if manifest is not None and manifest.get("schema_version") != schemas.CACHE_VERSION:
+            if not self.overwrite:
+                raise InputMismatch(f"{self.dir}: cache schema version {manifest.get('schema_version')}, this "
+                                    f"speechkd writes {schemas.CACHE_VERSION}; rebuild it with --overwrite")  # fmt: skip
+            manifest = {"fingerprint": {}, "shards": dict.fromkeys(manifest.get("shards", {}))}
         if manifest is not None:
             problems = diff(self.fingerprint, manifest["fingerprint"], FINGERPRINT_KEYS)
             if problems and not self.overwrite:
@@ -254,44 +304,115 @@ class CacheWriter:
                     p.unlink()
         if manifest is None:
             manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": {}}
+        self._finish_pending(manifest)
         manifest["fingerprint"] = self.fingerprint
         # where the samples, speech features and teacher are: relative to this directory (a local path) so the
         # cache can be read from any working directory, or as given (a hub id)
         manifest["inputs"] = {key: relative_to(value, self.dir) for key, value in self.inputs.items()}
         manifest["inputs_relative_to"] = "manifest"
         manifest["schema_version"] = schemas.CACHE_VERSION
-        # Adopt complete shards the manifest missed (killed between shard and manifest rename).
-        for path in shard_paths(self.dir, SHARD_PREFIX):
-            if path.name not in manifest["shards"]:
-                manifest["shards"][path.name] = self._shard_entry(path)
         for name in list(manifest["shards"]):
             if not (self.dir / name).exists():
                 del manifest["shards"][name]  # removed by hand: its samples will be recomputed
+        for path in shard_paths(self.dir, SHARD_PREFIX):
+            entry = manifest["shards"].get(path.name)
+            if entry is None:  # adopt a complete shard the manifest missed (killed between shard and manifest)
+                if self.overwrite and not self._same_setup(path):
+                    path.unlink()
+                    continue
+                check_shard(path, None, self.fingerprint)
+                manifest["shards"][path.name] = self._shard_entry(path)
+            else:
+                check_shard(path, entry, self.fingerprint, self.verify)
         self.manifest = manifest
         _write_manifest(self.dir, manifest)
-        self.done: set[str] = set()
+        self.done: dict[str, str] = {}
         for path in shard_paths(self.dir, SHARD_PREFIX):
-            self.done.update(pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist())
+            t = pq.read_table(path, columns=["sample_id", "content_sha256"])
+            self.done.update(zip(t["sample_id"].to_pylist(), t["content_sha256"].to_pylist()))
         return self
+
+    def _same_setup(self, path: Path) -> bool:
+        try:
+            return not diff(self.fingerprint, shard_fingerprint(path) or {}, FINGERPRINT_KEYS)
+        except (pa.ArrowException, OSError):
+            return False
 
     def _shard_entry(self, path: Path) -> dict:
         return {"rows": pq.read_metadata(path).num_rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+    def _shard_schema(self) -> pa.Schema:
+        fp = {k: self.fingerprint.get(k) for k in FINGERPRINT_KEYS}
+        return schemas.with_metadata(schemas.CACHE_SCHEMA, "cache", schemas.CACHE_VERSION,
+                                     {"encoding": json.dumps(self.encoding.to_dict()),
+                                      "fingerprint": json.dumps(fp, sort_keys=True)})  # fmt: skip
+
+    # --- replacing stale rows, exactly once --------------------------------------------------------
+
+    def _finish_pending(self, manifest: dict) -> None:
+        """Complete or roll back a shard rewrite a killed run left half done (see remove())."""
+        for name, new_sha in list(manifest.get("pending", {}).items()):
+            path = self.dir / name
+            if new_sha is None:  # the shard was to be deleted
+                path.unlink(missing_ok=True)
+                manifest["shards"].pop(name, None)
+            elif path.exists() and _sha256(path) == new_sha:  # the rewrite landed: record it
+                manifest["shards"][name] = self._shard_entry(path)
+            # else the rename never happened: the old shard and its entry stand
+            del manifest["pending"][name]
+        manifest.pop("pending", None)
+
+    def remove(self, sample_ids: set[str]) -> int:
+        """Remove these samples' rows (to re-score them), exactly once even if killed at any point: each
+        affected shard is rewritten without them to a temp file, the manifest journals the new checksum
+        (`pending`), the file is renamed over the shard, then the manifest records it. A restarted writer
+        finishes or rolls back a pending rewrite by comparing checksums."""
+        if not sample_ids:
+            return 0
+        removed = 0
+        for path in shard_paths(self.dir, SHARD_PREFIX):
+            ids = pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()
+            drop = [i for i, sid in enumerate(ids) if sid in sample_ids]
+            if not drop:
+                continue
+            keep = sorted(set(range(len(ids))) - set(drop))
+            self.manifest.setdefault("pending", {})
+            if keep:
+                table = pq.read_table(path).take(keep).replace_schema_metadata(self._shard_schema().metadata)
+                tmp = path.with_name(f".{path.name}.rewrite.tmp")
+                pq.write_table(table, tmp, compression="zstd", compression_level=6, row_group_size=256)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                self.manifest["pending"][path.name] = _sha256(tmp)
+                _write_manifest(self.dir, self.manifest)
+                os.replace(tmp, path)
+                self.manifest["shards"][path.name] = self._shard_entry(path)
+            else:
+                self.manifest["pending"][path.name] = None
+                _write_manifest(self.dir, self.manifest)
+                path.unlink()
+                self.manifest["shards"].pop(path.name, None)
+            del self.manifest["pending"][path.name]
+            self.manifest.pop("pending")
+            _write_manifest(self.dir, self.manifest)
+            for i in drop:
+                self.done.pop(ids[i], None)
+            removed += len(drop)
+        self.removed += removed
+        return removed
 
     def add(self, row: dict) -> None:
         if row["sample_id"] in self.done:
             raise ValueError(f"sample {row['sample_id']!r} is already in the cache at {self.dir}")
         self._rows.append(row)
-        self.done.add(row["sample_id"])
+        self.done[row["sample_id"]] = row["content_sha256"]
         if len(self._rows) >= self.rows_per_shard:
             self.flush()
 
     def flush(self) -> None:
         if not self._rows:
             return
-        schema = schemas.with_metadata(
-            schemas.CACHE_SCHEMA, "cache", schemas.CACHE_VERSION, {"encoding": json.dumps(self.encoding.to_dict())}
-        )
-        table = rows_to_table(self._rows, schema)
+        table = rows_to_table(self._rows, self._shard_schema())
         # Every shard on disk is in the manifest (adopted on open), so the next free name is the disk's.
         path = write_table_atomic(table, next_shard_path(self.dir, SHARD_PREFIX), row_group_size=256)
         entry = self._shard_entry(path)
@@ -317,7 +438,9 @@ class CacheWriter:
 class CacheReader:
     """Reads a cache without loading it whole: by sample id, or streaming shards."""
 
-    def __init__(self, cache_dir: Path | str, verify: bool = False):
+    def __init__(self, cache_dir: Path | str, verify: bool = True):
+        """Opens the manifest and checks every shard once (sha256 against the manifest, readable, written with
+        the manifest's fingerprint); `verify=False` skips the checksum (not the fingerprint check)."""
         self.dir = Path(cache_dir)
         manifest = read_manifest(self.dir)
         if manifest is None:
@@ -332,10 +455,11 @@ class CacheReader:
         self.fingerprint = manifest["fingerprint"]
         self.encoding = CacheEncoding.from_dict(self.fingerprint)
         self.shards = [self.dir / name for name in sorted(manifest["shards"])]
-        if verify:
-            for path in self.shards:
-                if _sha256(path) != manifest["shards"][path.name]["sha256"]:
-                    raise ValueError(f"{path}: checksum differs from the manifest; the shard is corrupt")
+        for path in self.shards:
+            if not path.exists():
+                raise CorruptData(f"{path} is listed in {self.dir}/{MANIFEST} but missing; "
+                                  f"{fix_command(self.dir)}")  # fmt: skip
+            check_shard(path, manifest["shards"][path.name], self.fingerprint, verify)
         self._index: dict[str, tuple[int, int]] | None = None
 
     @property
@@ -411,20 +535,34 @@ class CacheReader:
         """The teacher's HF id or local path, usable from any working directory."""
         return self.input_path("teacher")
 
-    def row_groups(self) -> Iterator[tuple[int, int, list[str]]]:
-        """(shard index, row group index, sample ids in it) over the cache, in storage order."""
+    def row_groups(self) -> Iterator[tuple[int, int, list[str], list[str]]]:
+        """(shard index, row group index, sample ids, content hashes) over the cache, in storage order."""
         for s, path in enumerate(self.shards):
-            pf = pq.ParquetFile(path)
+            pf = self._open(s)
             for g in range(pf.num_row_groups):
-                yield s, g, pf.read_row_group(g, columns=["sample_id"])["sample_id"].to_pylist()
+                t = self._read(s, g, columns=["sample_id", "content_sha256"])
+                yield s, g, t["sample_id"].to_pylist(), t["content_sha256"].to_pylist()
 
-    def read_row_group(self, shard: int, group: int) -> pa.Table:
-        """One row group of a shard, still encoded (decode a row with decode_table_row)."""
+    def _open(self, shard: int) -> pq.ParquetFile:
         if getattr(self, "_pid", None) != os.getpid():  # handles are per process (DataLoader workers fork)
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
-            self._files[shard] = pq.ParquetFile(self.shards[shard])
-        return self._files[shard].read_row_group(group)
+            try:
+                self._files[shard] = pq.ParquetFile(self.shards[shard])
+            except (pa.ArrowException, OSError) as exc:
+                raise CorruptData(f"{self.shards[shard]}: not readable ({exc}); {fix_command(self.dir)}") from None
+        return self._files[shard]
+
+    def _read(self, shard: int, group: int, columns=None) -> pa.Table:
+        try:
+            return self._open(shard).read_row_group(group, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise CorruptData(f"{self.shards[shard]}: row group {group} not readable ({exc}); "
+                              f"{fix_command(self.dir)}") from None  # fmt: skip
+
+    def read_row_group(self, shard: int, group: int) -> pa.Table:
+        """One row group of a shard, still encoded (decode a row with decode_table_row)."""
+        return self._read(shard, group)
 
     def decode_table_row(self, table: pa.Table, i: int, targets: bool = True) -> dict:
         """Row i of an encoded table as numpy arrays (the top-k decoded unless targets=False)."""

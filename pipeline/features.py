@@ -238,7 +238,9 @@ def extract_all(
 def feature_config_of(features_dir: Path) -> FeatureConfig:
     shards = shard_paths(features_dir, SHARD_PREFIX)
     if not shards:
-        raise FileNotFoundError(f"no feature shards in {features_dir}: run `python -m pipeline.features` first")
+        from pipeline.errors import MissingInput
+
+        raise MissingInput(f"no feature shards in {features_dir}: run `python -m pipeline.features` first")
     meta = schemas.check_artifact(pq.read_schema(shards[0]), shards[0], "features", schemas.FEATURES_VERSION)
     return FeatureConfig.from_json(meta["feature_config"])
 
@@ -323,7 +325,13 @@ class FeatureStore:
         return {k: self.read(i) for i, k in pos}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import run_cli
+
+    return run_cli(lambda: _main(argv), prog="pipeline.features")
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = FeatureConfig()
     parser.add_argument("--audio-index", type=Path, default=schemas.AUDIO_DIR / "index.parquet")
@@ -346,4 +354,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

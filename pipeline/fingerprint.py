@@ -29,10 +29,11 @@ def _hash_memo_path() -> Path:
 
 
 def _sha256_file_memo(path: Path) -> str:
-    """_sha256_file, remembered across runs by (absolute path, size, mtime): a big teacher is hashed once,
-    not on every caching run. A changed file (size or mtime) is hashed again."""
+    """_sha256_file, remembered across runs by (absolute path, inode, size, mtime, ctime): a big teacher is
+    hashed once, not on every caching run. A changed file is hashed again: a rewrite that restores the
+    mtime (touch -d, rsync -t, cp -p) still moves ctime, which no user call can set back."""
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
     memo_path = _hash_memo_path()
     try:
         memo = json.loads(memo_path.read_text())
@@ -96,3 +97,12 @@ def chat_template_sha256(tokenizer) -> str:
 def diff(expected: dict, found: dict, keys: list[str]) -> list[str]:
     """Human-readable list of the fields that differ."""
     return [f"{k}: cache has {found.get(k)!r}, this run has {expected.get(k)!r}" for k in keys if expected.get(k) != found.get(k)]
+
+
+def content_sha256(prompt: str, response: str | None = None, generation: dict | None = None) -> str:
+    """What a cache row scored: the prompt and the response (dataset responses), or the prompt and the
+    generation settings (teacher-written responses: the teacher writes the response from those). A sample
+    whose hash differs from its cache row's has changed since it was cached."""
+    payload = {"prompt": prompt, "response": response} if generation is None else {"prompt": prompt,
+                                                                                    "generation": generation}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

@@ -85,6 +85,12 @@ def views(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import run_cli
+
+    return run_cli(lambda: _main(argv), prog="pipeline.query")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sql", nargs="?", help="the query")
     parser.add_argument("--data", type=Path, default=schemas.DATA_DIR, help="data directory")
@@ -93,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=40, help="rows to print")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     args = parser.parse_args(argv)
+    from pipeline.errors import MissingInput, UserError
+
+    if not Path(args.data).is_dir():
+        raise MissingInput(f"--data {args.data}: no such directory; run the cache-teacher flow first or point --data "
+                           f"at its data directory")  # fmt: skip
     con = connect(args.data, args.cache)
     if args.views or not args.sql:
         for v in views(con):
@@ -104,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rel = con.sql(args.sql)
     except duckdb.Error as exc:
-        print(f"query failed: {exc}\nviews: {', '.join(views(con))}", file=sys.stderr)
-        return 1
+        raise UserError(f"query failed: {exc} (views: {', '.join(views(con)) or 'none'})") from None
     if rel is None:
         return 0
     if args.csv:

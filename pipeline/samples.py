@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.errors import InputMismatch, MissingInput, UserError, run_cli
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 
 SAMPLES_FILE = "samples.parquet"
@@ -68,14 +70,22 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+class EmptySource(UserError):
+    """A source that gave no usable sample: the existing samples are kept."""
+
+
 def validate(
-    rows: Iterable[dict],
+    rows: Iterable[dict | tuple[int, dict]],
     fields: FieldMap = FieldMap(),
     default_split: str = "train",
     max_chars: int = 8000,
     progress: bool = False,
 ) -> IngestResult:
-    """Turn source rows into samples; every unusable row becomes a reject."""
+    """Turn source rows into samples; every unusable row becomes a reject.
+
+    `rows`: dicts (their position is their index) or (position, dict) pairs, the position being what the
+    reject records: the line number for JSONL (1-based, blank lines counted), the row index otherwise.
+    """
     accepted: dict[str, list] = {f.name: [] for f in schemas.SAMPLES_SCHEMA}
     rejected: list[dict] = []
     first_seen: dict[str, int] = {}
@@ -83,7 +93,8 @@ def validate(
     if not fields.prompt:
         raise ValueError("a prompt field is required (--prompt-field)")
 
-    for pos, row in enumerate(tqdm(rows, desc="samples", unit="row", disable=not progress)):
+    for index, item in enumerate(tqdm(rows, desc="samples", unit="row", disable=not progress)):
+        pos, row = item if isinstance(item, tuple) else (index, item)
         rid = row.get(fields.sample_id) if fields.sample_id else None
         rid_text = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
 
@@ -128,7 +139,7 @@ def validate(
                 reject(
                     "samples",
                     "sample_id",
-                    f"duplicate sample_id {sample_id!r}: first seen at source row {first_seen[sample_id]}",
+                    f"duplicate sample_id {sample_id!r}: first seen at source position {first_seen[sample_id]}",
                     sample_id=sample_id,
                     source_position=pos,
                 )
@@ -156,43 +167,87 @@ def validate(
 # --- sources ---------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) per non-blank line. Read as bytes, so one undecodable line is one reject, not the
+    end of the ingest; a UTF-8 byte-order mark before the first line is skipped."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_no, {"__invalid__": f"line {line_no}: not valid UTF-8 (byte {exc.start}: {exc.reason})"}
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
                 # Keep the position: the validator turns a non-dict into a reject.
-                yield {"__invalid__": f"line {line_no}: invalid JSON ({exc.msg})"}
+                yield line_no, {"__invalid__": f"line {line_no}: invalid JSON ({exc.msg})"}
                 continue
-            yield value if isinstance(value, dict) else {"__invalid__": f"line {line_no}: not a JSON object"}
+            yield line_no, value if isinstance(value, dict) else {"__invalid__": f"line {line_no}: not a JSON object"}
 
 
-def read_source(source: str, hf_split: str = "train") -> Iterator[dict]:
-    """Rows from the toy world, a JSONL/Parquet file, or a Hugging Face dataset."""
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputMismatch(f"--source {path}: not a readable Parquet file ({exc}); give a .parquet table, "
+                            f"a .jsonl file or a dataset saved with save_to_disk") from None  # fmt: skip
+
+    def rows():
+        index = 0
+        for batch in pf.iter_batches():
+            for row in batch.to_pylist():
+                yield index, row
+                index += 1
+
+    return rows()
+
+
+def read_source(source: str, hf_split: str = "train") -> Iterator[dict | tuple[int, dict]]:
+    """Rows from the toy world, a JSONL/Parquet file, a dataset saved with `save_to_disk`, or a Hugging Face
+    dataset name. The source is checked now (not when iterated): a path that exists but is none of these,
+    or a local-looking path that does not exist, is a one-line error, not a hub lookup."""
     if source == TOY_WORLD:
         from pipeline.toy_world import generate
 
-        yield from generate()
-        return
+        return iter(generate())
     path = Path(source)
-    if path.suffix in (".jsonl", ".json") and path.is_file():
-        yield from _read_jsonl(path)
-    elif path.suffix == ".parquet" and path.is_file():
-        for batch in pq.ParquetFile(path).iter_batches():
-            yield from batch.to_pylist()
-    else:
+    if path.is_file():
+        if path.suffix in (".jsonl", ".json"):
+            return _read_jsonl(path)
+        if path.suffix == ".parquet":
+            return _read_parquet(path)
+        raise InputMismatch(f"--source {path}: unknown file type {path.suffix!r}; give a .jsonl or .parquet "
+                            f"file, a save_to_disk dataset directory or a Hugging Face dataset name")  # fmt: skip
+    if path.is_dir():
         import datasets
 
-        if path.is_dir() and (path / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(str(path))
-        elif path.is_dir() and (path / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(path))[hf_split]
-        else:
-            ds = datasets.load_dataset(source, split=hf_split)
-        yield from ds
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return iter(datasets.load_from_disk(str(path)))
+        if (path / "dataset_dict.json").exists():
+            dd = datasets.load_from_disk(str(path))
+            if hf_split not in dd:
+                raise InputMismatch(f"--source {path}: no split {hf_split!r} (it has {sorted(dd)}); pass --hf-split")
+            return iter(dd[hf_split])
+        raise InputMismatch(f"--source {path} is a directory but not a dataset saved with save_to_disk (no "
+                            f"dataset_info.json / dataset_dict.json); give a .jsonl/.parquet file or a "
+                            f"dataset directory")  # fmt: skip
+    looks_local = source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet", ".txt")
+    if looks_local or source.count("/") > 1:
+        raise MissingInput(f"--source {source}: no such file or directory")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=hf_split)
+    except Exception as exc:  # the hub's own errors vary by version; the name is what the user can fix
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise MissingInput(f"--source {source}: not a local file and not loadable as a Hugging Face dataset "
+                           f"({type(exc).__name__}: {first})") from None  # fmt: skip
+    return iter(ds)
 
 
 def ingest(
@@ -206,6 +261,15 @@ def ingest(
 ) -> IngestResult:
     rows = read_source(source, hf_split)
     result = validate(rows, fields, default_split, max_chars, progress)
+    if result.samples.num_rows == 0:
+        # never replace the samples with nothing; the rejects say why each row failed
+        write_table_atomic(result.rejects, rejects_path(out_dir, "samples"))
+        kept = Path(out_dir) / SAMPLES_FILE
+        raise EmptySource(
+            f"--source {source}: no usable sample ({result.rejects.num_rows} rejected"
+            + (f", reasons in {rejects_path(out_dir, 'samples')}" if result.rejects.num_rows else ", the source is empty")
+            + (f"); {kept} was left as it was" if kept.exists() else ")")
+        )
     write_table_atomic(result.samples, Path(out_dir) / SAMPLES_FILE)
     write_table_atomic(result.rejects, rejects_path(out_dir, "samples"))
     return result
@@ -215,7 +279,7 @@ def load_samples(samples_dir: Path | str = schemas.SAMPLES_DIR, split: str | Non
     """The samples table, refusing a file of another artifact or version."""
     path = Path(samples_dir) / SAMPLES_FILE if Path(samples_dir).is_dir() else Path(samples_dir)
     if not path.exists():
-        raise FileNotFoundError(f"no samples at {path}: run `python -m pipeline.samples` first")
+        raise MissingInput(f"no samples at {path}: run `python -m pipeline.samples` first")
     table = pq.read_table(path)
     schemas.check_artifact(table.schema, path, "samples", schemas.SAMPLES_VERSION)
     if split is not None:
@@ -225,7 +289,11 @@ def load_samples(samples_dir: Path | str = schemas.SAMPLES_DIR, split: str | Non
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _main(argv), prog="pipeline.samples")
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=TOY_WORLD, help="'toy-world', a .jsonl/.parquet file, or a HF dataset")
     parser.add_argument("--out", type=Path, default=schemas.SAMPLES_DIR, help="output directory")
@@ -251,4 +319,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

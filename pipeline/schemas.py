@@ -104,7 +104,9 @@ def check_artifact(schema: pa.Schema, path: Path | str, artifact: str, version: 
     meta = read_metadata(schema)
     found = (meta.get("artifact"), meta.get("version"))
     if found != (artifact, str(version)):
-        raise ValueError(
+        from pipeline.errors import InputMismatch
+
+        raise InputMismatch(
             f"{path}: expected a speechkd {artifact!r} file at version {version}, found "
             f"artifact={found[0]!r} version={found[1]!r}; regenerate it with the current pipeline "
             f"(or pass --overwrite)"
@@ -125,11 +127,17 @@ def check_artifact(schema: pa.Schema, path: Path | str, artifact: str, version: 
 #                       differences q_r - q_{r-1} (mostly 0..3: zstd shrinks
 #                       them to ~2 bits). Decoded: top1 - step * cumsum(diffs).
 #                       Worst-case decode error step/2 (top-1 itself: exact).
-# The encoding (k, id_bits, step) is in the manifest and each shard's metadata.
-CACHE_VERSION = 1
+#   content_sha256      hash of what was scored (prompt + response, or prompt + generation settings for
+#                       teacher-written responses: pipeline.fingerprint.content_sha256); a row whose
+#                       sample has changed since is stale and is re-scored (teacher) or skipped (student)
+# The encoding (k, id_bits, step) and the teacher fingerprint are in the manifest and in each shard's
+# metadata (speechkd.encoding, speechkd.fingerprint).
+# Version 2: content_sha256 added, fingerprint in each shard.
+CACHE_VERSION = 2
 CACHE_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_sha256", pa.string(), nullable=False),
         pa.field("response", pa.string(), nullable=False),  # the text that was scored
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("token_ids", pa.list_(pa.int32()), nullable=False),

@@ -213,7 +213,13 @@ def _csv(kind):
     return lambda text: tuple(kind(x.strip()) for x in text.split(",") if x.strip())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import run_cli
+
+    return run_cli(lambda: _main(argv), prog="pipeline.speech")
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")
     parser.add_argument("--out", type=Path, default=schemas.AUDIO_DIR, help="audio directory")
@@ -234,4 +240,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

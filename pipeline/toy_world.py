@@ -151,7 +151,13 @@ def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import run_cli
+
+    return run_cli(lambda: _main(argv), prog="pipeline.toy_world")
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/raw/toy_world.jsonl"), help="JSONL to write")
     parser.add_argument("--entities", type=int, default=ToyWorldConfig.n_entities, help="fictional countries")
@@ -168,4 +174,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

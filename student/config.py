@@ -38,6 +38,8 @@ class TrainConfig:
     out: str = opt("data/runs/student", "run directory: metrics.csv, eval.csv, loss.png, checkpoint.pt, final/")
     samples: str | None = opt(None, "samples directory (default: from the cache manifest)")
     features: str | None = opt(None, "speech features directory (default: from the cache manifest)")
+    verify: bool = opt(True, "check every cache shard against the sha256 its manifest recorded before training "
+                             "(--no-verify: skip, for people who know the files are intact)")  # fmt: skip
     num_workers: int = opt(1, "DataLoader worker processes reading and decoding batches (0: in the training process)")
     shuffle_blocks: int = opt(8, "shuffle window, in cache row groups (256 rows each): examples are shuffled "
                                  "within a window of this many randomly ordered row groups; memory grows with it, "

@@ -19,7 +19,7 @@ from pipeline.cache import CacheReader
 from pipeline.chat import render_prompt
 from pipeline.errors import InputMismatch, MissingInput
 from pipeline.features import FeatureStore
-from pipeline.fingerprint import tokenizer_sha256
+from pipeline.fingerprint import content_sha256, tokenizer_sha256
 from pipeline.samples import load_samples
 from student.config import ConfigError
 
@@ -78,12 +78,17 @@ class JoinReport:
     cache_rows_in_split: int = 0
     missing_features: list[str] = field(default_factory=list)  # cached, but no speech features
     missing_cache: list[str] = field(default_factory=list)  # in the split, but not cached
+    stale: list[str] = field(default_factory=list)  # cached, but the sample changed since: skipped
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.examples} examples from {self.samples} samples; {len(self.missing_cache)} samples of the split "
             f"have no cache row, {len(self.missing_features)} cached samples have no speech features"
         )
+        if self.stale:
+            text += (f"; {len(self.stale)} cache rows are stale (their sample changed after caching: skipped; "
+                     f"re-run the teacher on this cache to re-score them)")  # fmt: skip
+        return text
 
 
 def inputs_from_manifest(reader: CacheReader, samples_dir, features_dir) -> tuple[Path, Path]:
@@ -113,16 +118,21 @@ class StudentData:
     """
 
     def __init__(
-        self, cache_dir: Path | str, tokenizer, samples_dir: Path | None = None, features_dir: Path | None = None,
-        split: str = "train", need_speech: bool = True, keep_row_groups: int = 16,
+        self, cache: Path | str | CacheReader, tokenizer, samples_dir: Path | None = None,
+        features_dir: Path | None = None, split: str = "train", need_speech: bool = True, keep_row_groups: int = 16,
     ):  # fmt: skip
-        self.reader = CacheReader(cache_dir)
+        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)  # checks every shard
         check_tokenizer(self.reader, tokenizer)
         self.tokenizer = tokenizer
         self.samples_dir, self.features_dir = inputs_from_manifest(self.reader, samples_dir, features_dir)
-        table = read_split(self.samples_dir, split, ("sample_id", "prompt", "meta"))
+        table = read_split(self.samples_dir, split, ("sample_id", "prompt", "response"))
         prompt_of = dict(zip(table["sample_id"].to_pylist(), table["prompt"].to_pylist()))
-        self.meta_of = dict(zip(table["sample_id"].to_pylist(), table["meta"].to_pylist()))
+        # what each sample's cache row must have scored; a row whose hash differs is stale (the sample was
+        # edited after caching) and is skipped and counted, never trained on
+        generation = self.reader.fingerprint.get("generation")
+        expected = {sid: content_sha256(p, None if generation else r, generation)
+                    for sid, p, r in zip(table["sample_id"].to_pylist(), table["prompt"].to_pylist(),
+                                         table["response"].to_pylist())}  # fmt: skip
         del table
         self.features = FeatureStore(self.features_dir, keep_row_groups=4 * keep_row_groups) if need_speech else None
         clips: dict[str, list[tuple[str, int]]] = {}
@@ -136,14 +146,17 @@ class StudentData:
         self.row_sample_ids: list[str] = []
         report = JoinReport(samples=len(prompt_of))
         seen = set()
-        for s, g, sids in self.reader.row_groups():
+        for s, g, sids, hashes in self.reader.row_groups():
             block = len(self.block_keys)
             self.block_keys.append((s, g))
-            for r, sid in enumerate(sids):
+            for r, (sid, digest) in enumerate(zip(sids, hashes)):
                 if sid not in prompt_of:
                     continue
                 seen.add(sid)
                 report.cache_rows_in_split += 1
+                if digest != expected[sid]:
+                    report.stale.append(sid)
+                    continue
                 if need_speech and sid not in clips:
                     report.missing_features.append(sid)
                     continue

@@ -197,10 +197,10 @@ def build(cfg: TrainConfig, device: torch.device | str = "cpu"):
 
     from pipeline.cache import CacheReader
 
-    reader = CacheReader(cfg.logits)
+    reader = CacheReader(cfg.logits, verify=cfg.verify)  # every shard checked once, here (workers reuse it)
     backbone = cfg.backbone or reader.teacher
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    data = StudentData(cfg.logits, tokenizer, cfg.samples, cfg.features, split="train")
+    data = StudentData(reader, tokenizer, cfg.samples, cfg.features, split="train")
     kind = feature_config_of(data.features_dir).kind
     if cfg.encoder != "conv-transformer" and kind != "whisper":
         raise ConfigError(

@@ -74,7 +74,7 @@ def test_cached_topk_equals_a_transformers_forward(samples_dir, tiny_teacher, vl
     enc = reader.encoding
     # the row-group path the student streams through decodes to the same rows
     seen = 0
-    for shard, group, sids in reader.row_groups():
+    for shard, group, sids, _hashes in reader.row_groups():
         table = reader.read_row_group(shard, group)
         for i, sid in enumerate(sids):
             got = reader.decode_table_row(table, i)
