@@ -20,6 +20,7 @@ KD_CHOICES = ("forward_kl", "forward_kl_tail", "reverse_kl")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 CHANNELS = ("T", "S")
+ALIGN_CHOICES = ("transcribe", "behave", "both")
 
 
 def opt(default, help: str, choices: tuple | None = None):
@@ -46,14 +47,19 @@ class TrainConfig:
                                  "not with the cache")  # fmt: skip
     # --- model
     backbone: str | None = opt(None, "backbone LLM, HF id or path (default: the teacher named in the cache manifest)")
-    encoder: str = opt("conv-transformer", "speech encoder: conv-transformer (from scratch) or a Whisper id/path")
+    encoder: str = opt("conv-transformer", "speech encoder: conv-transformer (from scratch), a pretrained toy encoder "
+                                           "(python -m pipeline.toy_encoder: data/models/encoder) or a Whisper id/path")  # fmt: skip
     encoder_dropout: float = opt(0.1, "dropout in the conv-transformer encoder")
-    freeze_encoder: bool = opt(False, "do not train the speech encoder (or its CTC head)")
+    freeze_encoder: bool | None = opt(None, "do not train the speech encoder (or its CTC head); default: frozen when "
+                                            "it is a pretrained toy encoder, trained otherwise")  # fmt: skip
     freeze_adapter: bool = opt(False, "do not train the adapter")
     freeze_backbone: bool = opt(False, "do not train the backbone LLM")
     # --- schedule
     steps: int = opt(600, "optimizer steps in all, alignment included")
-    align_steps: int = opt(300, "first: encoder+adapter learn to transcribe the spoken prompt (backbone frozen)")
+    align_steps: int = opt(300, "first: the speech side is aligned to the frozen backbone (see --align)")
+    align: str = opt("transcribe", "alignment loss: transcribe (the spoken prompt -> its own tokens, + CTC), behave "
+                                   "(the spoken prompt -> the teacher's cached response distribution: KD + CE, as "
+                                   "BLSP/DiVA align behaviour), or both", ALIGN_CHOICES)  # fmt: skip
     batch_size: int = opt(32, "global batch (examples per optimizer step, over all ranks and accumulation steps)")
     grad_accum: int = opt(1, "gradient accumulation steps per optimizer step (per-rank micro-batch = "
                              "batch-size / (world size * grad-accum))")  # fmt: skip
@@ -178,7 +184,7 @@ def build_parser(
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
         flag = "--" + _flag(f.name)
         help_ = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
         kind = {"int": int, "float": float, "int | None": int, "str | None": str, "str": str}[str(f.type)]

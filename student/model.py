@@ -30,6 +30,7 @@ class StudentConfig:
     encoder_dim: int = 128
     encoder_layers: int = 2
     encoder_heads: int = 4
+    encoder_subsample: int = 3  # stride-2 convolutions: 3 -> 80 ms frames, 2 -> 40 ms
     stack: int = 2  # adapter frame stacking (after the encoder's 8x subsampling): 160 ms a token
     adapter_hidden: int = 512
     dropout: float = 0.1
@@ -71,7 +72,7 @@ class ConvTransformerEncoder(nn.Module):
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         self.norm_in = nn.LayerNorm(cfg.n_mels)
-        self.subsample = ConvSubsampling(cfg.n_mels, cfg.encoder_dim)
+        self.subsample = ConvSubsampling(cfg.n_mels, cfg.encoder_dim, cfg.encoder_subsample)
         self.pos = nn.Parameter(torch.zeros(1, 2048, cfg.encoder_dim))
         nn.init.normal_(self.pos, std=0.02)
         layer = nn.TransformerEncoderLayer(
@@ -124,6 +125,31 @@ class WhisperEncoder(nn.Module):
         return out, torch.clamp((lengths + 1) // 2, max=out.shape[1])
 
 
+def pretrained_toy_encoder(path: str) -> dict | None:
+    """The build config of a speech encoder built by `python -m pipeline.toy_encoder`, or None."""
+    config = Path(path) / "encoder.json"
+    if not config.is_file():
+        return None
+    meta = json.loads(config.read_text())
+    return meta if meta.get("kind") == "speechkd-toy-encoder" else None
+
+
+def load_toy_encoder(path: str, n_mels: int) -> "ConvTransformerEncoder":
+    """The pretrained toy encoder (phoneme CTC, pipeline.toy_encoder) with its weights; its CTC head is not
+    part of the student."""
+    meta = pretrained_toy_encoder(path)
+    c = meta["config"]
+    if n_mels != c["n_mels"]:
+        raise ValueError(f"the encoder at {path} takes {c['n_mels']} mel bins, the speech features have {n_mels}: "
+                         f"extract them with `python -m pipeline.features --n-mels {c['n_mels']}`")  # fmt: skip
+    scfg = StudentConfig(n_mels=c["n_mels"], encoder_dim=c["dim"], encoder_layers=c["layers"],
+                         encoder_heads=c["heads"], encoder_subsample=c["subsample"], dropout=0.1)  # fmt: skip
+    encoder = ConvTransformerEncoder(scfg)
+    state = torch.load(Path(path) / "encoder.pt", map_location="cpu", weights_only=True)
+    encoder.load_state_dict(state["encoder"])
+    return encoder
+
+
 class Adapter(nn.Module):
     """Frame stacking + MLP projector to the backbone's hidden size."""
 
@@ -149,8 +175,11 @@ class SpeechLLM(nn.Module):
         self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_pretrained(
             cfg.backbone, dtype=torch.float32)  # fmt: skip
         hidden = self.backbone.get_input_embeddings().embedding_dim
+        pretrained = pretrained_toy_encoder(cfg.encoder)
         if cfg.encoder == "conv-transformer":
             self.encoder = ConvTransformerEncoder(cfg)
+        elif pretrained is not None:
+            self.encoder = load_toy_encoder(cfg.encoder, cfg.n_mels)
         else:
             self.encoder = WhisperEncoder(cfg.encoder, cfg.n_mels)
         self.adapter = Adapter(self.encoder.out_dim, cfg.adapter_hidden, hidden, cfg.stack)

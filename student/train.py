@@ -44,7 +44,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,7 @@ from student.data import (
 )
 from student.evaluate import eval_set, evaluate_student, evaluate_teacher, format_report
 from student.losses import KD_LOSSES, response_ce
-from student.model import SpeechLLM, StudentConfig
+from student.model import SpeechLLM, StudentConfig, pretrained_toy_encoder
 
 # --- losses ---------------------------------------------------------------------------------------
 
@@ -127,9 +127,20 @@ class Objective(torch.nn.Module):
         self.model, self.template, self.cfg = model, template, cfg
 
     def forward(self, batch: dict, aligning: bool, norms: dict) -> dict[str, torch.Tensor]:
-        if aligning:
-            return alignment_loss(self.model, batch, self.cfg, norms)
-        return channel_losses(self.model, self.template, batch, self.cfg, norms)
+        if not aligning:
+            return channel_losses(self.model, self.template, batch, self.cfg, norms)
+        parts = {}
+        if self.cfg.align in ("transcribe", "both"):
+            parts.update(alignment_loss(self.model, batch, self.cfg, norms))
+        if self.cfg.align in ("behave", "both"):
+            # behaviour alignment: from the spoken prompt, the frozen backbone should give the teacher's cached
+            # distribution over the response (KD) and the response itself (CE), through the S channel only
+            parts.update(channel_losses(self.model, self.template, batch, self.behave_cfg, norms))
+        return parts
+
+    @property
+    def behave_cfg(self) -> TrainConfig:
+        return replace(self.cfg, alpha=0.0, beta=self.cfg.beta or 0.5, ce_channels="S")
 
 
 # --- setup ----------------------------------------------------------------------------------------
@@ -202,7 +213,7 @@ def build(cfg: TrainConfig, device: torch.device | str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     data = StudentData(reader, tokenizer, cfg.samples, cfg.features, split="train")
     kind = feature_config_of(data.features_dir).kind
-    if cfg.encoder != "conv-transformer" and kind != "whisper":
+    if cfg.encoder != "conv-transformer" and pretrained_toy_encoder(cfg.encoder) is None and kind != "whisper":
         raise ConfigError(
             f"--encoder {cfg.encoder} takes Whisper log-mel features but {data.features_dir} holds {kind!r} "
             f"features: run `python -m pipeline.features --kind whisper --out data/features_whisper` and pass "
@@ -210,8 +221,11 @@ def build(cfg: TrainConfig, device: torch.device | str = "cpu"):
         )
     if not len(data):
         raise ConfigError(f"no training examples: {data.report.summary()}")
+    freeze_encoder = cfg.freeze_encoder
+    if freeze_encoder is None:  # a pretrained toy encoder is kept as built, as speech LLMs keep Whisper
+        freeze_encoder = pretrained_toy_encoder(cfg.encoder) is not None
     scfg = StudentConfig(backbone=backbone, encoder=cfg.encoder, n_mels=data.features.cfg.n_mels,
-                         dropout=cfg.encoder_dropout, train_encoder=not cfg.freeze_encoder,
+                         dropout=cfg.encoder_dropout, train_encoder=not freeze_encoder,
                          train_adapter=not cfg.freeze_adapter, train_backbone=not cfg.freeze_backbone,
                          ctc=cfg.ctc_weight > 0)  # fmt: skip
     torch.manual_seed(cfg.seed)
@@ -346,7 +360,7 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
         phases.append((cfg.align_steps, BlockShuffleSampler(ft, blocks[ft], cfg.batch_size, cfg.seed,
                                                             cfg.shuffle_blocks)))  # fmt: skip
     batches = StepBatches(data, phases, tokenizer.pad_token_id or 0, ranks.rank, ranks.world, cfg.grad_accum,
-                          targets_from=cfg.align_steps)  # fmt: skip
+                          targets_from=cfg.align_steps if cfg.align == "transcribe" else 0)  # fmt: skip
 
     start = 0
     ckpt = out / "checkpoint.pt"

@@ -78,3 +78,19 @@ def tiny_whisper(data_root) -> Path:
     out = data_root / "models" / "whisper-tiny-random"
     WhisperModel(cfg).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def student_cache(samples_dir, tiny_teacher, vllm_engine, tmp_path_factory):
+    """A real cache + real speech features for the tiny toy world."""
+    from pipeline.features import FeatureConfig, extract_all
+    from pipeline.speech import synthesize_all
+    from pipeline.teacher import CacheRunConfig, cache_teacher_logits
+
+    root = tmp_path_factory.mktemp("student")
+    synthesize_all(samples_dir, root / "audio", voices=("en-us",), rates=(170,), progress=False)
+    extract_all(root / "audio" / "index.parquet", root / "features", FeatureConfig(n_mels=40), progress=False)
+    cfg = CacheRunConfig(samples_dir=samples_dir, out_dir=root / "cache", features_dir=root / "features", top_k=8,
+                         engine=tiny_engine_config(tiny_teacher))  # fmt: skip
+    cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
+    return root / "cache"

@@ -1,0 +1,304 @@
+"""The embedded default speech encoder: the toy's Whisper analogue, pretrained once, then reused.
+
+    python -m pipeline.toy_encoder                         # -> data/models/encoder (skipped when built)
+    python -m pipeline.toy_encoder --force --max-minutes 15
+
+Real speech LLMs start from an encoder that already knows phonetic units
+(Whisper), so they hear words their instruction data never had. This builds the
+toy equivalent: a corpus of carrier sentences (the toy world's question and
+answer templates) filled with random pseudo-names drawn from the toy world's own
+name grammar but *disjoint from every word of the samples* (no world name is ever
+heard here), spoken by espeak-ng over many voices, rates and pitches, and a
+conv-transformer (4x subsampling: 40 ms frames) trained with CTC against
+espeak-ng's own phonemes (`espeak-ng -x`). Training stops when the phoneme error
+rate on sentences with *held-out* pseudo-names (never heard in training) reaches
+the target, or at the time budget. Saved: `encoder.pt` (weights), `encoder.json`
+(architecture + phoneme inventory), `speechkd_encoder.json` (the build report:
+held-out PER, steps, seconds). `student/train.py --encoder data/models/encoder`
+starts from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import schemas
+from pipeline.toy_world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, _name
+
+ENCODER_DIR = schemas.MODELS_DIR / "encoder"
+BUILD_REPORT = "speechkd_encoder.json"
+CONFIG_FILE = "encoder.json"
+WEIGHTS_FILE = "encoder.pt"
+STRESS = re.compile(r"[',]")
+
+
+@dataclass(frozen=True)
+class EncoderBuildConfig:
+    utterances: int = 12000  # training sentences
+    eval_utterances: int = 300  # sentences with held-out names
+    heldout_names: int = 300
+    voices: tuple[str, ...] = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp", "en-us-nyc")
+    rate_range: tuple[int, int] = (140, 185)
+    pitch_range: tuple[int, int] = (35, 65)
+    n_mels: int = 80
+    dim: int = 144
+    layers: int = 4
+    heads: int = 4
+    subsample: int = 2  # stride-2 convolutions: 2 -> 40 ms frames (8x is too coarse for 12-15 phonemes/s)
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    warmup: int = 200
+    target_per: float = 0.05  # stop at this phoneme error rate on held-out names
+    max_minutes: float = 12.0  # training budget (synthesis not included)
+    eval_every: int = 250
+    seed: int = 0
+
+
+# --- corpus ---------------------------------------------------------------------------------------
+
+
+def _words(texts) -> set[str]:
+    return {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)}
+
+
+def pseudo_names(rng: random.Random, n: int, forbidden: set[str]) -> list[str]:
+    """n distinct pseudo country/city names from the toy world's grammar, none of them a forbidden word."""
+    out, seen = [], set(forbidden)
+    while len(out) < n:
+        ending = rng.choice(COUNTRY_ENDINGS + CITY_ENDINGS)
+        name = _name(rng, rng.choice((1, 2, 2, 3)), ending)
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            out.append(name)
+    return out
+
+
+def carrier_sentence(rng: random.Random, names: list[str]) -> str:
+    """A toy-world question or answer with pseudo-names in its slots."""
+    relation = rng.choice(RELATIONS + (ADDITION,))
+    if relation is ADDITION:
+        a, b = rng.randrange(20), rng.randrange(20)
+        fields = {"a": a, "b": b, "v": a + b}
+    else:
+        value = {"capital": rng.choice(names), "colour": rng.choice(COLOURS), "year": str(rng.randint(1000, 1999)),
+                 "founder": f"{rng.choice(names)} {rng.choice(names)[:4].capitalize()}son"}[relation.name]  # fmt: skip
+        fields = {"e": rng.choice(names), "v": value}
+    template = rng.choice(relation.prompts + (relation.answer,) * 4)
+    return template.format(**fields)
+
+
+def speak(text: str, voice: str, rate: int, pitch: int, n_mels: int) -> tuple[np.ndarray, list[str]]:
+    """(fbank (frames, n_mels) float16, phonemes) of one utterance."""
+    from pipeline.features import FeatureConfig, compute_features, load_audio
+
+    with tempfile.NamedTemporaryFile(suffix=".wav") as wav, tempfile.NamedTemporaryFile(suffix=".txt") as ph:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-x", "--sep=_",
+                        f"--phonout={ph.name}", "-w", wav.name], input=text.encode(), check=True,
+                       capture_output=True)  # fmt: skip
+        cfg = FeatureConfig(n_mels=n_mels)
+        feats = compute_features(load_audio(Path(wav.name), cfg.sample_rate), cfg).to(torch.float16).numpy()
+        raw = Path(ph.name).read_text()
+    tokens: list[str] = []
+    for word in raw.split():
+        parts = [STRESS.sub("", p) for p in word.split("_")]
+        tokens.extend(p for p in parts if p)
+        tokens.append("|")
+    return feats, tokens[:-1]
+
+
+def synthesize_corpus(items: list[tuple[str, str, int, int]], n_mels: int, progress: bool, desc: str):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(speak, t, v, r, p, n_mels) for t, v, r, p in items]
+        return [f.result() for f in tqdm(futures, desc=desc, unit="utt", disable=not progress)]
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+def make_encoder(cfg: EncoderBuildConfig | dict, n_phonemes: int):
+    """(encoder, CTC head): the student's conv-transformer at this size, plus a phoneme CTC head."""
+    from student.model import ConvTransformerEncoder, StudentConfig
+
+    c = cfg if isinstance(cfg, dict) else asdict(cfg)
+    scfg = StudentConfig(n_mels=c["n_mels"], encoder_dim=c["dim"], encoder_layers=c["layers"],
+                         encoder_heads=c["heads"], encoder_subsample=c["subsample"], dropout=0.1)  # fmt: skip
+    return ConvTransformerEncoder(scfg), torch.nn.Linear(c["dim"], n_phonemes + 1)
+
+
+def _batch(corpus, idx, vocab):
+    from student.data import pad_speech
+
+    clips = [corpus[i][0] for i in idx]
+    padded = pad_speech(clips)
+    targets = [torch.tensor([vocab[p] for p in corpus[i][1]]) for i in idx]
+    return padded["speech"], padded["speech_lengths"], targets
+
+
+def _edit_distance(a: list, b: list) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+@torch.no_grad()
+def phoneme_error_rate(encoder, head, corpus, vocab, batch_size: int = 64) -> float:
+    """Greedy CTC decoding against the references: edit distance / reference length, over the corpus."""
+    encoder.eval()
+    inv = {i: p for p, i in vocab.items()}
+    blank = len(vocab)
+    errors = total = 0
+    for start in range(0, len(corpus), batch_size):
+        idx = list(range(start, min(start + batch_size, len(corpus))))
+        speech, lengths, targets = _batch(corpus, idx, vocab)
+        x, out_len = encoder(speech, lengths)
+        best = head(x).argmax(-1)
+        for b, t in enumerate(targets):
+            seq, last = [], None
+            for k in best[b, : out_len[b]].tolist():
+                if k != last and k != blank:
+                    seq.append(inv[k])
+                last = k
+            ref = [inv[int(k)] for k in t]
+            errors += _edit_distance(seq, ref)
+            total += len(ref)
+    encoder.train()
+    return errors / max(total, 1)
+
+
+# --- build --------------------------------------------------------------------------------------------
+
+
+def is_built(out_dir: Path = ENCODER_DIR) -> bool:
+    out_dir = Path(out_dir)
+    return all((out_dir / f).exists() for f in (BUILD_REPORT, CONFIG_FILE, WEIGHTS_FILE))
+
+
+def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCODER_DIR,
+                  cfg: EncoderBuildConfig = EncoderBuildConfig(), progress: bool = True) -> dict:  # fmt: skip
+    """Synthesize the pretraining corpus, train until the held-out PER target (or the budget), save."""
+    from pipeline.samples import load_samples
+
+    t0 = time.monotonic()
+    rng = random.Random(cfg.seed)
+    samples = load_samples(samples_dir)
+    forbidden = _words(samples["prompt"].to_pylist() + samples["response"].to_pylist())
+    names = pseudo_names(rng, 3000 + cfg.heldout_names, forbidden)
+    heldout, train_names = names[: cfg.heldout_names], names[cfg.heldout_names :]
+    grid = lambda: (rng.choice(cfg.voices), rng.randint(*cfg.rate_range), rng.randint(*cfg.pitch_range))  # noqa: E731
+    train_items = [(carrier_sentence(rng, train_names), *grid()) for _ in range(cfg.utterances)]
+    eval_items = [(carrier_sentence(rng, heldout), *grid()) for _ in range(cfg.eval_utterances)]
+    seen_items = [(carrier_sentence(rng, train_names), *grid()) for _ in range(cfg.eval_utterances // 2)]
+    train = synthesize_corpus(train_items, cfg.n_mels, progress, "encoder corpus")
+    held = synthesize_corpus(eval_items, cfg.n_mels, progress, "held-out names")
+    seen = synthesize_corpus(seen_items, cfg.n_mels, progress, "heard names")
+    synth_s = time.monotonic() - t0
+    inventory = sorted({p for _, ph in train + held + seen for p in ph})
+    vocab = {p: i for i, p in enumerate(inventory)}
+
+    torch.manual_seed(cfg.seed)
+    encoder, head = make_encoder(cfg, len(vocab))
+    params = list(encoder.parameters()) + list(head.parameters())
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    order = np.random.default_rng(cfg.seed)
+    step, per, history = 0, 1.0, []
+    t_train = time.monotonic()
+    bar = tqdm(desc="encoder (phoneme CTC)", unit="step", disable=not progress)
+    while True:
+        idx = order.choice(len(train), cfg.batch_size, replace=False)
+        speech, lengths, targets = _batch(train, idx, vocab)
+        x, out_len = encoder(speech, lengths)
+        log_probs = head(x).float().log_softmax(-1).transpose(0, 1)
+        loss = torch.nn.functional.ctc_loss(log_probs, torch.cat(targets), out_len,
+                                            torch.tensor([len(t) for t in targets]), blank=len(vocab),
+                                            zero_infinity=True)  # fmt: skip
+        for g in optim.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(ctc=f"{loss.item():.3f}", per=f"{per:.3f}")
+        minutes = (time.monotonic() - t_train) / 60
+        if step % cfg.eval_every == 0 or minutes >= cfg.max_minutes:
+            per = phoneme_error_rate(encoder, head, held, vocab)
+            history.append({"step": step, "minutes": round(minutes, 2), "heldout_per": round(per, 4)})
+            tqdm.write(f"encoder step {step}: held-out-name PER {per:.1%} ({minutes:.1f} min)")
+            if per <= cfg.target_per or minutes >= cfg.max_minutes:
+                break
+    bar.close()
+    report = {
+        "heldout_per": round(per, 4),
+        "heard_per": round(phoneme_error_rate(encoder, head, seen, vocab), 4),
+        "reached_target": per <= cfg.target_per,
+        "target_per": cfg.target_per,
+        "steps": step,
+        "train_seconds": round(time.monotonic() - t_train, 1),
+        "synthesis_seconds": round(synth_s, 1),
+        "seconds": round(time.monotonic() - t0, 1),
+        "utterances": cfg.utterances,
+        "heldout_names": cfg.heldout_names,
+        "phonemes": len(vocab),
+        "history": history,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps({"kind": "speechkd-toy-encoder", "config": asdict(cfg),
+                                                   "phonemes": inventory}, indent=2))  # fmt: skip
+    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
+    torch.save({"encoder": encoder.state_dict(), "ctc_head": head.state_dict()}, tmp)
+    tmp.replace(out_dir / WEIGHTS_FILE)
+    (out_dir / BUILD_REPORT).write_text(json.dumps(report, indent=2))  # written last: marks a complete build
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import run_cli
+
+    return run_cli(lambda: _main(argv), prog="pipeline.toy_encoder")
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = EncoderBuildConfig()
+    parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="the world whose words to avoid")
+    parser.add_argument("--out", type=Path, default=ENCODER_DIR)
+    parser.add_argument("--utterances", type=int, default=d.utterances)
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="training budget")
+    parser.add_argument("--target-per", type=float, default=d.target_per)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    args = parser.parse_args(argv)
+    if is_built(args.out) and not args.force:
+        report = json.loads((args.out / BUILD_REPORT).read_text())
+        print(f"toy encoder already built: held-out-name PER {report['heldout_per']:.1%} -> {args.out}")
+        return
+    cfg = EncoderBuildConfig(utterances=args.utterances, max_minutes=args.max_minutes, target_per=args.target_per,
+                             seed=args.seed)  # fmt: skip
+    r = build_encoder(args.samples, args.out, cfg)
+    print(f"toy encoder: held-out-name PER {r['heldout_per']:.1%} (heard names {r['heard_per']:.1%}) after "
+          f"{r['steps']} steps, {r['seconds'] / 60:.1f} min in all -> {args.out}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The embedded speech encoder: its corpus never contains a world word, its CTC targets are espeak-ng's
+phonemes, a tiny-budget build completes, and the student starts from it (frozen by default)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from pipeline import toy_encoder as te
+
+TINY = te.EncoderBuildConfig(utterances=48, eval_utterances=8, heldout_names=8, n_mels=40, max_minutes=0.02,
+                             eval_every=2, batch_size=8, voices=("en-us", "en-gb"))  # fmt: skip
+
+
+def test_pseudo_names_avoid_every_world_word_and_carrier_sentences_use_them(tiny_rows):
+    words = te._words([r["prompt"] for r in tiny_rows] + [r["response"] for r in tiny_rows])
+    names = te.pseudo_names(random.Random(0), 500, words)
+    assert len(set(names)) == 500 and not {n.lower() for n in names} & words
+    rng = random.Random(1)
+    sentences = [te.carrier_sentence(rng, names) for _ in range(200)]
+    capitalised = {w for s in sentences for w in re.findall(r"[A-Z][a-z]+", s)}
+    assert len(capitalised & set(names)) > 50  # the slots hold pseudo-names
+    # no name of the world is ever spoken in the corpus
+    world_names = {w.lower() for r in tiny_rows for w in re.findall(r"[A-Z][a-z]+", r["prompt"] + " " + r["response"])}
+    template_words = te._words([c for rel in te.RELATIONS + (te.ADDITION,) for c in rel.prompts + (rel.answer,)])
+    assert not (world_names - template_words) & {w.lower() for w in capitalised}
+
+
+def test_ctc_targets_are_espeak_phonemes_of_the_spoken_text():
+    import subprocess
+
+    feats, phonemes = te.speak("What is the capital of Bakitan?", "en-us", 160, 50, 40)
+    assert feats.shape[1] == 40 and feats.shape[0] > 50 and feats.dtype.name == "float16"
+    assert phonemes.count("|") == 5  # six words
+    assert not any("'" in p or "," in p for p in phonemes)  # stress marks dropped
+    raw = subprocess.run(["espeak-ng", "-q", "-x", "--sep=_", "-v", "en-us"], input=b"What is the capital of Bakitan?",
+                         capture_output=True, check=True).stdout.decode()  # fmt: skip
+    expected = [p.replace("'", "").replace(",", "") for w in raw.split() for p in w.split("_") + ["|"]][:-1]
+    assert phonemes == [p for p in expected if p]  # what espeak-ng says the audio contains
+    assert te.speak("What is the capital of Romiland?", "en-us", 160, 50, 40)[1] != phonemes
+
+
+def test_a_tiny_budget_build_saves_its_report_and_is_skipped_once_built(built_encoder):
+    from student.model import pretrained_toy_encoder
+
+    assert te.is_built(built_encoder)
+    report = json.loads((built_encoder / te.BUILD_REPORT).read_text())
+    assert 0.0 <= report["heldout_per"] and report["steps"] >= 2 and report["phonemes"] > 20
+    assert report["history"] and report["history"][-1]["step"] == report["steps"]
+    assert pretrained_toy_encoder(str(built_encoder))["config"]["subsample"] == 2
+    before = (built_encoder / te.WEIGHTS_FILE).stat().st_mtime_ns
+    assert te.main(["--out", str(built_encoder)]) == 0  # a complete build is skipped
+    assert (built_encoder / te.WEIGHTS_FILE).stat().st_mtime_ns == before
+
+
+@pytest.fixture(scope="module")
+def built_encoder(samples_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc") / "encoder"
+    te.build_encoder(samples_dir, out, TINY, progress=False)
+    return out
+
+
+def test_student_loads_the_built_encoder_frozen_and_aligns_by_behaviour(built_encoder, tiny_teacher, tmp_path,
+                                                                        student_cache):  # fmt: skip
+    import csv
+
+    from student.model import SpeechLLM, StudentConfig
+    from student.train import TrainConfig, train
+
+    model = SpeechLLM(StudentConfig(backbone=str(tiny_teacher), encoder=str(built_encoder), n_mels=40))
+    saved = torch.load(built_encoder / te.WEIGHTS_FILE, weights_only=True)["encoder"]
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert model.encoder.subsample.layers == 2  # 40 ms frames, as built
+
+    cfg = TrainConfig(logits=str(student_cache), out=str(tmp_path / "run"), encoder=str(built_encoder), align="behave",
+                      steps=4, align_steps=2, batch_size=4, eval_every=0, save_every=4, num_workers=0, warmup=1,
+                      final_eval=False)  # fmt: skip
+    train(cfg, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert rows[0]["kd_S"] and rows[0]["ce_S"] and not rows[0]["align"]  # behaviour alignment
+    assert float(rows[0]["lr_backbone"]) == 0.0  # the backbone stays frozen while aligning
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    for key, value in saved.items():  # frozen by default: the encoder is still the built one
+        assert torch.equal(state["encoder." + key], value), key
