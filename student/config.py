@@ -50,6 +50,9 @@ class TrainConfig:
     encoder: str = opt("conv-transformer", "speech encoder: conv-transformer (from scratch), a pretrained toy encoder "
                                            "(python -m pipeline.toy_encoder: data/models/encoder) or a Whisper id/path")  # fmt: skip
     encoder_dropout: float = opt(0.1, "dropout in the conv-transformer encoder")
+    adapter: str = opt("mlp", "speech -> backbone interface: mlp (frame stacking + MLP) or ctc-embed (LegoSLM-style: "
+                              "the CTC head's token posteriors x the backbone's embeddings, at CTC emissions)",
+                       ("mlp", "ctc-embed"))  # fmt: skip
     freeze_encoder: bool | None = opt(None, "do not train the speech encoder (or its CTC head); default: frozen when "
                                             "it is a pretrained toy encoder, trained otherwise")  # fmt: skip
     freeze_adapter: bool = opt(False, "do not train the adapter")

@@ -38,6 +38,10 @@ class StudentConfig:
     train_adapter: bool = True
     train_backbone: bool = True
     ctc: bool = True  # a CTC head on the encoder output (speech alignment: recognise the prompt's tokens)
+    # "mlp": frame stacking + MLP; "ctc-embed" (LegoSLM-style): the CTC head's token posteriors times the
+    # backbone's embedding matrix, kept at the frames where CTC emits a token (greedy), so the backbone
+    # reads soft token embeddings
+    adapter: str = "mlp"
 
 
 class ConvSubsampling(nn.Module):
@@ -186,9 +190,13 @@ class SpeechLLM(nn.Module):
         # Token recognition straight from the encoder frames (80 ms each): one class per backbone token + blank
         # (the last class). Trains the encoder to hear the words the adapter then hands to the backbone.
         vocab = self.backbone.get_input_embeddings().num_embeddings
+        if cfg.adapter == "ctc-embed" and not cfg.ctc:
+            raise ValueError("adapter 'ctc-embed' reads the CTC head: it needs ctc=True (--ctc-weight > 0)")
         self.ctc_head = nn.Linear(self.encoder.out_dim, vocab + 1) if cfg.ctc else None
+        # a new CTC head on a pretrained (frozen) encoder, or one that is the adapter, is trained
+        head_trains = cfg.train_encoder or pretrained is not None or cfg.adapter == "ctc-embed"
         for module, train in ((self.encoder, cfg.train_encoder), (self.adapter, cfg.train_adapter),
-                              (self.backbone, cfg.train_backbone), (self.ctc_head, cfg.train_encoder)):  # fmt: skip
+                              (self.backbone, cfg.train_backbone), (self.ctc_head, head_trains)):  # fmt: skip
             if module is not None:
                 module.requires_grad_(train)
 
@@ -207,7 +215,29 @@ class SpeechLLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone-sized speech embeddings (B, T', H) and their lengths; `encoded`: the encoder's output, if run."""
         x, lengths = encoded if encoded is not None else self.encoder(feats, lengths)
+        if self.cfg.adapter == "ctc-embed":
+            return self._ctc_embeddings(x, lengths)
         return self.adapter(x, lengths)
+
+    def _ctc_embeddings(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft token embeddings (posteriors @ embedding matrix) at the frames where greedy CTC emits."""
+        logits = self.ctc_head(x)
+        blank = logits.shape[-1] - 1
+        table = self.embed.weight
+        soft = logits.float().softmax(-1)[..., :blank].to(table.dtype) @ table  # (B, T, H)
+        best = logits.argmax(-1)
+        previous = nn.functional.pad(best, (1, 0), value=-1)[:, :-1]
+        valid = torch.arange(best.shape[1], device=best.device)[None, :] < lengths[:, None]
+        emit = (best != blank) & (best != previous) & valid
+        rows = []
+        for b in range(x.shape[0]):
+            kept = soft[b, emit[b]]
+            rows.append(kept if kept.shape[0] else soft[b, :1])  # nothing heard: one frame, not an empty prompt
+        out_len = torch.tensor([r.shape[0] for r in rows], device=x.device)
+        out = soft.new_zeros(len(rows), int(out_len.max()), soft.shape[-1])
+        for b, r in enumerate(rows):
+            out[b, : r.shape[0]] = r
+        return out, out_len
 
     def ctc_loss(self, encoded: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor,
                  target_lengths: torch.Tensor, normalizer=None) -> torch.Tensor:  # fmt: skip

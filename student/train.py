@@ -132,6 +132,10 @@ class Objective(torch.nn.Module):
         parts = {}
         if self.cfg.align in ("transcribe", "both"):
             parts.update(alignment_loss(self.model, batch, self.cfg, norms))
+        elif self.cfg.ctc_weight > 0:  # token CTC of the encoder frames stays on in every alignment mode
+            encoded = self.model.encoder(batch["speech"], batch["speech_lengths"])
+            parts["ctc"] = self.model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1,
+                                               norms["examples"])  # fmt: skip
         if self.cfg.align in ("behave", "both"):
             # behaviour alignment: from the spoken prompt, the frozen backbone should give the teacher's cached
             # distribution over the response (KD) and the response itself (CE), through the S channel only
@@ -227,7 +231,7 @@ def build(cfg: TrainConfig, device: torch.device | str = "cpu"):
     scfg = StudentConfig(backbone=backbone, encoder=cfg.encoder, n_mels=data.features.cfg.n_mels,
                          dropout=cfg.encoder_dropout, train_encoder=not freeze_encoder,
                          train_adapter=not cfg.freeze_adapter, train_backbone=not cfg.freeze_backbone,
-                         ctc=cfg.ctc_weight > 0)  # fmt: skip
+                         ctc=cfg.ctc_weight > 0 or cfg.adapter == "ctc-embed", adapter=cfg.adapter)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = SpeechLLM(scfg).to(device)
     return tokenizer, data, model, reader.teacher

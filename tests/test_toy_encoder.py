@@ -87,3 +87,27 @@ def test_student_loads_the_built_encoder_frozen_and_aligns_by_behaviour(built_en
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
     for key, value in saved.items():  # frozen by default: the encoder is still the built one
         assert torch.equal(state["encoder." + key], value), key
+
+
+def test_ctc_embed_adapter_gives_one_token_embedding_per_ctc_emission(tiny_teacher):
+    """LegoSLM-style interface: with confident CTC posteriors the backbone reads exactly the token embeddings
+    of what CTC emits (repeats collapsed, blanks dropped), and gradients reach the CTC head."""
+    from student.model import SpeechLLM, StudentConfig
+
+    model = SpeechLLM(StudentConfig(backbone=str(tiny_teacher), n_mels=40, adapter="ctc-embed"))
+    V = model.embed.weight.shape[0]
+    blank = V
+    frames = [7, 7, blank, 9, blank, blank, 9, 3]  # CTC emits 7, 9, 9, 3
+    x = torch.zeros(1, len(frames), model.encoder.out_dim)
+    with torch.no_grad():
+        model.ctc_head.weight.zero_()
+        model.ctc_head.bias.zero_()
+        for t, k in enumerate(frames):  # make frame t's posterior one-hot on token k via its own input unit
+            x[0, t, t] = 1.0
+            model.ctc_head.weight[k, t] = 60.0
+    emb, lengths = model._ctc_embeddings(x, torch.tensor([len(frames)]))
+    assert lengths.tolist() == [4]
+    expected = model.embed.weight[torch.tensor([7, 9, 9, 3])]
+    torch.testing.assert_close(emb[0, :4], expected, atol=1e-4, rtol=1e-4)
+    emb.sum().backward()
+    assert model.ctc_head.weight.grad is not None and model.ctc_head.weight.requires_grad
