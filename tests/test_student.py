@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from student import losses
-from tests.conftest import tiny_engine_config
 
 REPO = Path(__file__).resolve().parents[1]
 
