@@ -32,7 +32,15 @@ import pyarrow.parquet as pq
 from pipeline import schemas
 from pipeline.errors import CorruptData, InputMismatch, MissingInput, UserError
 from pipeline.fingerprint import diff
-from pipeline.parquet_io import next_shard_path, remove_stale_temp_files, shard_paths, write_table_atomic
+from pipeline.parquet_io import (
+    COMPRESSION,
+    COMPRESSION_LEVEL,
+    RowGroupReader,
+    next_shard_path,
+    remove_stale_temp_files,
+    shard_paths,
+    write_table_atomic,
+)
 
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "part-"
@@ -52,6 +60,9 @@ FINGERPRINT_KEYS = [
     "generation",
     "vllm",
 ]
+# The columns decode_row reads: always, and for the top-k targets.
+DECODED_COLUMNS = ("sample_id", "response", "n_tokens", "token_ids", "token_logprobs")
+TARGET_COLUMNS = ("topk_ids", "topk_codes", "top1_logprobs", "tail_logmass")
 MAX_CODE_NATS = 1000.0  # logprobs further than this below the top-1 are clamped there
 
 
@@ -380,13 +391,15 @@ class CacheWriter:
             if keep:
                 table = pq.read_table(path).take(keep).replace_schema_metadata(self._shard_schema().metadata)
                 tmp = path.with_name(f".{path.name}.rewrite.tmp")
-                pq.write_table(table, tmp, compression="zstd", compression_level=6, row_group_size=256)
+                pq.write_table(table, tmp, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
+                               row_group_size=256)  # fmt: skip
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
-                self.manifest["pending"][path.name] = _sha256(tmp)
+                digest = _sha256(tmp)
+                self.manifest["pending"][path.name] = digest
                 _write_manifest(self.dir, self.manifest)
                 os.replace(tmp, path)
-                self.manifest["shards"][path.name] = self._shard_entry(path)
+                self.manifest["shards"][path.name] = {"rows": len(keep), "bytes": path.stat().st_size, "sha256": digest}
             else:
                 self.manifest["pending"][path.name] = None
                 _write_manifest(self.dir, self.manifest)
@@ -438,9 +451,10 @@ class CacheWriter:
 class CacheReader:
     """Reads a cache without loading it whole: by sample id, or streaming shards."""
 
-    def __init__(self, cache_dir: Path | str, verify: bool = True):
+    def __init__(self, cache_dir: Path | str, verify: bool = True, keep_row_groups: int = 16):
         """Opens the manifest and checks every shard once (sha256 against the manifest, readable, written with
-        the manifest's fingerprint); `verify=False` skips the checksum (not the fingerprint check)."""
+        the manifest's fingerprint); `verify=False` skips the checksum (not the fingerprint check). The
+        `keep_row_groups` most recently read row groups (`read_row_group`) are kept, per process."""
         self.dir = Path(cache_dir)
         manifest = read_manifest(self.dir)
         if manifest is None:
@@ -460,6 +474,7 @@ class CacheReader:
                 raise CorruptData(f"{path} is listed in {self.dir}/{MANIFEST} but missing; "
                                   f"{fix_command(self.dir)}")  # fmt: skip
             check_shard(path, manifest["shards"][path.name], self.fingerprint, verify)
+        self._groups = RowGroupReader(self.shards, keep=keep_row_groups)
         self._index: dict[str, tuple[int, int]] | None = None
 
     @property
@@ -486,19 +501,20 @@ class CacheReader:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
                 yield from batch.to_pylist()
 
-    def decode_row(self, row: dict) -> dict:
-        """A stored row as numpy arrays, with the top-k decoded."""
-        n = row["n_tokens"]
-        ids, lps = decode_topk(row["topk_ids"], row["topk_codes"], row["top1_logprobs"], n, self.encoding)
-        return {
+    def decode_row(self, row: dict, targets: bool = True) -> dict:
+        """A stored row (Python values or numpy arrays per column) as numpy arrays, with the top-k decoded
+        (unless targets=False)."""
+        out = {
             "sample_id": row["sample_id"],
             "response": row["response"],
             "token_ids": np.asarray(row["token_ids"], dtype=np.int64),
             "token_logprobs": np.asarray(row["token_logprobs"], dtype=np.float32),
-            "topk_ids": ids,
-            "topk_logprobs": lps,
-            "tail_logmass": np.asarray(row["tail_logmass"], dtype=np.float32),
         }
+        if targets:
+            ids, lps = decode_topk(row["topk_ids"], row["topk_codes"], row["top1_logprobs"], row["n_tokens"],
+                                   self.encoding)  # fmt: skip
+            out.update(topk_ids=ids, topk_logprobs=lps, tail_logmass=np.asarray(row["tail_logmass"], dtype=np.float32))
+        return out
 
     def get(self, sample_ids: Iterable[str]) -> dict[str, dict]:
         """Decoded rows for the given ids (reads only the row groups holding them)."""
@@ -537,43 +553,28 @@ class CacheReader:
 
     def row_groups(self) -> Iterator[tuple[int, int, list[str], list[str]]]:
         """(shard index, row group index, sample ids, content hashes) over the cache, in storage order."""
-        for s, path in enumerate(self.shards):
-            pf = self._open(s)
-            for g in range(pf.num_row_groups):
-                t = self._read(s, g, columns=["sample_id", "content_sha256"])
+        for s in range(len(self.shards)):
+            for g in range(self._unreadable_as_corrupt(s, None, lambda: self._groups.file(s).num_row_groups)):
+                t = self._unreadable_as_corrupt(s, g, lambda: self._groups.read(s, g, ["sample_id", "content_sha256"],
+                                                                                keep=False))  # fmt: skip
                 yield s, g, t["sample_id"].to_pylist(), t["content_sha256"].to_pylist()
 
-    def _open(self, shard: int) -> pq.ParquetFile:
-        if getattr(self, "_pid", None) != os.getpid():  # handles are per process (DataLoader workers fork)
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            try:
-                self._files[shard] = pq.ParquetFile(self.shards[shard])
-            except (pa.ArrowException, OSError) as exc:
-                raise CorruptData(f"{self.shards[shard]}: not readable ({exc}); {fix_command(self.dir)}") from None
-        return self._files[shard]
-
-    def _read(self, shard: int, group: int, columns=None) -> pa.Table:
+    def _unreadable_as_corrupt(self, shard: int, group: int | None, read):
         try:
-            return self._open(shard).read_row_group(group, columns=columns)
+            return read()
         except (pa.ArrowException, OSError) as exc:
-            raise CorruptData(f"{self.shards[shard]}: row group {group} not readable ({exc}); "
-                              f"{fix_command(self.dir)}") from None  # fmt: skip
+            where = "" if group is None else f" row group {group}"
+            raise CorruptData(f"{self.shards[shard]}{where}: not readable ({exc}); {fix_command(self.dir)}") from None
 
     def read_row_group(self, shard: int, group: int) -> pa.Table:
         """One row group of a shard, still encoded (decode a row with decode_table_row)."""
-        return self._read(shard, group)
+        return self._unreadable_as_corrupt(shard, group, lambda: self._groups.read(shard, group))
 
     def decode_table_row(self, table: pa.Table, i: int, targets: bool = True) -> dict:
-        """Row i of an encoded table as numpy arrays (the top-k decoded unless targets=False)."""
-        col = lambda name: table[name][i]  # noqa: E731
-        arr = lambda name, dtype: col(name).values.to_numpy(zero_copy_only=False).astype(dtype)  # noqa: E731
-        n = col("n_tokens").as_py()
-        out = {"sample_id": col("sample_id").as_py(), "response": col("response").as_py(),
-               "token_ids": arr("token_ids", np.int64)}  # fmt: skip
-        if targets:
-            ids, lps = decode_topk(col("topk_ids").as_py(), arr("topk_codes", np.int64),
-                                   arr("top1_logprobs", np.float64), n, self.encoding)  # fmt: skip
-            out.update(topk_ids=ids, topk_logprobs=lps, tail_logmass=arr("tail_logmass", np.float32),
-                       token_logprobs=arr("token_logprobs", np.float32))  # fmt: skip
-        return out
+        """Row i of an encoded table, decoded like decode_row, its list columns read as numpy arrays (no
+        Python object per value)."""
+        row = {}
+        for name in DECODED_COLUMNS + (TARGET_COLUMNS if targets else ()):
+            value = table[name][i]
+            row[name] = value.values.to_numpy(zero_copy_only=False) if pa.types.is_list(value.type) else value.as_py()
+        return self.decode_row(row, targets)

@@ -69,6 +69,38 @@ def next_shard_path(directory: Path | str, prefix: str = "part-") -> Path:
     return Path(directory) / f"{prefix}{index:05d}.parquet"
 
 
+class RowGroupReader:
+    """Row groups of a list of Parquet files, read through per-process handles (a DataLoader worker that
+    forks opens its own), the `keep` most recently read ones kept in memory."""
+
+    def __init__(self, paths: Iterable[Path | str], keep: int = 0):
+        self.paths, self.keep = list(paths), keep
+        self._pid = None
+
+    def _this_process(self) -> None:
+        if self._pid != os.getpid():
+            self._files, self._kept, self._pid = {}, {}, os.getpid()
+
+    def file(self, i: int) -> pq.ParquetFile:
+        self._this_process()
+        if i not in self._files:
+            self._files[i] = pq.ParquetFile(self.paths[i])
+        return self._files[i]
+
+    def read(self, i: int, group: int, columns: list[str] | None = None, keep: bool = True) -> pa.Table:
+        """Row group `group` of file `i` (those columns); kept for the next call unless keep=False."""
+        self._this_process()
+        key = (i, group, tuple(columns) if columns else None)
+        table = self._kept.pop(key, None)
+        if table is None:
+            table = self.file(i).read_row_group(group, columns=columns)
+        if keep and self.keep:
+            self._kept[key] = table  # most recently used last
+            while len(self._kept) > self.keep:
+                self._kept.pop(next(iter(self._kept)))
+        return table
+
+
 def rejects_table(rows: Iterable[dict]) -> pa.Table:
     rows = list(rows)
     cols = {f.name: [r.get(f.name) for r in rows] for f in schemas.REJECTS_SCHEMA}

@@ -113,13 +113,13 @@ class StudentData:
 
     Holds an index: per example, where its cache row (shard, row group, row) and its speech clip (a
     FeatureStore position) are, in cache storage order, and the split's prompts. Decoded targets and
-    features exist only for the examples being read (`example(i)`); the cache is read a row group at a
-    time, the most recent `keep_row_groups` kept per process.
+    features exist only for the examples being read (`example(i)`); cache and features are read a row
+    group at a time, the most recent ones kept per process (CacheReader, FeatureStore).
     """
 
     def __init__(
         self, cache: Path | str | CacheReader, tokenizer, samples_dir: Path | None = None,
-        features_dir: Path | None = None, split: str = "train", need_speech: bool = True, keep_row_groups: int = 16,
+        features_dir: Path | None = None, split: str = "train", need_speech: bool = True,
     ):  # fmt: skip
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)  # checks every shard
         check_tokenizer(self.reader, tokenizer)
@@ -134,21 +134,19 @@ class StudentData:
                     for sid, p, r in zip(table["sample_id"].to_pylist(), table["prompt"].to_pylist(),
                                          table["response"].to_pylist())}  # fmt: skip
         del table
-        self.features = FeatureStore(self.features_dir, keep_row_groups=4 * keep_row_groups) if need_speech else None
+        # a shuffle window of 8 cache row groups touches ~40 feature row groups (64 clips each)
+        self.features = FeatureStore(self.features_dir, keep_row_groups=64) if need_speech else None
         clips: dict[str, list[tuple[str, int]]] = {}
         if self.features is not None:
             for pos, (sid, rend) in enumerate(self.features.keys()):
                 if sid in prompt_of:
                     clips.setdefault(sid, []).append((rend, pos))
         # per cache row in the split: (block, shard, group, row); per example: cache row index, clip position
-        self.block_keys: list[tuple[int, int]] = []
         rows, ex_row, ex_clip = [], [], []
         self.row_sample_ids: list[str] = []
         report = JoinReport(samples=len(prompt_of))
         seen = set()
-        for s, g, sids, hashes in self.reader.row_groups():
-            block = len(self.block_keys)
-            self.block_keys.append((s, g))
+        for block, (s, g, sids, hashes) in enumerate(self.reader.row_groups()):
             for r, (sid, digest) in enumerate(zip(sids, hashes)):
                 if sid not in prompt_of:
                     continue
@@ -173,9 +171,6 @@ class StudentData:
         self.prompt_of = prompt_of
         report.examples = len(self.ex_row)
         self.report = report
-        self.keep_row_groups = keep_row_groups
-        self._groups: dict[tuple[int, int], object] = {}
-        self._pid = None
 
     def __len__(self) -> int:
         return len(self.ex_row)
@@ -187,23 +182,10 @@ class StudentData:
     def sample_id(self, i: int) -> str:
         return self.row_sample_ids[self.ex_row[i]]
 
-    def _row_group(self, s: int, g: int):
-        import os
-
-        if self._pid != os.getpid():  # a forked DataLoader worker: its own row groups
-            self._groups, self._pid = {}, os.getpid()
-        table = self._groups.pop((s, g), None)
-        if table is None:
-            table = self.reader.read_row_group(s, g)
-        self._groups[(s, g)] = table
-        while len(self._groups) > self.keep_row_groups:
-            self._groups.pop(next(iter(self._groups)))
-        return table
-
     def example(self, i: int, targets: bool = True) -> Example:
         """Example i, read and decoded now (targets=False: skip decoding the top-k, e.g. while aligning)."""
         _, s, g, r = self.rows[self.ex_row[i]].tolist()
-        row = self.reader.decode_table_row(self._row_group(s, g), r, targets=targets)
+        row = self.reader.decode_table_row(self.reader.read_row_group(s, g), r, targets=targets)
         sid = row["sample_id"]
         prompt = self.prompt_of[sid]
         tok = self.tokenizer
