@@ -34,7 +34,7 @@ from pipeline import features as features_stage
 from pipeline import samples as samples_stage
 from pipeline import speech as speech_stage
 from pipeline import toy_teacher
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, cli
 from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, format_summary
 
 FLOW_NAME = "cache-teacher"
@@ -181,11 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli("cache_teacher.py")
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _main(argv), prog="cache_teacher.py")
-
-
-def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     params = {k: v for k, v in vars(args).items() if k != "serve"}
     params["voices"] = [v for v in args.voices.split(",") if v]

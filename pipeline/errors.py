@@ -11,6 +11,7 @@ tokenizer, schema), 5 corrupt data.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable
 
@@ -40,3 +41,16 @@ def run_cli(main: Callable[[], int | None], prog: str | None = None) -> int:
         message = " ".join(str(exc).split())  # one line, whatever the message's own layout
         print(f"{name}: error: {message}", file=sys.stderr)
         return exc.exit_code
+
+
+def cli(prog: str):
+    """Decorate a CLI's `main(argv=None)`: a UserError it raises becomes one line and its exit code (run_cli)."""
+
+    def wrap(main: Callable[..., int | None]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(argv: list[str] | None = None) -> int:
+            return run_cli(lambda: main(argv), prog=prog)
+
+        return wrapped
+
+    return wrap

@@ -38,12 +38,14 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.errors import MissingInput, cli
 from pipeline.parquet_io import (
     next_shard_path,
     reject,
     rejects_path,
     rejects_table,
     remove_stale_temp_files,
+    RowGroupReader,
     shard_paths,
     write_table_atomic,
 )
@@ -238,8 +240,6 @@ def extract_all(
 def feature_config_of(features_dir: Path) -> FeatureConfig:
     shards = shard_paths(features_dir, SHARD_PREFIX)
     if not shards:
-        from pipeline.errors import MissingInput
-
         raise MissingInput(f"no feature shards in {features_dir}: run `python -m pipeline.features` first")
     meta = schemas.check_artifact(pq.read_schema(shards[0]), shards[0], "features", schemas.FEATURES_VERSION)
     return FeatureConfig.from_json(meta["feature_config"])
@@ -254,24 +254,25 @@ def load_features(features_dir: Path = schemas.FEATURES_DIR) -> dict[tuple[str, 
 
 class FeatureStore:
     """Clips by (sample_id, rendition) without loading the store: an index of where each clip is
-    (shard, row group, row) and reads of whole row groups, the last `keep_row_groups` of them kept.
+    (shard, row group, row) and reads of whole row groups (parquet_io.RowGroupReader), the last
+    `keep_row_groups` of them kept per process.
 
-    The index holds three small columns per clip; features are read only when asked for. Open handles are
-    per process (safe to use after a DataLoader worker forks).
+    The index holds three small columns per clip; features are read only when asked for.
     """
 
     def __init__(self, features_dir: Path | str, keep_row_groups: int = 32):
         self.dir = Path(features_dir)
         self.cfg = feature_config_of(self.dir)
         self.shards = shard_paths(self.dir, SHARD_PREFIX)
+        self._groups = RowGroupReader(self.shards, keep=keep_row_groups)
         sids, rends, shard_of, group_of, row_of, frames = [], [], [], [], [], []
         for s, path in enumerate(self.shards):
-            pf = pq.ParquetFile(path)
+            pf = self._groups.file(s)
             meta = schemas.check_artifact(pf.schema_arrow, path, "features", schemas.FEATURES_VERSION)
             if FeatureConfig.from_json(meta["feature_config"]) != self.cfg:
                 raise ValueError(f"{path} holds features of another config than {self.shards[0]}; re-extract them")
             for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=["sample_id", "rendition", "n_frames"])
+                t = self._groups.read(s, g, ["sample_id", "rendition", "n_frames"], keep=False)
                 sids.extend(t["sample_id"].to_pylist())
                 rends.extend(t["rendition"].to_pylist())
                 frames.append(t["n_frames"].to_numpy())
@@ -283,10 +284,6 @@ class FeatureStore:
         self.renditions = np.array(rends, dtype=object)
         self.n_frames, self.shard, self.group, self.row = cat(frames), cat(shard_of), cat(group_of), cat(row_of)
         self._pos = {key: i for i, key in enumerate(zip(sids, rends))}
-        self.keep_row_groups = keep_row_groups
-        self._groups: dict[tuple[int, int], pa.Table] = {}
-        self._files: dict[int, pq.ParquetFile] = {}
-        self._pid = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -294,28 +291,9 @@ class FeatureStore:
     def keys(self):
         return zip(self.sample_ids.tolist(), self.renditions.tolist())
 
-    def position(self, sample_id: str, rendition: str) -> int | None:
-        return self._pos.get((sample_id, rendition))
-
-    def _row_group(self, s: int, g: int) -> pa.Table:
-        import os
-
-        if self._pid != os.getpid():  # a forked worker: its own handles and row groups
-            self._files, self._groups, self._pid = {}, {}, os.getpid()
-        key = (s, g)
-        table = self._groups.pop(key, None)
-        if table is None:
-            if s not in self._files:
-                self._files[s] = pq.ParquetFile(self.shards[s])
-            table = self._files[s].read_row_group(g, columns=["fbank"])
-        self._groups[key] = table  # most recently used last
-        while len(self._groups) > self.keep_row_groups:
-            self._groups.pop(next(iter(self._groups)))
-        return table
-
     def read(self, i: int) -> np.ndarray:
         """Clip at index position i: (n_frames, n_mels) float16."""
-        col = self._row_group(int(self.shard[i]), int(self.group[i]))["fbank"]
+        col = self._groups.read(int(self.shard[i]), int(self.group[i]), ["fbank"])["fbank"]
         values = col[int(self.row[i])].values.to_numpy(zero_copy_only=False)
         return values.reshape(int(self.n_frames[i]), self.cfg.n_mels)
 
@@ -325,13 +303,8 @@ class FeatureStore:
         return {k: self.read(i) for i, k in pos}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import run_cli
-
-    return run_cli(lambda: _main(argv), prog="pipeline.features")
-
-
-def _main(argv: list[str] | None = None) -> None:
+@cli("pipeline.features")
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = FeatureConfig()
     parser.add_argument("--audio-index", type=Path, default=schemas.AUDIO_DIR / "index.parquet")

@@ -25,6 +25,7 @@ from pathlib import Path
 import duckdb
 
 from pipeline import schemas
+from pipeline.errors import MissingInput, UserError, cli
 
 TEACHER_TOKENS = """
 SELECT sample_id,
@@ -84,13 +85,8 @@ def views(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [r[0] for r in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
 
 
+@cli("pipeline.query")
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import run_cli
-
-    return run_cli(lambda: _main(argv), prog="pipeline.query")
-
-
-def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sql", nargs="?", help="the query")
     parser.add_argument("--data", type=Path, default=schemas.DATA_DIR, help="data directory")
@@ -99,8 +95,6 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=40, help="rows to print")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     args = parser.parse_args(argv)
-    from pipeline.errors import MissingInput, UserError
-
     if not Path(args.data).is_dir():
         raise MissingInput(f"--data {args.data}: no such directory; run the cache-teacher flow first or point --data "
                            f"at its data directory")  # fmt: skip

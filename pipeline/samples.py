@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import schemas
-from pipeline.errors import InputMismatch, MissingInput, UserError, run_cli
+from pipeline.errors import InputMismatch, MissingInput, UserError, cli
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 
 SAMPLES_FILE = "samples.parquet"
@@ -289,11 +289,8 @@ def load_samples(samples_dir: Path | str = schemas.SAMPLES_DIR, split: str | Non
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _main(argv), prog="pipeline.samples")
-
-
-def _main(argv: list[str] | None = None) -> None:
+@cli("pipeline.samples")
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=TOY_WORLD, help="'toy-world', a .jsonl/.parquet file, or a HF dataset")
     parser.add_argument("--out", type=Path, default=schemas.SAMPLES_DIR, help="output directory")

@@ -32,6 +32,7 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.errors import cli
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
 
@@ -213,13 +214,8 @@ def _csv(kind):
     return lambda text: tuple(kind(x.strip()) for x in text.split(",") if x.strip())
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import run_cli
-
-    return run_cli(lambda: _main(argv), prog="pipeline.speech")
-
-
-def _main(argv: list[str] | None = None) -> None:
+@cli("pipeline.speech")
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")
     parser.add_argument("--out", type=Path, default=schemas.AUDIO_DIR, help="audio directory")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline import schemas
 from pipeline.cache import CacheEncoding, CacheWriter, ScoredSample, encode
 from pipeline.chat import encode_pair, encode_prompt
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, cli
 from pipeline.fingerprint import (
     chat_template_sha256,
     content_sha256,
@@ -67,14 +67,6 @@ class EngineConfig:
     # of ~90 s (each extra process re-imports torch+vLLM) and 1.7x the tokens/s.
     executor_backend: str | None = None
     seed: int = 0
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -444,11 +436,12 @@ def format_summary(s: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+@cli("pipeline.teacher")
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(parser)
     args = parser.parse_args(argv)
-    return run_cli(lambda: print(format_summary(cache_teacher_logits(config_from_args(args)))), prog="pipeline.teacher")
+    print(format_summary(cache_teacher_logits(config_from_args(args))))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.errors import cli
 from pipeline.toy_world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, _name
 
 ENCODER_DIR = schemas.MODELS_DIR / "encoder"
@@ -270,13 +271,8 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import run_cli
-
-    return run_cli(lambda: _main(argv), prog="pipeline.toy_encoder")
-
-
-def _main(argv: list[str] | None = None) -> None:
+@cli("pipeline.toy_encoder")
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = EncoderBuildConfig()
     parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="the world whose words to avoid")

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.errors import cli
 from pipeline.chat import encode_pair, encode_prompt, exact_match
 from pipeline.samples import load_samples
 
@@ -232,13 +233,8 @@ def is_built(out_dir: Path) -> bool:
     return (Path(out_dir) / BUILD_REPORT).exists() and (Path(out_dir) / "config.json").exists()
 
 
+@cli("pipeline.toy_teacher")
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import run_cli
-
-    return run_cli(lambda: _main(argv), prog="pipeline.toy_teacher")
-
-
-def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TeacherConfig()
     parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")

@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import cli
+
 # Prompts are compositional: a question core (several per relation) inside a
 # conversational wrapper. Every (wrapper, core) pair is one template; for each
 # core one wrapper pairing is held out for `eval`, chosen so that every wrapper
@@ -151,13 +153,8 @@ def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import run_cli
-
-    return run_cli(lambda: _main(argv), prog="pipeline.toy_world")
-
-
-def _main(argv: list[str] | None = None) -> None:
+@cli("pipeline.toy_world")
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/raw/toy_world.jsonl"), help="JSONL to write")
     parser.add_argument("--entities", type=int, default=ToyWorldConfig.n_entities, help="fictional countries")

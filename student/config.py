@@ -154,11 +154,7 @@ class TrainConfig:
         return self
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def resolved_precision(self) -> str:
         if self.precision != "auto":
@@ -168,18 +164,30 @@ class TrainConfig:
         return "bf16" if self.resolved_device() == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def resolve_device(device: str) -> str:
+    """`auto` is cuda when torch sees a GPU, else cpu; cpu and cuda are themselves."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
 def build_parser(
-    defaults: dict | None = None, parser: argparse.ArgumentParser | None = None, skip: tuple[str, ...] = ()
+    defaults: dict | None = None, parser: argparse.ArgumentParser | None = None, skip: tuple[str, ...] = (),
+    description: str | None = None,
 ) -> argparse.ArgumentParser:
     """An argparse parser with one flag per TrainConfig field (types, choices, help from the dataclass).
 
-    `defaults` overrides field defaults (the bench's own setting); `skip` leaves fields out.
+    `defaults` overrides field defaults (the bench's own setting); `skip` leaves fields out; `parser`: add
+    the flags to this one, else a new one with `description`.
     """
-    parser = parser or argparse.ArgumentParser()
+    parser = parser or argparse.ArgumentParser(description=description,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     defaults = defaults or {}
     for f in fields(TrainConfig):
         if f.name in skip:

@@ -20,7 +20,8 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.chat import exact_match, render_prompt
-from pipeline.errors import MissingInput, run_cli
+from pipeline.errors import MissingInput, cli
+from student.config import DEVICE_CHOICES, resolve_device
 from pipeline.features import FeatureStore
 from student.data import SpeechTemplate, inputs_from_manifest, pad_speech, read_split
 
@@ -171,32 +172,29 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+@cli("evaluate.py")
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from student.model import SpeechLLM
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", type=Path, default=Path("data/runs/student/final"))
     parser.add_argument("--logits", type=Path, default=Path("data/cache"), help="cache (for teacher and inputs)")
     parser.add_argument("--samples", type=Path, default=None)
     parser.add_argument("--features", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=None, help="only the first N eval questions")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     args = parser.parse_args(argv)
-
-    def run():
-        from transformers import AutoTokenizer
-
-        from student.model import SpeechLLM
-
-        if not (args.student / "student_config.json").exists():
-            raise MissingInput(f"no student at {args.student} (no student_config.json): train one with "
-                               f"`python student/train.py` or pass --student <run>/final")  # fmt: skip
-        device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-        model = SpeechLLM.load(args.student).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
-        report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device)
-        print(format_report(report))
-        print(json.dumps(report))
-
-    return run_cli(run, prog="evaluate.py")
+    if not (args.student / "student_config.json").exists():
+        raise MissingInput(f"no student at {args.student} (no student_config.json): train one with "
+                           f"`python student/train.py` or pass --student <run>/final")  # fmt: skip
+    device = resolve_device(args.device)
+    model = SpeechLLM.load(args.student).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
+    report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device)
+    print(format_report(report))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -31,16 +31,16 @@ if __name__ == "__main__":  # check the command line before the heavy imports: a
     from pipeline.errors import run_cli
     from student.config import build_parser, config_from_args, world_size_from_env
 
-    _parser = build_parser(parser=None)
+    _parser = build_parser(description=__doc__)
     _status = run_cli(lambda: config_from_args(_parser.parse_args()).validate(world_size_from_env()) and 0,
                       prog="train.py")  # fmt: skip
     if _status:
         sys.exit(_status)
 
-import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import random
 import time
@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.errors import run_cli
+from pipeline.errors import cli
 from pipeline.features import feature_config_of
 from pipeline.samples import load_samples
 from student.config import ConfigError, TrainConfig, build_parser, config_from_args
@@ -191,10 +191,8 @@ def finetune_groups(samples_dir: Path, cfg: TrainConfig) -> tuple[dict[str, str]
     A group is the value of meta key `cfg.finetune_group` (a sample without it is its own group); a seeded
     `cfg.finetune_fraction` of the training split's groups is kept.
     """
-    if cfg.finetune_fraction >= 1.0:
+    if cfg.finetune_fraction >= 1.0:  # (its range is checked by TrainConfig.validate)
         return None
-    if not 0.0 < cfg.finetune_fraction:
-        raise ConfigError(f"--finetune-fraction must be in (0, 1], got {cfg.finetune_fraction}")
     table = load_samples(samples_dir).select(["sample_id", "split", "meta"])
     group = {sid: str(json.loads(meta or "{}").get(cfg.finetune_group, sid))
              for sid, meta in zip(table["sample_id"].to_pylist(), table["meta"].to_pylist())}  # fmt: skip
@@ -254,8 +252,6 @@ def make_optimizer(model: SpeechLLM, cfg: TrainConfig) -> torch.optim.Optimizer:
 def lr_scale(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up then cosine decay, restarted for each phase (alignment, then fine-tuning), so a
     longer alignment does not leave the fine-tuning at the tail of one long decay."""
-    import math
-
     start, end = (0, cfg.align_steps) if step < cfg.align_steps else (cfg.align_steps, cfg.steps)
     i, n = step - start, max(1, end - start)
     warmup = min(cfg.warmup, n)
@@ -473,13 +469,12 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
 
 
 def parse_args(argv=None) -> TrainConfig:
-    parser = build_parser(parser=argparse.ArgumentParser(description=__doc__,
-                                                         formatter_class=argparse.RawDescriptionHelpFormatter))
-    return config_from_args(parser.parse_args(argv))
+    return config_from_args(build_parser(description=__doc__).parse_args(argv))
 
 
-def main(argv=None) -> int:
-    return run_cli(lambda: train(parse_args(argv)) and 0, prog="train.py")
+@cli("train.py")
+def main(argv=None) -> None:
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":
