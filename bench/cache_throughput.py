@@ -170,8 +170,8 @@ def main() -> int:
         ingest("toy-world", samples_dir, progress=False)
     teacher = schemas.TEACHER_DIR
     if not (teacher / "config.json").exists():
-        print("bench: building the toy teacher first (python -m pipeline.toy_teacher)")
-        from pipeline.toy_teacher import TeacherConfig, build_teacher
+        print("bench: building the toy teacher first (python -m toy.teacher)")
+        from toy.teacher import TeacherConfig, build_teacher
 
         build_teacher(samples_dir, teacher, TeacherConfig())
     models = {"llama50m-32k": lambda: build_random_llama(WORK / "llama50m-32k", teacher), "toy-teacher": lambda: teacher}

@@ -212,7 +212,7 @@ def read_source(source: str, hf_split: str = "train") -> Iterator[dict | tuple[i
     dataset name. The source is checked now (not when iterated): a path that exists but is none of these,
     or a local-looking path that does not exist, is a one-line error, not a hub lookup."""
     if source == TOY_WORLD:
-        from pipeline.toy_world import generate
+        from toy.world import generate
 
         return iter(generate())
     path = Path(source)

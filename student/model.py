@@ -130,7 +130,7 @@ class WhisperEncoder(nn.Module):
 
 
 def pretrained_toy_encoder(path: str) -> dict | None:
-    """The build config of a speech encoder built by `python -m pipeline.toy_encoder`, or None."""
+    """The build config of a speech encoder built by `python -m toy.encoder`, or None."""
     config = Path(path) / "encoder.json"
     if not config.is_file():
         return None
@@ -139,7 +139,7 @@ def pretrained_toy_encoder(path: str) -> dict | None:
 
 
 def load_toy_encoder(path: str, n_mels: int) -> "ConvTransformerEncoder":
-    """The pretrained toy encoder (phoneme CTC, pipeline.toy_encoder) with its weights; its CTC head is not
+    """The pretrained toy encoder (phoneme CTC, toy.encoder) with its weights; its CTC head is not
     part of the student."""
     meta = pretrained_toy_encoder(path)
     c = meta["config"]

@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from pipeline.samples import ingest  # noqa: E402
-from pipeline.toy_teacher import TeacherConfig, build_teacher  # noqa: E402
-from pipeline.toy_world import ToyWorldConfig, generate  # noqa: E402
+from toy.teacher import TeacherConfig, build_teacher  # noqa: E402
+from toy.world import ToyWorldConfig, generate  # noqa: E402
 
 TINY_WORLD = ToyWorldConfig(n_entities=6, n_additions=6, seed=1)
 TINY_TEACHER = TeacherConfig(

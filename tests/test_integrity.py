@@ -211,7 +211,7 @@ def test_user_errors_are_one_line_with_distinct_exit_codes(small_cache, tiny_tea
     _one_line_error(_run([str(REPO / "student" / "evaluate.py"), "--student", str(tmp_path / "nothing")]), 3,
                     "no student")  # fmt: skip
     # a student backbone with another tokenizer
-    from pipeline.toy_teacher import train_tokenizer
+    from toy.teacher import train_tokenizer
 
     other = tmp_path / "other-model"
     shutil.copytree(tiny_teacher, other)

@@ -10,10 +10,11 @@ import re
 import pytest
 import torch
 
-from pipeline import toy_encoder as te
+from toy import encoder as te
 
 TINY = te.EncoderBuildConfig(utterances=48, eval_utterances=8, heldout_names=8, n_mels=40, max_minutes=0.02,
-                             eval_every=2, batch_size=8, voices=("en-us", "en-gb"))  # fmt: skip
+                             eval_every=2, batch_size=8, accents=("en-us", "en-gb"),
+                             variants=("", "+f2"))  # fmt: skip
 
 
 def test_pseudo_names_avoid_every_world_word_and_carrier_sentences_use_them(tiny_rows):
@@ -28,6 +29,19 @@ def test_pseudo_names_avoid_every_world_word_and_carrier_sentences_use_them(tiny
     world_names = {w.lower() for r in tiny_rows for w in re.findall(r"[A-Z][a-z]+", r["prompt"] + " " + r["response"])}
     template_words = te._words([c for rel in te.RELATIONS + (te.ADDITION,) for c in rel.prompts + (rel.answer,)])
     assert not (world_names - template_words) & {w.lower() for w in capitalised}
+
+
+def test_pretraining_names_never_sound_like_a_world_word_or_each_other(tiny_rows):
+    from toy.world import phonemize
+
+    words = te._words([r["prompt"] for r in tiny_rows] + [r["response"] for r in tiny_rows])
+    names = te.pretraining_names(random.Random(0), 400, words)
+    sounds = phonemize(names)
+    assert len(names) == 400 and len(set(sounds)) == 400  # no two alike
+    assert not set(sounds) & set(phonemize(sorted(words)))  # none sounds like a word of the world
+    # the filter is needed: raw pseudo-names do collide in sound
+    raw = te.pseudo_names(random.Random(0), 3000, words)
+    assert len(set(phonemize(raw))) < len(raw)
 
 
 def test_ctc_targets_are_espeak_phonemes_of_the_spoken_text():
@@ -50,6 +64,7 @@ def test_a_tiny_budget_build_saves_its_report_and_is_skipped_once_built(built_en
     assert te.is_built(built_encoder)
     report = json.loads((built_encoder / te.BUILD_REPORT).read_text())
     assert 0.0 <= report["heldout_per"] and report["steps"] >= 2 and report["phonemes"] > 20
+    assert report["voices"] == 4 and report["heldout_voice"] == "en-029" and 0.0 <= report["heldout_voice_per"]
     assert report["history"] and report["history"][-1]["step"] == report["steps"]
     assert pretrained_toy_encoder(str(built_encoder))["config"]["subsample"] == 2
     before = (built_encoder / te.WEIGHTS_FILE).stat().st_mtime_ns
@@ -111,3 +126,23 @@ def test_ctc_embed_adapter_gives_one_token_embedding_per_ctc_emission(tiny_teach
     torch.testing.assert_close(emb[0, :4], expected, atol=1e-4, rtol=1e-4)
     emb.sum().backward()
     assert model.ctc_head.weight.grad is not None and model.ctc_head.weight.requires_grad
+
+
+def test_ctc_alignment_trains_the_speech_side_alone(built_encoder, student_cache, tmp_path):
+    """--align ctc: token CTC of the encoder frames only (the backbone is not run); then behaviour alignment
+    is not what it logs, and the backbone is untouched."""
+    import csv
+
+    from student.train import TrainConfig, train
+
+    cfg = TrainConfig(logits=str(student_cache), out=str(tmp_path / "run"), encoder=str(built_encoder), align="ctc",
+                      adapter="ctc-embed", freeze_encoder=False, steps=3, align_steps=3, batch_size=4, eval_every=0,
+                      save_every=3, num_workers=0, warmup=1, final_eval=False)  # fmt: skip
+    before = torch.load(built_encoder / te.WEIGHTS_FILE, weights_only=True)["encoder"]
+    train(cfg, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert all(r["ctc"] and not r["kd_S"] and not r["ce_S"] and not r["align"] for r in rows)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    assert any(not torch.equal(state["encoder." + k], v) for k, v in before.items())  # --no-freeze-encoder: trained
+    with pytest.raises(Exception, match="--ctc-weight"):
+        TrainConfig(logits=str(student_cache), align="ctc", ctc_weight=0.0).validate()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.chat import encode_pair
-from pipeline.toy_teacher import BUILD_REPORT, is_built
+from toy.teacher import BUILD_REPORT, is_built
 
 
 def test_builder_saves_a_complete_hf_model(tiny_teacher):

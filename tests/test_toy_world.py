@@ -1,7 +1,7 @@
 import json
 
-from pipeline import toy_world
-from pipeline.toy_world import ToyWorldConfig, generate
+from toy import world as toy_world
+from toy.world import ToyWorldConfig, generate
 
 
 def test_generator_is_deterministic():
@@ -37,3 +37,25 @@ def test_every_eval_fact_is_taught_in_train():
 def test_default_size_is_a_few_thousand():
     rows = generate()
     assert 2000 <= len(rows) <= 5000
+
+
+def test_no_two_names_of_the_world_sound_alike():
+    rows = generate()
+    names = set()
+    for r in rows:
+        if r["meta"]["relation"] == "addition":
+            continue
+        names.add(r["meta"]["entity"])
+        if r["meta"]["relation"] in ("capital", "founder"):
+            names.add(r["meta"]["answer"])
+    names = sorted(names)
+    assert len(names) == 180  # 60 countries, 60 capitals, 60 founders
+    assert len(set(toy_world.phonemize(names))) == len(names)
+
+
+def test_a_name_that_sounds_like_a_used_one_is_drawn_again():
+    import random
+
+    sounds = {toy_world.phonemize(["Pirland"])[0]}
+    offered = iter(["Perland", "Purland", "Doran"])  # the first two sound like Pirland to espeak-ng
+    assert toy_world._unique(random.Random(0), lambda r: next(offered), set(), sounds) == "Doran"

@@ -1,6 +1,6 @@
 """The embedded default teacher: a tokenizer and a small Llama trained on the toy world.
 
-    python -m pipeline.toy_teacher            # builds data/models/teacher if missing
+    python -m toy.teacher            # builds data/models/teacher if missing
 
 Trains a byte-level BPE tokenizer (with a chat template) on the train split,
 then a small Llama-architecture causal LM on the train samples (loss on the
@@ -233,7 +233,7 @@ def is_built(out_dir: Path) -> bool:
     return (Path(out_dir) / BUILD_REPORT).exists() and (Path(out_dir) / "config.json").exists()
 
 
-@cli("pipeline.toy_teacher")
+@cli("toy.teacher")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TeacherConfig()

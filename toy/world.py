@@ -5,7 +5,7 @@ founding year, plus small additions. Every fact is asked through several
 paraphrase templates; the `eval` split asks each fact through templates that
 `train` never uses, so evaluation measures knowledge, not string memory.
 
-    python -m pipeline.toy_world --out data/raw/toy_world.jsonl
+    python -m toy.world --out data/raw/toy_world.jsonl
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +99,36 @@ def _name(rng: random.Random, syllables: int, ending: str = "") -> str:
     return ("".join(_syllable(rng) for _ in range(syllables)) + ending).capitalize()
 
 
-def _unique(rng: random.Random, make, used: set[str]) -> str:
+STRESS = re.compile(r"[',]")
+
+
+def phonemize(texts: list[str], voice: str = "en-us") -> list[str]:
+    """espeak-ng's phonemes (`-x`, stress marks dropped) of each text, one espeak-ng call for all of them."""
+    if not texts:
+        return []
+    if any("\n" in t or "." in t for t in texts):
+        raise ValueError("phonemize takes single-line texts without full stops")
+    out = subprocess.run(["espeak-ng", "-q", "-x", "-v", voice], input="".join(f"{t}.\n" for t in texts),
+                         capture_output=True, text=True, check=True).stdout.splitlines()  # fmt: skip
+    out = [STRESS.sub("", line.strip()) for line in out if line.strip()]
+    if len(texts) == 1:
+        return [" ".join(out)]
+    if len(out) != len(texts):  # espeak-ng split some text into clauses: ask for each on its own
+        return [phonemize([t], voice)[0] for t in texts]
+    return out
+
+
+def _unique(rng: random.Random, make, used: set[str], sounds: set[str]) -> str:
+    """A new name, different from every used one in spelling and in sound (espeak-ng phonemes), so no two
+    entities of the world are heard alike."""
     while True:
         name = make(rng)
-        if name not in used:
+        if name in used:
+            continue
+        sound = phonemize([name])[0]
+        if sound not in sounds:
             used.add(name)
+            sounds.add(sound)
             return name
 
 
@@ -120,6 +147,7 @@ def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
     """
     rng = random.Random(config.seed)
     used: set[str] = set()
+    sounds: set[str] = set()
     rows: list[dict] = []
 
     def add(relation: Relation, fact_id: str, fields: dict, value: str, meta: dict) -> None:
@@ -136,11 +164,11 @@ def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
             )
 
     for i in range(config.n_entities):
-        country = _unique(rng, lambda r: _name(r, 2, r.choice(COUNTRY_ENDINGS)), used)
+        country = _unique(rng, lambda r: _name(r, 2, r.choice(COUNTRY_ENDINGS)), used, sounds)
         values = {
-            "capital": _unique(rng, lambda r: _name(r, 2, r.choice(CITY_ENDINGS)), used),
+            "capital": _unique(rng, lambda r: _name(r, 2, r.choice(CITY_ENDINGS)), used, sounds),
             "colour": rng.choice(COLOURS),
-            "founder": _unique(rng, lambda r: f"{_name(r, 2)} {_name(r, 1, 'son')}", used),
+            "founder": _unique(rng, lambda r: f"{_name(r, 2)} {_name(r, 1, 'son')}", used, sounds),
             "year": str(rng.randint(1000, 1999)),
         }
         for relation in RELATIONS:
@@ -153,7 +181,7 @@ def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
     return rows
 
 
-@cli("pipeline.toy_world")
+@cli("toy.world")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/raw/toy_world.jsonl"), help="JSONL to write")
