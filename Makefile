@@ -3,8 +3,11 @@ PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
-DEMO_STUDENT_STEPS ?= 200
-DEMO_ALIGN_STEPS ?= 100
+DEMO_STUDENT_STEPS ?= 500
+DEMO_ALIGN_STEPS ?= 400
+# The demo student starts from the flow's pretrained toy encoder (the toy Whisper), reads it through the
+# LegoSLM-style ctc-embed interface, aligns it by token CTC, then fine-tunes with both KD channels.
+DEMO_STUDENT_FLAGS ?= --encoder data/models/encoder --adapter ctc-embed --align ctc --no-freeze-encoder --lr 2e-3
 
 .PHONY: setup demo test clean
 
@@ -12,14 +15,16 @@ setup:
 	@bash scripts/setup.sh
 
 # The Prefect flow cache-teacher on the embedded default:
-# toy world -> toy teacher -> speech -> features -> teacher logit cache (data/cache),
+# toy world -> toy teacher -> speech -> features -> teacher logit cache (data/cache) -> toy speech encoder,
 # then a short student training from that cache and its evaluation.
 demo: setup
 	$(PY) flows/cache_teacher.py
-	$(PY) student/train.py --logits data/cache --steps $(DEMO_STUDENT_STEPS) --align-steps $(DEMO_ALIGN_STEPS) --eval-every 0
+	$(PY) student/train.py --logits data/cache $(DEMO_STUDENT_FLAGS) --steps $(DEMO_STUDENT_STEPS) \
+		--align-steps $(DEMO_ALIGN_STEPS) --eval-every 0
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf data/samples data/audio data/features data/models data/cache data/rejects data/raw data/bench
+	rm -rf data/samples data/audio data/features data/audio-heldout-voice data/features-heldout-voice data/models \
+		data/cache data/rejects data/raw data/bench

@@ -42,20 +42,48 @@ ROWS = [
 ]
 
 
+COLUMNS = [  # (header, result key or (key, key) for "fine-tuned / other"), every value a fraction
+    ("teacher text", "teacher_text_accuracy"),
+    ("student text", "student_text_accuracy"),
+    ("student speech", "student_speech_accuracy"),
+    ("forgetting", "forgetting"),
+    ("modality gap", "modality_gap"),
+    ("speech: fine-tuned / other facts", ("finetuned_student_speech_accuracy", "not_finetuned_student_speech_accuracy")),
+    ("text: fine-tuned / other facts", ("finetuned_student_text_accuracy", "not_finetuned_student_text_accuracy")),
+    ("speech, held-out voice", "heldout_voice_student_speech_accuracy"),
+]
+
+
+def _stat(values: list[float], signed: bool) -> str:
+    """Mean, and with several seeds ± the sample standard deviation, in points."""
+    import statistics
+
+    mean = statistics.fmean(values)
+    text = f"{mean:+.1%}" if signed else f"{mean:.1%}"
+    return text + (f" ± {statistics.stdev(values) * 100:.1f}" if len(values) > 1 else "")
+
+
 def render(results: list[dict]) -> str:
-    """The markdown table; with a fine-tuning fraction < 1 also text/speech on the facts fine-tuned on / not."""
-    split = all("finetuned_n_eval" in r for r in results)
-    head = "| row | teacher text | student text | student speech | forgetting | modality gap |"
-    if split:
-        head += " text: fine-tuned / other facts | speech: fine-tuned / other facts |"
-    lines = [head + " minutes |", "|---" * (head.count("|")) + "|"]
+    """The markdown table: one line per row, each cell the mean over the seeds run (± their std)."""
+    rows: dict[str, list[dict]] = {}
     for r in results:
-        line = (f"| {r['row']} | {r['teacher_text_accuracy']:.1%} | {r['student_text_accuracy']:.1%} | "
-                f"{r['student_speech_accuracy']:.1%} | {r['forgetting']:+.1%} | {r['modality_gap']:+.1%} |")  # fmt: skip
-        if split:
-            line += (f" {r['finetuned_student_text_accuracy']:.1%} / {r['not_finetuned_student_text_accuracy']:.1%} |"
-                     f" {r['finetuned_student_speech_accuracy']:.1%} / {r['not_finetuned_student_speech_accuracy']:.1%} |")  # fmt: skip
-        lines.append(line + f" {r['minutes']} |")
+        rows.setdefault(r["row"], []).append(r)
+    columns = [(h, k) for h, k in COLUMNS if all((k[0] if isinstance(k, tuple) else k) in r for r in results)]
+    seeds = sorted({r.get("seed", 0) for r in results})
+    head = "| row | " + " | ".join(h for h, _ in columns) + " | minutes |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for name, runs in rows.items():
+        cells = []
+        for header, key in columns:
+            signed = key in ("forgetting", "modality_gap")
+            if isinstance(key, tuple):
+                cells.append(" / ".join(_stat([r[k] for r in runs], False) for k in key))
+            else:
+                cells.append(_stat([r[key] for r in runs], signed))
+        minutes = sum(r["minutes"] for r in runs) / len(runs)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    lines.append("")
+    lines.append(f"seeds: {', '.join(map(str, seeds))} (mean ± sample std over {len(seeds)}, in points)")
     return "\n".join(lines)
 
 
@@ -70,6 +98,8 @@ def main() -> int:
     # every student option, from the one config (alpha/beta are the rows' to set, out is --runs)
     build_parser(defaults=BENCH_DEFAULTS, parser=parser, skip=("alpha", "beta", "resume", "stop_after", "out"))
     parser.add_argument("--rows", default="1,2,3,4", help="which rows to run")
+    parser.add_argument("--seeds", type=int, default=1, help="run everything (alignment included) with seeds "
+                                                             "--seed, --seed+1, ...; the table gives mean ± std")
     parser.add_argument("--runs", default=BENCH_DEFAULTS["out"], help="where the students are written")
     parser.add_argument("--render", type=Path, default=None, help="only print the table of a paper_table.json")
     args = parser.parse_args()
@@ -80,27 +110,30 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     wanted = {int(x) for x in args.rows.split(",")}
-    runs = Path(args.runs)
-    base = config_from_args(args, out=str(runs / "aligned")).validate()
-    # The speech alignment phase is the same for every row (same seed, backbone frozen): run it once and
-    # start every row from its checkpoint, so the rows differ only in their fine-tuning losses.
-    t0 = time.monotonic()
-    if args.align_steps:
-        train(replace(base, stop_after=args.align_steps), progress=False)
-    align_minutes = round((time.monotonic() - t0) / 60, 1)
-    for i, (name, weights) in enumerate(ROWS, 1):
-        if i not in wanted:
-            continue
-        cfg = replace(base, out=str(runs / f"row{i}"), resume=bool(args.align_steps), **weights)
-        row_dir = Path(cfg.out)
-        shutil.rmtree(row_dir, ignore_errors=True)
-        if args.align_steps:
-            shutil.copytree(runs / "aligned", row_dir)
+    for seed in range(args.seed, args.seed + args.seeds):
+        runs = Path(args.runs) / f"seed{seed}"
+        base = config_from_args(args, out=str(runs / "aligned"), seed=seed).validate()
+        # The speech alignment phase is the same for every row (same seed, backbone frozen): run it once and
+        # start every row from its checkpoint, so the rows differ only in their fine-tuning losses.
         t0 = time.monotonic()
-        r = train(cfg, progress=False)
-        r.update(row=name, minutes=round((time.monotonic() - t0) / 60, 1), align_minutes=align_minutes)
-        results.append(r)
-        (out / "paper_table.json").write_text(json.dumps(results, indent=2))
+        if args.align_steps:
+            train(replace(base, stop_after=args.align_steps), progress=False)
+        align_minutes = round((time.monotonic() - t0) / 60, 1)
+        for i, (name, weights) in enumerate(ROWS, 1):
+            if i not in wanted:
+                continue
+            cfg = replace(base, out=str(runs / f"row{i}"), resume=bool(args.align_steps), **weights)
+            row_dir = Path(cfg.out)
+            shutil.rmtree(row_dir, ignore_errors=True)
+            if args.align_steps:
+                shutil.copytree(runs / "aligned", row_dir)
+            t0 = time.monotonic()
+            r = train(cfg, progress=False)
+            r.update(row=name, seed=seed, minutes=round((time.monotonic() - t0) / 60, 1), align_minutes=align_minutes)
+            results.append(r)
+            (out / "paper_table.json").write_text(json.dumps(results, indent=2))
+            print(f"seed {seed} {name}: text {r['student_text_accuracy']:.1%}, speech "
+                  f"{r['student_speech_accuracy']:.1%} ({r['minutes']} min)", flush=True)  # fmt: skip
     table = render(results)
     (out / "paper_table.md").write_text(table + "\n")
     print(table)

@@ -31,13 +31,17 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline import features as features_stage
+from pipeline import schemas
 from pipeline import samples as samples_stage
 from pipeline import speech as speech_stage
-from pipeline import toy_teacher
+from toy import encoder as toy_encoder
+from toy import teacher as toy_teacher
 from pipeline.errors import UserError, cli
 from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, format_summary
 
 FLOW_NAME = "cache-teacher"
+HELDOUT_VOICE = toy_encoder.EncoderBuildConfig.heldout_voice  # the voice the toy encoder never hears either
+HELDOUT_RATE = 160
 
 
 def retry_unless_config_error(task, task_run, state) -> bool:
@@ -71,10 +75,26 @@ def build_default_teacher(samples_dir: Path, teacher_dir: Path) -> str:
     return str(teacher_dir)
 
 
+@task(name="build-default-encoder")
+def build_default_encoder(samples_dir: Path, encoder_dir: Path) -> dict:
+    """The embedded speech encoder (the toy's Whisper: phoneme CTC on pseudo-names), built once and reused."""
+    if toy_encoder.is_built(encoder_dir):
+        report = json.loads((Path(encoder_dir) / toy_encoder.BUILD_REPORT).read_text())
+        how = "already built"
+    else:
+        report = toy_encoder.build_encoder(samples_dir, encoder_dir, toy_encoder.EncoderBuildConfig(), progress=False)
+        how = f"built in {report['seconds'] / 60:.1f} min"
+    print(f"toy speech encoder ({how}): phoneme error {report['heldout_per']:.1%} on never-heard names, "
+          f"{report.get('heldout_voice_per', float('nan')):.1%} in the never-heard voice "
+          f"{report.get('heldout_voice', '?')} -> {encoder_dir}")  # fmt: skip
+    return report
+
+
 @task(name="synthesize-speech", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
-def synthesize_speech(samples_dir: Path, audio_dir: Path, voices: list[str], rates: list[int], per_sample: int) -> dict:
+def synthesize_speech(samples_dir: Path, audio_dir: Path, voices: list[str], rates: list[int], per_sample: int,
+                      split: str | None = None) -> dict:  # fmt: skip
     r = speech_stage.synthesize_all(samples_dir, audio_dir, voices=tuple(voices), rates=tuple(rates),
-                                    per_sample=per_sample, progress=False)  # fmt: skip
+                                    per_sample=per_sample, progress=False, split=split)  # fmt: skip
     return {"clips": r.index.num_rows, "synthesized": r.synthesized, "rejected": r.rejects.num_rows}
 
 
@@ -92,7 +112,15 @@ def cache_logits(cfg: CacheRunConfig) -> dict:
     return summary
 
 
-def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict) -> str:
+def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict, heldout: dict | None = None,
+                     encoder: dict | None = None) -> str:  # fmt: skip
+    extra = ""
+    if heldout:
+        extra += (f"| held-out voice (eval split) | {heldout['clips']} clips, {heldout['extracted']} features "
+                  f"extracted, {heldout['rejected']} rejected |\n")  # fmt: skip
+    if encoder:
+        extra += (f"| toy speech encoder | phoneme error {encoder['heldout_per']:.1%} on never-heard names after "
+                  f"{encoder['steps']} steps ({encoder['seconds'] / 60:.1f} min) |\n")  # fmt: skip
     reasons = "\n".join(f"| {reason} | {n} |" for reason, n in sorted(cache["rejects_by_reason"].items()))
     return f"""# cache-teacher run
 
@@ -106,7 +134,7 @@ def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict) -> s
 | tokens/s (scored, engine start excluded) | {cache['tokens_per_second']} |
 | bytes per cached token | {cache['bytes_per_cached_token']} |
 | cache | `{cache['cache_dir']}` ({cache['cache_rows']} rows, {cache['cache_bytes']} bytes, top-{cache['top_k']}) |
-
+{extra}
 Cache rejects by reason:
 
 | reason | count |
@@ -127,6 +155,8 @@ def cache_teacher(
     voices: list[str] = list(speech_stage.DEFAULT_VOICES),
     rates: list[int] = list(speech_stage.DEFAULT_RATES),
     per_sample: int = 1,
+    heldout_voice: str | None = HELDOUT_VOICE,
+    default_encoder: bool = True,
     n_mels: int = 80,
     dtype: str = "auto",
     max_model_len: int | None = None,
@@ -139,24 +169,41 @@ def cache_teacher(
     `teacher`: a local HF model dir or a Hugging Face id; default: the embedded
     toy teacher, trained on the samples if `<data_dir>/models/teacher` is missing.
     `split`: the split of source rows that carry none.
+    `heldout_voice`: also speak the eval split in this voice (never a training voice), for the student's
+    held-out-voice column (`<data_dir>/features-heldout-voice`); None: not.
+    `default_encoder`: on the toy world, also build the embedded pretrained speech encoder
+    (`<data_dir>/models/encoder`) that `student/train.py --encoder` starts from.
     """
+    if heldout_voice and heldout_voice in voices:
+        raise UserError(f"--heldout-voice {heldout_voice} is also a training voice (--voices {','.join(voices)}); "
+                        f"pick a voice the training speech does not use, or --heldout-voice ''")  # fmt: skip
     data = Path(data_dir)
     samples_dir, audio_dir, features_dir = data / "samples", data / "audio", data / "features"
     samples = prepare_samples(source, samples_dir, split)
     model = teacher or build_default_teacher(samples_dir, data / "models" / "teacher")
     speech = synthesize_speech(samples_dir, audio_dir, voices, rates, per_sample)
     feats = extract_features(audio_dir, features_dir, n_mels)
+    heldout = None
+    if heldout_voice:
+        held_audio = data / ("audio" + schemas.HELDOUT_VOICE_SUFFIX)
+        held_features = data / ("features" + schemas.HELDOUT_VOICE_SUFFIX)
+        held_speech = synthesize_speech(samples_dir, held_audio, [heldout_voice], [HELDOUT_RATE], 1, split="eval")
+        heldout = {**held_speech, **extract_features(held_audio, held_features, n_mels)}
     cfg = CacheRunConfig(
         samples_dir=samples_dir, out_dir=data / "cache", features_dir=features_dir, top_k=top_k, responses=responses,
         max_new_tokens=max_new_tokens, limit=limit, overwrite=overwrite,
         engine=EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib),
     )  # fmt: skip
     cache = cache_logits(cfg)
+    encoder = None
+    if default_encoder and source == samples_stage.TOY_WORLD:
+        encoder = build_default_encoder(samples_dir, data / "models" / "encoder")
     create_markdown_artifact(
-        key="cache-teacher-summary", markdown=summary_markdown(samples, speech, feats, cache),
+        key="cache-teacher-summary", markdown=summary_markdown(samples, speech, feats, cache, heldout, encoder),
         description="speechkd cache-teacher run summary",
     )  # fmt: skip
-    return {"samples": samples, "speech": speech, "features": feats, "cache": cache}
+    return {"samples": samples, "speech": speech, "features": feats, "cache": cache, "heldout_voice": heldout,
+            "encoder": encoder}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--voices", default=",".join(speech_stage.DEFAULT_VOICES))
     parser.add_argument("--rates", default=",".join(map(str, speech_stage.DEFAULT_RATES)))
     parser.add_argument("--per-sample", type=int, default=1, help="speech renditions per sample")
+    parser.add_argument("--heldout-voice", default=HELDOUT_VOICE,
+                        help="also speak the eval split in this voice, never a training one ('': not)")
+    parser.add_argument("--no-default-encoder", dest="default_encoder", action="store_false",
+                        help="on the toy world, do not build the embedded pretrained speech encoder")
     parser.add_argument("--n-mels", type=int, default=80)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -187,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k != "serve"}
     params["voices"] = [v for v in args.voices.split(",") if v]
     params["rates"] = [int(r) for r in args.rates.split(",") if r]
+    params["heldout_voice"] = args.heldout_voice or None
     if args.serve:
         cache_teacher.serve(name=args.serve, parameters=params)
         return 0

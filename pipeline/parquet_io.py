@@ -109,13 +109,21 @@ def rejects_table(rows: Iterable[dict]) -> pa.Table:
 
 
 def rejects_path(stage_out_dir: Path | str, stage: str) -> Path:
-    """Where a stage records its rejects: <data>/rejects/<stage>.parquet.
+    """Where a stage records its rejects: <data>/rejects/<stage>.parquet (<stage>-<dir>.parquet when the
+    stage writes somewhere other than its usual directory).
 
     One folder for every stage's rejects (a sibling of the stage's output
     directory), so no stage's own glob such as features/*.parquet picks them up
     and one DuckDB glob reads them all.
     """
-    return Path(stage_out_dir).parent / "rejects" / f"{stage}.parquet"
+    out = Path(stage_out_dir)
+    name = stage if out.name in STAGE_DIRS.get(stage, ()) else f"{stage}-{out.name}"
+    return out.parent / "rejects" / f"{name}.parquet"
+
+
+# A stage writing to its usual directory records rejects as <stage>.parquet; to another directory (a second
+# speech set, such as the flow's held-out voice) as <stage>-<directory>.parquet, so no run overwrites another's.
+STAGE_DIRS = {"samples": ("samples",), "speech": ("audio",), "features": ("features",), "cache": ("cache",)}
 
 
 def reject(stage: str, field: str, reason: str, *, sample_id=None, rendition=None, source_position=None) -> dict:

@@ -16,6 +16,8 @@ SAMPLES_DIR = DATA_DIR / "samples"
 AUDIO_DIR = DATA_DIR / "audio"
 FEATURES_DIR = DATA_DIR / "features"
 MODELS_DIR = DATA_DIR / "models"
+# <stage dir><suffix>: the eval split spoken by a voice training never used (flow: --heldout-voice)
+HELDOUT_VOICE_SUFFIX = "-heldout-voice"
 TEACHER_DIR = MODELS_DIR / "teacher"
 CACHE_DIR = DATA_DIR / "cache"
 

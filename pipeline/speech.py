@@ -154,10 +154,12 @@ def synthesize_all(
     per_sample: int = 1,
     jobs: int = os.cpu_count() or 1,
     progress: bool = True,
+    split: str | None = None,
 ) -> SpeechResult:
+    """Speak every sample's prompt (or only those of `split`) in `per_sample` renditions of voices x rates."""
     backend = backend or EspeakNG()
     audio_dir = Path(audio_dir)
-    samples = load_samples(samples_dir).select(["sample_id", "prompt"]).to_pylist()
+    samples = load_samples(samples_dir, split).select(["sample_id", "prompt"]).to_pylist()
     grid = [Rendition(v, r) for v in voices for r in rates]
     if not grid:
         raise ValueError("no renditions: give at least one --voices entry and one --rates entry")
@@ -223,10 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--voices", type=_csv(str), default=DEFAULT_VOICES, help="comma-separated voices")
     parser.add_argument("--rates", type=_csv(int), default=DEFAULT_RATES, help="comma-separated words/minute")
     parser.add_argument("--per-sample", type=int, default=1, help="renditions per sample")
+    parser.add_argument("--split", default=None, help="only the samples of this split (e.g. eval, for a held-out "
+                                                      "voice)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
     args = parser.parse_args(argv)
     result = synthesize_all(
-        args.samples, args.out, BACKENDS[args.backend](), args.voices, args.rates, args.per_sample, args.jobs
+        args.samples, args.out, BACKENDS[args.backend](), args.voices, args.rates, args.per_sample, args.jobs,
+        split=args.split,
     )
     hours = sum(result.index["duration_s"].to_pylist()) / 3600
     print(

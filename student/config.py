@@ -20,7 +20,7 @@ KD_CHOICES = ("forward_kl", "forward_kl_tail", "reverse_kl")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 CHANNELS = ("T", "S")
-ALIGN_CHOICES = ("transcribe", "behave", "both")
+ALIGN_CHOICES = ("transcribe", "behave", "both", "ctc")
 
 
 def opt(default, help: str, choices: tuple | None = None):
@@ -39,6 +39,9 @@ class TrainConfig:
     out: str = opt("data/runs/student", "run directory: metrics.csv, eval.csv, loss.png, checkpoint.pt, final/")
     samples: str | None = opt(None, "samples directory (default: from the cache manifest)")
     features: str | None = opt(None, "speech features directory (default: from the cache manifest)")
+    heldout_features: str = opt("auto", "speech features of the eval split in a voice never used in training, "
+                                        "for the final eval's held-out-voice column (auto: <features>-heldout-voice, "
+                                        "which the flow writes, when it exists; '': none)")  # fmt: skip
     verify: bool = opt(True, "check every cache shard against the sha256 its manifest recorded before training "
                              "(--no-verify: skip, for people who know the files are intact)")  # fmt: skip
     num_workers: int = opt(1, "DataLoader worker processes reading and decoding batches (0: in the training process)")
@@ -48,7 +51,7 @@ class TrainConfig:
     # --- model
     backbone: str | None = opt(None, "backbone LLM, HF id or path (default: the teacher named in the cache manifest)")
     encoder: str = opt("conv-transformer", "speech encoder: conv-transformer (from scratch), a pretrained toy encoder "
-                                           "(python -m pipeline.toy_encoder: data/models/encoder) or a Whisper id/path")  # fmt: skip
+                                           "(python -m toy.encoder: data/models/encoder) or a Whisper id/path")  # fmt: skip
     encoder_dropout: float = opt(0.1, "dropout in the conv-transformer encoder")
     adapter: str = opt("mlp", "speech -> backbone interface: mlp (frame stacking + MLP) or ctc-embed (LegoSLM-style: "
                               "the CTC head's token posteriors x the backbone's embeddings, at CTC emissions)",
@@ -62,7 +65,8 @@ class TrainConfig:
     align_steps: int = opt(300, "first: the speech side is aligned to the frozen backbone (see --align)")
     align: str = opt("transcribe", "alignment loss: transcribe (the spoken prompt -> its own tokens, + CTC), behave "
                                    "(the spoken prompt -> the teacher's cached response distribution: KD + CE, as "
-                                   "BLSP/DiVA align behaviour), or both", ALIGN_CHOICES)  # fmt: skip
+                                   "BLSP/DiVA align behaviour; + CTC), both, or ctc (token CTC of the encoder "
+                                   "frames alone: the backbone is not run, so a step is cheap)", ALIGN_CHOICES)  # fmt: skip
     batch_size: int = opt(32, "global batch (examples per optimizer step, over all ranks and accumulation steps)")
     grad_accum: int = opt(1, "gradient accumulation steps per optimizer step (per-rank micro-batch = "
                              "batch-size / (world size * grad-accum))")  # fmt: skip
@@ -119,6 +123,8 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.tau <= 0:
             raise ConfigError(f"--tau must be > 0, got {self.tau}")
+        if self.align == "ctc" and self.align_steps and self.ctc_weight <= 0:
+            raise ConfigError("--align ctc aligns by token CTC alone: it needs --ctc-weight > 0")
         if self.align_steps > self.steps:
             raise ConfigError(f"--align-steps {self.align_steps} exceeds --steps {self.steps} (steps count both phases)")
         if not 0.0 < self.finetune_fraction <= 1.0:
@@ -206,7 +212,7 @@ def build_parser(
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}, **overrides)
+    return TrainConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
 
 
 def world_size_from_env() -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import schemas
 from pipeline.cache import CacheReader
 from pipeline.chat import exact_match, render_prompt
 from pipeline.errors import MissingInput, cli
@@ -134,6 +135,45 @@ def evaluate_student(
     return report
 
 
+def heldout_voice_features(features_dir: Path, option: str | None) -> Path | None:
+    """Where the eval split spoken by a voice never used in training is: `option` itself, or with `auto` the
+    flow's `<features>-heldout-voice` beside the training features when it exists; None for ''."""
+    if option is None or option == "":
+        return None
+    if option != "auto":
+        path = Path(option)
+        if not (path / "index.parquet").exists() and not path.is_dir():
+            raise MissingInput(f"--heldout-features {path}: no speech features there; make them with the flow "
+                               f"(--heldout-voice) or pipeline.speech --split eval + pipeline.features")  # fmt: skip
+        return path
+    path = Path(features_dir).parent / (Path(features_dir).name + schemas.HELDOUT_VOICE_SUFFIX)
+    return path if path.is_dir() else None
+
+
+def voices_of(store: FeatureStore) -> set[str]:
+    """The voices of a feature store's renditions (rendition ids are voice@rate)."""
+    return {rend.rsplit("@", 1)[0] for _, rend in store.keys()}
+
+
+@torch.no_grad()
+def evaluate_heldout_voice(model, tokenizer, evalset: EvalSet, subsets: dict[str, set[str]] | None = None,
+                           max_new_tokens: int = 32, batch_size: int = 64) -> dict:  # fmt: skip
+    """Spoken exact match on the eval split in a voice never heard in training (overall and per subset)."""
+    model.eval()
+    rows = evalset.rows
+    speech = []
+    for i in range(0, len(rows), batch_size):
+        speech.extend(answer_speech(model, tokenizer, evalset.speech(i, i + batch_size), max_new_tokens))
+    report = {"heldout_voice": ",".join(sorted(voices_of(evalset.features)))}
+    for name, ids in {"": None, **(subsets or {})}.items():
+        pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
+        prefix = f"heldout_voice_{name}_" if name else "heldout_voice_"
+        report[f"{prefix}student_speech_accuracy"] = exact_match([speech[i] for i in pick],
+                                                                 [rows[i]["response"] for i in pick])  # fmt: skip
+        report[f"{prefix}n_eval"] = len(pick)
+    return report
+
+
 @torch.no_grad()
 def evaluate_teacher(teacher: str, evalset: EvalSet, max_new_tokens: int = 32, device="cpu") -> float:
     """The text teacher's own accuracy (transformers, loaded for evaluation only, on `device`)."""
@@ -148,7 +188,7 @@ def evaluate_teacher(teacher: str, evalset: EvalSet, max_new_tokens: int = 32, d
 
 
 def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_dir=None, limit=None,
-                device="cpu") -> dict:  # fmt: skip
+                device="cpu", heldout_features: str | None = "auto") -> dict:  # fmt: skip
     reader = CacheReader(cache_dir)
     samples_dir, features_dir = inputs_from_manifest(reader, samples_dir, features_dir)
     rows = eval_set(samples_dir, features_dir, limit=limit)
@@ -157,6 +197,9 @@ def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_di
     report = evaluate_student(model, tokenizer, rows, device=device)
     report["teacher_text_accuracy"] = evaluate_teacher(reader.teacher, rows, device=device)
     report["forgetting"] = report["teacher_text_accuracy"] - report["student_text_accuracy"]
+    heldout = heldout_voice_features(features_dir, heldout_features)
+    if heldout is not None:
+        report.update(evaluate_heldout_voice(model, tokenizer, eval_set(samples_dir, heldout, limit=limit)))
     return report
 
 
@@ -166,9 +209,15 @@ def format_report(r: dict) -> str:
              f"{r['forgetting']:+.1%} | modality gap {r['modality_gap']:+.1%}"]  # fmt: skip
     for name in ("finetuned", "not_finetuned"):
         if f"{name}_n_eval" in r:
-            lines.append(f"  {name.replace('_', ' ')} facts ({r[f'{name}_n_eval']}): student text "
-                         f"{r[f'{name}_student_text_accuracy']:.1%} | student speech "
-                         f"{r[f'{name}_student_speech_accuracy']:.1%}")  # fmt: skip
+            line = (f"  {name.replace('_', ' ')} facts ({r[f'{name}_n_eval']}): student text "
+                    f"{r[f'{name}_student_text_accuracy']:.1%} | student speech "
+                    f"{r[f'{name}_student_speech_accuracy']:.1%}")  # fmt: skip
+            if f"heldout_voice_{name}_student_speech_accuracy" in r:
+                line += f" | held-out voice {r[f'heldout_voice_{name}_student_speech_accuracy']:.1%}"
+            lines.append(line)
+    if "heldout_voice_student_speech_accuracy" in r:
+        lines.append(f"  held-out voice {r['heldout_voice']} ({r['heldout_voice_n_eval']} questions, a voice never "
+                     f"used in training): student speech {r['heldout_voice_student_speech_accuracy']:.1%}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -183,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logits", type=Path, default=Path("data/cache"), help="cache (for teacher and inputs)")
     parser.add_argument("--samples", type=Path, default=None)
     parser.add_argument("--features", type=Path, default=None)
+    parser.add_argument("--heldout-features", default="auto",
+                        help="the eval split spoken by a voice never used in training (auto: <features>-heldout-voice "
+                             "when it exists; '': none)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="only the first N eval questions")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     args = parser.parse_args(argv)
@@ -192,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     model = SpeechLLM.load(args.student).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
-    report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device)
+    report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device,
+                         args.heldout_features)  # fmt: skip
     print(format_report(report))
     print(json.dumps(report))
 

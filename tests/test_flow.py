@@ -85,6 +85,14 @@ def test_served_deployment_runs_the_flow_and_writes_the_cache(tiny_teacher, tiny
         assert reader.encoding.top_k == 8
         con = connect(data)
         assert con.sql("SELECT count(*) FROM features").fetchall()[0][0] == len(rows)
+        # the eval split, also spoken by the held-out voice (never a training voice), for the student's eval
+        from pipeline.features import FeatureStore
+
+        held = FeatureStore(data / "features-heldout-voice")
+        eval_ids = {r["sample_id"] for r in rows if r["split"] == "eval"}
+        assert eval_ids and {sid for sid, _ in held.keys()} == eval_ids
+        assert {rend.split("@")[0] for _, rend in held.keys()} == {"en-029"}
+        assert not (data / "models" / "encoder").exists()  # a user's dataset: no toy encoder is built
         assert con.sql("SELECT count(DISTINCT sample_id) FROM teacher_tokens").fetchall()[0][0] == len(rows)
         art = subprocess.run([PREFECT, "artifact", "inspect", "cache-teacher-summary"], env=env, capture_output=True,
                              text=True)  # fmt: skip

@@ -124,7 +124,7 @@ def test_missing_features_are_counted_not_silently_skipped(student_cache, tiny_t
 
 
 def test_tokenizer_fingerprint_mismatch_is_refused(student_cache, tmp_path):
-    from pipeline.toy_teacher import train_tokenizer
+    from toy.teacher import train_tokenizer
     from student.data import TokenizerMismatch, load_examples
 
     other = train_tokenizer(["a completely different corpus", "with other merges"], 300)
@@ -231,6 +231,31 @@ def test_finetune_fraction_keeps_whole_groups_and_evaluates_both_sides(student_c
     assert result["finetuned_n_eval"] > 0 and result["not_finetuned_n_eval"] > 0
     assert result["finetuned_n_eval"] + result["not_finetuned_n_eval"] == result["n_eval"]
     assert len(list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))) == 6
+
+
+def test_final_eval_reports_a_held_out_voice_and_refuses_one_training_heard(student_cache, tmp_path):
+    from pipeline.cache import CacheReader
+    from pipeline.features import FeatureConfig, extract_all
+    from pipeline.speech import synthesize_all
+    from student.config import ConfigError
+    from student.data import inputs_from_manifest
+    from student.train import train
+
+    samples_dir, features_dir = inputs_from_manifest(CacheReader(student_cache), None, None)
+    held = tmp_path / "features-held"
+    synthesize_all(samples_dir, tmp_path / "audio-held", voices=("en-029",), rates=(160,), split="eval",
+                   progress=False)  # fmt: skip
+    extract_all(tmp_path / "audio-held" / "index.parquet", held, FeatureConfig(n_mels=40), progress=False)
+    result = train(_cfg(student_cache, tmp_path / "run", heldout_features=str(held), finetune_fraction=0.5),
+                   progress=False)  # fmt: skip
+    assert result["heldout_voice"] == "en-029"
+    assert result["heldout_voice_n_eval"] == result["n_eval"] > 0
+    assert 0.0 <= result["heldout_voice_student_speech_accuracy"] <= 1.0
+    assert (result["heldout_voice_finetuned_n_eval"] + result["heldout_voice_not_finetuned_n_eval"]
+            == result["n_eval"])  # fmt: skip
+    # the training speech's own voice is no held-out voice
+    with pytest.raises(ConfigError, match="also in the training speech"):
+        train(_cfg(student_cache, tmp_path / "bad", heldout_features=str(features_dir)), progress=False)
 
 
 def test_resume_reproduces_the_next_steps_loss(student_cache, tmp_path):
