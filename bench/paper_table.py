@@ -1,13 +1,13 @@
 """The paper's table at toy scale: does cross-modal KD reduce forgetting and the modality gap?
 
-    .venv/bin/python bench/paper_table.py --features data/features_1voice   # single-voice speech (see README)
-    .venv/bin/python bench/paper_table.py                                   # the default (4-voice) speech
+    .venv/bin/python bench/paper_table.py --seeds 3      # after make demo (needs data/models/encoder)
     .venv/bin/python bench/paper_table.py --render bench/results/paper_table.json   # print a stored table
 
-One shared speech-alignment phase (encoder + adapter learn the spoken prompts
-of the whole train split by transcription + CTC, backbone frozen), then four
-students fine-tuned from it with the same budget (steps, batch, learning
-rates, seed). As in the paper, the speech fine-tuning data covers part of what
+Per seed: one shared speech-alignment phase (the pretrained toy encoder and its
+token-CTC head learn the spoken prompts of the whole train split, read through
+the ctc-embed interface, backbone frozen: the aligned model already answers
+spoken questions), then four students fine-tuned from it with the same budget
+(steps, batch, learning rates, seed). As in the paper, the speech fine-tuning data covers part of what
 the model knows: by default the facts of half of the toy world's entities
 (`--finetune-fraction`); evaluation asks about all of them. Every row
 fine-tunes the whole model on speech with CE on the cached responses, and adds:
@@ -90,6 +90,8 @@ def render(results: list[dict]) -> str:
 # The bench's own setting of the student config (every other TrainConfig field keeps the trainer's default and
 # can be overridden here by the same flag as in student/train.py).
 BENCH_DEFAULTS = dict(steps=800, align_steps=400, lr=2e-3, backbone_lr=1e-3, ce_channels="S", finetune_fraction=0.5,
+                      encoder="data/models/encoder", adapter="ctc-embed", align="ctc", freeze_encoder=False,
+                      finetune_lr=2e-4,
                       eval_every=0, save_every=0, out="data/runs/paper_table")  # fmt: skip
 
 

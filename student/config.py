@@ -72,6 +72,7 @@ class TrainConfig:
                              "batch-size / (world size * grad-accum))")  # fmt: skip
     lr: float = opt(1e-3, "learning rate of the encoder + adapter (+ CTC head)")
     backbone_lr: float = opt(3e-4, "learning rate of the backbone (0 while aligning)")
+    finetune_lr: float | None = opt(None, "learning rate of the speech side while fine-tuning (default: --lr)")
     warmup: int = opt(50, "linear warm-up steps, at the start of each phase")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     # --- losses: total = alpha*tau^2*KD(T->T) + beta*tau^2*KD(S->T) + gamma*sum(CE over --ce-channels)
@@ -121,6 +122,8 @@ class TrainConfig:
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.finetune_lr is not None and self.finetune_lr < 0:
+            raise ConfigError(f"--finetune-lr must be >= 0, got {self.finetune_lr}")
         if self.tau <= 0:
             raise ConfigError(f"--tau must be > 0, got {self.tau}")
         if self.align == "ctc" and self.align_steps and self.ctc_weight <= 0:
@@ -204,7 +207,8 @@ def build_parser(
         if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
-        kind = {"int": int, "float": float, "int | None": int, "str | None": str, "str": str}[str(f.type)]
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float, "str | None": str,
+                "str": str}[str(f.type)]  # fmt: skip
         shown = f" (default: {default})" if default not in (None, "") else ""
         parser.add_argument(flag, type=kind, default=default, help=help_ + shown, choices=f.metadata.get("choices"))
     return parser

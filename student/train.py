@@ -73,8 +73,9 @@ from student.model import SpeechLLM, StudentConfig, pretrained_toy_encoder
 # --- losses ---------------------------------------------------------------------------------------
 
 
-def channel_losses(model, template, batch, cfg: TrainConfig, norms: dict) -> dict[str, torch.Tensor]:
-    """KD and CE terms of each channel the config uses. `norms`: what to divide each sum by (see step())."""
+def channel_losses(model, template, batch, cfg: TrainConfig, norms: dict, encoded=None) -> dict[str, torch.Tensor]:
+    """KD and CE terms of each channel the config uses. `norms`: what to divide each sum by (see step());
+    `encoded`: the encoder's output for the batch's speech, when the caller has it."""
     kd = KD_LOSSES[cfg.kd]
     ce_channels = cfg.ce_set()
     out = {}
@@ -88,7 +89,7 @@ def channel_losses(model, template, batch, cfg: TrainConfig, norms: dict) -> dic
         if "T" in ce_channels:
             out["ce_T"] = response_ce(logits, batch["response_ids"], batch["mask"], norms["response"])
     if cfg.beta > 0 or "S" in ce_channels:
-        embeds, attention, pos = speech_inputs(model, template, batch)
+        embeds, attention, pos = speech_inputs(model, template, batch, encoded=encoded)
         logits = gather_positions(model.forward_embeds(embeds, attention), pos)
         if cfg.beta > 0:
             out["kd_S"] = kd(logits, **targets)
@@ -129,19 +130,31 @@ class Objective(torch.nn.Module):
 
     def forward(self, batch: dict, aligning: bool, norms: dict) -> dict[str, torch.Tensor]:
         if not aligning:
-            return channel_losses(self.model, self.template, batch, self.cfg, norms)
+            if not (self.cfg.adapter == "ctc-embed" and self.cfg.ctc_weight > 0):
+                return channel_losses(self.model, self.template, batch, self.cfg, norms)
+            # the ctc-embed interface reads greedy CTC emissions, which no KD/CE gradient sees: token CTC stays
+            # on so fine-tuning cannot pull the head off what it emits (measured: without it, 100 fine-tuning
+            # steps took the aligned student's spoken exact match from ~67% to 2.4%)
+            encoded = self.model.encoder(batch["speech"], batch["speech_lengths"])
+            parts = channel_losses(self.model, self.template, batch, self.cfg, norms, encoded)
+            parts["ctc"] = self.token_ctc(batch, norms, encoded)
+            return parts
         parts = {}
         if self.cfg.align in ("transcribe", "both"):
             parts.update(alignment_loss(self.model, batch, self.cfg, norms))
         elif self.cfg.ctc_weight > 0:  # token CTC of the encoder frames stays on in every alignment mode
-            encoded = self.model.encoder(batch["speech"], batch["speech_lengths"])
-            parts["ctc"] = self.model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1,
-                                               norms["examples"])  # fmt: skip
+            parts["ctc"] = self.token_ctc(batch, norms)
         if self.cfg.align in ("behave", "both"):
             # behaviour alignment: from the spoken prompt, the frozen backbone should give the teacher's cached
             # distribution over the response (KD) and the response itself (CE), through the S channel only
             parts.update(channel_losses(self.model, self.template, batch, self.behave_cfg, norms))
         return parts
+
+    def token_ctc(self, batch: dict, norms: dict, encoded=None) -> torch.Tensor:
+        """CTC of the encoder frames against the prompt's tokens (without its end-of-turn token)."""
+        encoded = encoded or self.model.encoder(batch["speech"], batch["speech_lengths"])
+        return self.model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1,
+                                   norms["examples"])  # fmt: skip
 
     @property
     def behave_cfg(self) -> TrainConfig:
@@ -406,7 +419,10 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
         for g in optim.param_groups:
             # While aligning speech the backbone stays as the text LLM it was (lr 0).
             frozen = aligning and g["name"] == "backbone"
-            g["lr"] = 0.0 if frozen else g["base_lr"] * lr_scale(step, cfg)
+            base = g["base_lr"]
+            if g["name"] == "speech" and not aligning and cfg.finetune_lr is not None:
+                base = cfg.finetune_lr
+            g["lr"] = 0.0 if frozen else base * lr_scale(step, cfg)
         model.train()
         logged = torch.zeros(len(PARTS) + 1, dtype=torch.float64)
         optim.zero_grad(set_to_none=True)

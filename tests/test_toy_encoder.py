@@ -128,20 +128,26 @@ def test_ctc_embed_adapter_gives_one_token_embedding_per_ctc_emission(tiny_teach
     assert model.ctc_head.weight.grad is not None and model.ctc_head.weight.requires_grad
 
 
-def test_ctc_alignment_trains_the_speech_side_alone(built_encoder, student_cache, tmp_path):
-    """--align ctc: token CTC of the encoder frames only (the backbone is not run); then behaviour alignment
-    is not what it logs, and the backbone is untouched."""
+def test_ctc_alignment_trains_the_speech_side_alone_and_ctc_stays_on_in_fine_tuning(built_encoder, student_cache,
+                                                                                    tmp_path):  # fmt: skip
+    """--align ctc: token CTC of the encoder frames only (the backbone is not run, its lr is 0); with the
+    ctc-embed interface token CTC stays on while fine-tuning, at --finetune-lr on the speech side."""
     import csv
 
     from student.train import TrainConfig, train
 
     cfg = TrainConfig(logits=str(student_cache), out=str(tmp_path / "run"), encoder=str(built_encoder), align="ctc",
-                      adapter="ctc-embed", freeze_encoder=False, steps=3, align_steps=3, batch_size=4, eval_every=0,
-                      save_every=3, num_workers=0, warmup=1, final_eval=False)  # fmt: skip
+                      adapter="ctc-embed", freeze_encoder=False, steps=5, align_steps=3, batch_size=4, eval_every=0,
+                      save_every=3, num_workers=0, warmup=1, final_eval=False, lr=1e-3,
+                      finetune_lr=1e-5)  # fmt: skip
     before = torch.load(built_encoder / te.WEIGHTS_FILE, weights_only=True)["encoder"]
     train(cfg, progress=False)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
-    assert all(r["ctc"] and not r["kd_S"] and not r["ce_S"] and not r["align"] for r in rows)
+    aligning, tuning = rows[:3], rows[3:]
+    assert all(r["ctc"] and not r["kd_S"] and not r["ce_S"] and not r["align"] for r in aligning)
+    assert all(float(r["lr_backbone"]) == 0.0 for r in aligning)
+    assert all(r["ctc"] and r["kd_S"] and r["kd_T"] for r in tuning)
+    assert float(tuning[0]["lr_speech"]) == pytest.approx(1e-5)  # --finetune-lr (warm-up of 1 step)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
     assert any(not torch.equal(state["encoder." + k], v) for k, v in before.items())  # --no-freeze-encoder: trained
     with pytest.raises(Exception, match="--ctc-weight"):

@@ -48,7 +48,7 @@ STRESS = re.compile(r"[',]")
 
 @dataclass(frozen=True)
 class EncoderBuildConfig:
-    utterances: int = 8000  # training sentences
+    utterances: int = 6000  # training sentences
     eval_utterances: int = 300  # sentences with held-out names
     heldout_names: int = 300
     # every accent x every voice variant (espeak-ng's +m1..+m7, +f1..+f5, +klatt: other speakers' timbre)
@@ -62,15 +62,15 @@ class EncoderBuildConfig:
     rate_range: tuple[int, int] = (140, 185)
     pitch_range: tuple[int, int] = (35, 65)
     n_mels: int = 80
-    dim: int = 144
-    layers: int = 4
+    dim: int = 128
+    layers: int = 3
     heads: int = 4
     subsample: int = 2  # stride-2 convolutions: 2 -> 40 ms frames (8x is too coarse for 12-15 phonemes/s)
     batch_size: int = 32
     lr: float = 1.5e-3
     warmup: int = 200
     target_per: float = 0.06  # stop at this phoneme error rate on held-out names
-    max_minutes: float = 7.0  # training budget (synthesis not included)
+    max_minutes: float = 6.0  # training budget (synthesis not included)
     eval_every: int = 100
     seed: int = 0
 
@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--utterances", type=int, default=d.utterances)
     parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="training budget")
     parser.add_argument("--target-per", type=float, default=d.target_per)
+    parser.add_argument("--dim", type=int, default=d.dim, help="encoder width")
+    parser.add_argument("--layers", type=int, default=d.layers, help="transformer layers")
     parser.add_argument("--accents", type=lambda s: tuple(s.split(",")), default=d.accents,
                         help="comma-separated espeak-ng voices (accents)")
     parser.add_argument("--variants", type=lambda s: tuple(s.split(",")), default=d.variants,
@@ -333,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = EncoderBuildConfig(utterances=args.utterances, max_minutes=args.max_minutes, target_per=args.target_per,
                              accents=args.accents, variants=args.variants, heldout_voice=args.heldout_voice,
+                             dim=args.dim, layers=args.layers,
                              seed=args.seed)  # fmt: skip
     r = build_encoder(args.samples, args.out, cfg)
     print(f"toy encoder: held-out-name PER {r['heldout_per']:.1%} (heard names {r['heard_per']:.1%}) after "
