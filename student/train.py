@@ -449,7 +449,7 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
         bar.set_postfix(loss=f"{last['loss']:.3f}")
         if ranks.main:
             append_csv(out / "metrics.csv", METRIC_FIELDS, last)
-            if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:  # always at the end
                 save_checkpoint(ckpt, model, optim, done, cfg)
             if eval_rows and done % cfg.eval_every == 0 and done != cfg.steps:
                 with autocast():
