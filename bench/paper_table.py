@@ -49,6 +49,9 @@ COLUMNS = [  # (header, result key or (key, key) for "fine-tuned / other"), ever
     ("student speech", "student_speech_accuracy"),
     ("forgetting", "forgetting"),
     ("modality gap", "modality_gap"),
+    # text gap of the spoken answers to the teacher (forgetting + modality gap): unlike the modality gap it
+    # does not shrink when the student's text ability collapses
+    ("teacher text - student speech", "teacher_minus_speech"),
     ("speech: fine-tuned / other facts", ("finetuned_student_speech_accuracy", "not_finetuned_student_speech_accuracy")),
     ("text: fine-tuned / other facts", ("finetuned_student_text_accuracy", "not_finetuned_student_text_accuracy")),
     ("speech, held-out voice", "heldout_voice_student_speech_accuracy"),
@@ -66,6 +69,8 @@ def _stat(values: list[float], signed: bool) -> str:
 
 def render(results: list[dict]) -> str:
     """The markdown table: one line per row, each cell the mean over the seeds run (± their std)."""
+    results = [{**r, "teacher_minus_speech": r["teacher_text_accuracy"] - r["student_speech_accuracy"]}
+               for r in results]  # fmt: skip
     rows: dict[str, list[dict]] = {}
     for r in results:
         rows.setdefault(r["row"], []).append(r)
@@ -76,7 +81,7 @@ def render(results: list[dict]) -> str:
     for name, runs in rows.items():
         cells = []
         for header, key in columns:
-            signed = key in ("forgetting", "modality_gap")
+            signed = key in ("forgetting", "modality_gap", "teacher_minus_speech")
             if isinstance(key, tuple):
                 cells.append(" / ".join(_stat([r[k] for r in runs], False) for k in key))
             else:

@@ -61,15 +61,19 @@ def prepare_samples(source: str, samples_dir: Path, split: str) -> dict:
     return {"accepted": result.samples.num_rows, "rejected": result.rejects.num_rows}
 
 
+def build_once(fixture, out_dir: Path, build) -> tuple[dict, str]:
+    """A toy fixture's build report: read when a complete build is there, else from `build()`."""
+    if fixture.is_built(out_dir):
+        return json.loads((Path(out_dir) / fixture.BUILD_REPORT).read_text()), "already built"
+    report = build()
+    return report, f"built in {report['seconds'] / 60:.1f} min"
+
+
 @task(name="build-default-teacher")
 def build_default_teacher(samples_dir: Path, teacher_dir: Path) -> str:
     """The embedded toy teacher, trained once and reused."""
-    if toy_teacher.is_built(teacher_dir):
-        report = json.loads((Path(teacher_dir) / toy_teacher.BUILD_REPORT).read_text())
-        how = "already built"
-    else:
-        report = toy_teacher.build_teacher(samples_dir, teacher_dir, toy_teacher.TeacherConfig(), progress=False)
-        how = f"built in {report['seconds']:.0f}s"
+    report, how = build_once(toy_teacher, teacher_dir, lambda: toy_teacher.build_teacher(
+        samples_dir, teacher_dir, toy_teacher.TeacherConfig(), progress=False))  # fmt: skip
     print(f"toy teacher ({how}): eval exact match {report['eval_accuracy']:.1%} on {report['n_eval']} "
           f"held-out-template questions -> {teacher_dir}")
     return str(teacher_dir)
@@ -78,12 +82,8 @@ def build_default_teacher(samples_dir: Path, teacher_dir: Path) -> str:
 @task(name="build-default-encoder")
 def build_default_encoder(samples_dir: Path, encoder_dir: Path) -> dict:
     """The embedded speech encoder (the toy's Whisper: phoneme CTC on pseudo-names), built once and reused."""
-    if toy_encoder.is_built(encoder_dir):
-        report = json.loads((Path(encoder_dir) / toy_encoder.BUILD_REPORT).read_text())
-        how = "already built"
-    else:
-        report = toy_encoder.build_encoder(samples_dir, encoder_dir, toy_encoder.EncoderBuildConfig(), progress=False)
-        how = f"built in {report['seconds'] / 60:.1f} min"
+    report, how = build_once(toy_encoder, encoder_dir, lambda: toy_encoder.build_encoder(
+        samples_dir, encoder_dir, toy_encoder.EncoderBuildConfig(), progress=False))  # fmt: skip
     print(f"toy speech encoder ({how}): phoneme error {report['heldout_per']:.1%} on never-heard names, "
           f"{report.get('heldout_voice_per', float('nan')):.1%} in the never-heard voice "
           f"{report.get('heldout_voice', '?')} -> {encoder_dir}")  # fmt: skip

@@ -75,6 +75,14 @@ def answer_speech(model, tokenizer, clips: list[np.ndarray], max_new_tokens: int
     return generate_from_embeds(model.backbone, tokenizer, rows, max_new_tokens)
 
 
+def spoken_answers(model, tokenizer, evalset: "EvalSet", max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to every spoken question of the eval set, read and answered a batch at a time."""
+    out = []
+    for i in range(0, len(evalset), batch_size):
+        out.extend(answer_speech(model, tokenizer, evalset.speech(i, i + batch_size), max_new_tokens))
+    return out
+
+
 @dataclass
 class EvalSet:
     """Eval questions with one speech rendition each; the speech is read when asked for, a batch at a time."""
@@ -120,9 +128,7 @@ def evaluate_student(
         raise ValueError(f"the student is on {_device_of(model)}, evaluation asked for {device}")
     rows = evalset.rows
     text = answer_text(model.backbone, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    speech = []
-    for i in range(0, len(rows), batch_size):
-        speech.extend(answer_speech(model, tokenizer, evalset.speech(i, i + batch_size), max_new_tokens))
+    speech = spoken_answers(model, tokenizer, evalset, max_new_tokens, batch_size)
     report = {}
     for name, ids in {"": None, **(subsets or {})}.items():
         pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
@@ -142,7 +148,7 @@ def heldout_voice_features(features_dir: Path, option: str | None) -> Path | Non
         return None
     if option != "auto":
         path = Path(option)
-        if not (path / "index.parquet").exists() and not path.is_dir():
+        if not path.is_dir():
             raise MissingInput(f"--heldout-features {path}: no speech features there; make them with the flow "
                                f"(--heldout-voice) or pipeline.speech --split eval + pipeline.features")  # fmt: skip
         return path
@@ -161,9 +167,7 @@ def evaluate_heldout_voice(model, tokenizer, evalset: EvalSet, subsets: dict[str
     """Spoken exact match on the eval split in a voice never heard in training (overall and per subset)."""
     model.eval()
     rows = evalset.rows
-    speech = []
-    for i in range(0, len(rows), batch_size):
-        speech.extend(answer_speech(model, tokenizer, evalset.speech(i, i + batch_size), max_new_tokens))
+    speech = spoken_answers(model, tokenizer, evalset, max_new_tokens, batch_size)
     report = {"heldout_voice": ",".join(sorted(voices_of(evalset.features)))}
     for name, ids in {"": None, **(subsets or {})}.items():
         pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]

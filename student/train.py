@@ -152,7 +152,8 @@ class Objective(torch.nn.Module):
 
     def token_ctc(self, batch: dict, norms: dict, encoded=None) -> torch.Tensor:
         """CTC of the encoder frames against the prompt's tokens (without its end-of-turn token)."""
-        encoded = encoded or self.model.encoder(batch["speech"], batch["speech_lengths"])
+        if encoded is None:
+            encoded = self.model.encoder(batch["speech"], batch["speech_lengths"])
         return self.model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1,
                                    norms["examples"])  # fmt: skip
 
