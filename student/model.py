@@ -138,6 +138,14 @@ def pretrained_toy_encoder(path: str) -> dict | None:
     return meta if meta.get("kind") == "speechkd-toy-encoder" else None
 
 
+def toy_encoder_architecture(c: dict) -> "ConvTransformerEncoder":
+    """The conv-transformer at the size a toy-encoder build config (toy.encoder's, as a dict) names: what the
+    build trains and what the student loads its weights into."""
+    return ConvTransformerEncoder(StudentConfig(n_mels=c["n_mels"], encoder_dim=c["dim"], encoder_layers=c["layers"],
+                                                encoder_heads=c["heads"], encoder_subsample=c["subsample"],
+                                                dropout=0.1))  # fmt: skip
+
+
 def load_toy_encoder(path: str, n_mels: int) -> "ConvTransformerEncoder":
     """The pretrained toy encoder (phoneme CTC, toy.encoder) with its weights; its CTC head is not
     part of the student."""
@@ -146,9 +154,7 @@ def load_toy_encoder(path: str, n_mels: int) -> "ConvTransformerEncoder":
     if n_mels != c["n_mels"]:
         raise ValueError(f"the encoder at {path} takes {c['n_mels']} mel bins, the speech features have {n_mels}: "
                          f"extract them with `python -m pipeline.features --n-mels {c['n_mels']}`")  # fmt: skip
-    scfg = StudentConfig(n_mels=c["n_mels"], encoder_dim=c["dim"], encoder_layers=c["layers"],
-                         encoder_heads=c["heads"], encoder_subsample=c["subsample"], dropout=0.1)  # fmt: skip
-    encoder = ConvTransformerEncoder(scfg)
+    encoder = toy_encoder_architecture(c)
     state = torch.load(Path(path) / "encoder.pt", map_location="cpu", weights_only=True)
     encoder.load_state_dict(state["encoder"])
     return encoder

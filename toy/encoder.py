@@ -37,13 +37,12 @@ from tqdm import tqdm
 
 from pipeline import schemas
 from pipeline.errors import cli
-from toy.world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, _name, phonemize
+from toy.world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, STRESS, _name, phonemize
 
 ENCODER_DIR = schemas.MODELS_DIR / "encoder"
 BUILD_REPORT = "speechkd_encoder.json"
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "encoder.pt"
-STRESS = re.compile(r"[',]")
 
 
 @dataclass(frozen=True)
@@ -158,12 +157,10 @@ def synthesize_corpus(items: list[tuple[str, str, int, int]], n_mels: int, progr
 
 def make_encoder(cfg: EncoderBuildConfig | dict, n_phonemes: int):
     """(encoder, CTC head): the student's conv-transformer at this size, plus a phoneme CTC head."""
-    from student.model import ConvTransformerEncoder, StudentConfig
+    from student.model import toy_encoder_architecture
 
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
-    scfg = StudentConfig(n_mels=c["n_mels"], encoder_dim=c["dim"], encoder_layers=c["layers"],
-                         encoder_heads=c["heads"], encoder_subsample=c["subsample"], dropout=0.1)  # fmt: skip
-    return ConvTransformerEncoder(scfg), torch.nn.Linear(c["dim"], n_phonemes + 1)
+    return toy_encoder_architecture(c), torch.nn.Linear(c["dim"], n_phonemes + 1)
 
 
 def _batch(corpus, idx, vocab):
