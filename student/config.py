@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline import config as stage_config
+from pipeline.config import ConfigError, opt  # noqa: F401 - ConfigError is this stage's error type too
 
 KD_CHOICES = ("forward_kl", "forward_kl_tail", "reverse_kl")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 CHANNELS = ("T", "S")
 ALIGN_CHOICES = ("transcribe", "behave", "both", "ctc")
-
-
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field with its CLI help (and allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-class ConfigError(UserError, ValueError):
-    """An option value that cannot work; raised before any work starts."""
 
 
 @dataclass
@@ -95,6 +87,9 @@ class TrainConfig:
     final_eval: bool = opt(True, "evaluate at the end: teacher text, student text and speech on the eval split")
     eval_every: int = opt(200, "evaluate every N steps (0: only at the end)")
     eval_limit: int = opt(300, "eval questions during training (the final eval uses all)")
+    reference: str = opt("dataset", "what the eval's exact match compares to: the dataset's answers, or the "
+                                    "teacher's cached ones (a cache made with --responses teacher)",
+                         ("dataset", "teacher"))  # fmt: skip
     save_every: int = opt(200, "checkpoint every N steps (0: only at the end)")
     seed: int = opt(0, "seeds the initialisation, the data order and dropout")
     resume: bool = opt(False, "continue from <out>/checkpoint.pt")
@@ -105,11 +100,7 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> "TrainConfig":
         """Every option checked before work starts: raises ConfigError naming the option and what is allowed."""
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise ConfigError(f"--{_flag(f.name)} {value!r} is not one of: {', '.join(choices)}")
+        stage_config.check_choices(self)
         bad = self.ce_set() - set(CHANNELS)
         if bad:
             raise ConfigError(f"--ce-channels {self.ce_channels!r}: unknown channel(s) {sorted(bad)}; use T, S or T,S")
@@ -195,28 +186,11 @@ def build_parser(
     `defaults` overrides field defaults (the bench's own setting); `skip` leaves fields out; `parser`: add
     the flags to this one, else a new one with `description`.
     """
-    parser = parser or argparse.ArgumentParser(description=description,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    defaults = defaults or {}
-    for f in fields(TrainConfig):
-        if f.name in skip:
-            continue
-        default = defaults.get(f.name, f.default if f.default is not MISSING else None)
-        flag = "--" + _flag(f.name)
-        help_ = f.metadata.get("help", "")
-        if f.type in ("bool", bool, "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-            continue
-        kind = {"int": int, "float": float, "int | None": int, "float | None": float, "str | None": str,
-                "str": str}[str(f.type)]  # fmt: skip
-        shown = f" (default: {default})" if default not in (None, "") else ""
-        parser.add_argument(flag, type=kind, default=default, help=help_ + shown, choices=f.metadata.get("choices"))
-    return parser
+    return stage_config.build_parser(TrainConfig, defaults, parser, skip, description)
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
+    return stage_config.config_from_args(TrainConfig, args, **overrides)
 
 
 def world_size_from_env() -> int:
