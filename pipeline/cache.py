@@ -1,11 +1,23 @@
 """The teacher logit cache: zstd Parquet shards, one row per sample, plus manifest.json.
 
-Layout of a cache directory:
+Layout of a cache directory (one partition, the default):
 
     manifest.json        fingerprint (teacher weights/tokenizer/template hashes, k,
                          encoding), and per shard: rows, bytes, sha256
     part-00000.parquet   rows (schema: pipeline.schemas.CACHE_SCHEMA)
     .lock                held by the one process writing
+
+With P > 1 partitions (`--partitions P`, fixed for the cache's life) a sample
+belongs to partition sha256(sample_id) mod P, and each partition is a directory
+laid out as above, written by one worker at a time under its own lock:
+
+    manifest.json        layout "partitioned", partitions P, fingerprint, inputs (no shards)
+    partition-0000/      manifest.json, part-*.parquet, .lock   (that partition's own)
+    partition-0001/      ...
+
+Readers (CacheReader, pipeline.query, the student) read the union of the
+partitions' manifests, each a committed state of its partition; no process
+writes a union manifest, so no two workers ever write the same file.
 
 Exactly once: a shard is written to a temp file and renamed into place, then
 the manifest (also written atomically) records it. On start a writer removes
@@ -216,6 +228,147 @@ class FingerprintMismatch(InputMismatch):
     pass
 
 
+# --- partitions ------------------------------------------------------------------
+
+PARTITIONED = "partitioned"
+
+
+def partition_of(sample_id: str, partitions: int) -> int:
+    """A sample's partition: stable across runs, machines and Python versions (not Python's salted hash)."""
+    if partitions == 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") % partitions
+
+
+def partition_dir(cache_dir: Path | str, index: int, partitions: int) -> Path:
+    """Where partition `index` is written: the cache directory itself when there is one partition."""
+    return Path(cache_dir) if partitions == 1 else Path(cache_dir) / f"partition-{index:04d}"
+
+
+def cache_partitions(cache_dir: Path | str, manifest: dict | None = None) -> int:
+    """The cache's partition count (1 for a cache without the field: every cache before partitions)."""
+    manifest = read_manifest(cache_dir) if manifest is None else manifest
+    return int((manifest or {}).get("partitions", 1))
+
+
+class _Locks:
+    """Exclusive, non-blocking flocks on the `.lock` of these directories, released on exit."""
+
+    def __init__(self, dirs: list[Path], what: str):
+        self.dirs, self.what, self.handles = dirs, what, []
+
+    def __enter__(self) -> "_Locks":
+        for d in self.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            fh = open(d / ".lock", "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()
+                self.__exit__()
+                raise UserError(f"another process{f' ({holder})' if holder else ''} is writing {d}; "
+                                f"{self.what}: wait for it or stop it") from None  # fmt: skip
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+            fh.flush()
+            self.handles.append(fh)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fh in self.handles:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+        self.handles = []
+
+
+def _wipe(cache_dir: Path) -> None:
+    """Remove a cache's rows and manifests (both layouts), keep the directory and its lock."""
+    for p in shard_paths(cache_dir, SHARD_PREFIX):
+        p.unlink()
+    for d in sorted(cache_dir.glob("partition-*")):
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
+    (cache_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def open_cache_layout(cache_dir: Path | str, fingerprint: dict, partitions: int | None, overwrite: bool = False,
+                      inputs: dict | None = None) -> int:  # fmt: skip
+    """Create or check a cache's layout before any worker writes to it; returns its partition count.
+
+    `fingerprint`: the writers' (with the encoding). `partitions` None: the existing cache's, else 1. A
+    different count than the cache's is refused (a sample's partition depends on it) unless `overwrite`, which
+    empties the cache; so does a different fingerprint of a partitioned cache (a one-partition cache's
+    CacheWriter handles its own). Run once by the coordinator, never concurrently with the cache's writers.
+    """
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    existing = None if manifest is None else cache_partitions(cache_dir, manifest)
+    wanted = partitions or existing or 1
+    if existing is not None and existing != wanted:
+        if not overwrite:
+            raise InputMismatch(
+                f"the cache at {cache_dir} has {existing} partition(s), fixed for its life (a sample's partition is "
+                f"sha256(sample_id) mod P): pass --partitions {existing} (or leave it out), use another --out, or "
+                f"pass --overwrite to rebuild it with {wanted}"
+            )
+        with _Locks([partition_dir(cache_dir, i, existing) for i in range(existing)], "--overwrite empties it"):
+            _wipe(cache_dir)
+        manifest = None
+    if wanted == 1:
+        return 1
+    if manifest is not None:
+        problems = diff(fingerprint, manifest["fingerprint"], FINGERPRINT_KEYS)
+        if manifest.get("schema_version") != schemas.CACHE_VERSION:
+            problems.append(f"schema_version: cache {manifest.get('schema_version')}, this speechkd "
+                            f"{schemas.CACHE_VERSION}")  # fmt: skip
+        if problems and not overwrite:
+            raise FingerprintMismatch(f"the cache at {cache_dir} was made by a different teacher setup:\n  "
+                                      + "\n  ".join(problems)
+                                      + "\nuse another output directory, or pass --overwrite to replace this cache")
+        if problems:
+            with _Locks([partition_dir(cache_dir, i, wanted) for i in range(wanted)], "--overwrite empties it"):
+                _wipe(cache_dir)
+            manifest = None
+    if manifest is None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_manifest(cache_dir, {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "layout": PARTITIONED, "partitions": wanted,
+            "fingerprint": fingerprint, "schema_version": schemas.CACHE_VERSION,
+            "inputs": {key: relative_to(value, cache_dir) for key, value in (inputs or {}).items()},
+            "inputs_relative_to": "manifest",
+        })  # fmt: skip
+    for i in range(wanted):
+        partition_dir(cache_dir, i, wanted).mkdir(exist_ok=True)
+    return wanted
+
+
+def cache_shards(cache_dir: Path | str) -> list[tuple[Path, dict]]:
+    """(shard path, its manifest entry) of every shard of a cache, both layouts, in storage order; a partition
+    never written yet has none. Raises FingerprintMismatch when a partition was written by another setup."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if manifest is None:
+        return []
+    if manifest.get("layout") != PARTITIONED:
+        return [(cache_dir / name, manifest["shards"][name]) for name in sorted(manifest["shards"])]
+    out = []
+    for i in range(manifest["partitions"]):
+        pdir = partition_dir(cache_dir, i, manifest["partitions"])
+        pm = read_manifest(pdir)
+        if pm is None:
+            continue
+        problems = diff(manifest["fingerprint"], pm["fingerprint"], FINGERPRINT_KEYS)
+        if problems:
+            raise FingerprintMismatch(f"{pdir} was written by a different teacher setup than {cache_dir}/{MANIFEST} "
+                                      f"says: " + "; ".join(problems) + ". Rebuild the cache (--overwrite)")  # fmt: skip
+        out.extend((pdir / name, pm["shards"][name]) for name in sorted(pm["shards"]))
+    return out
+
+
 def relative_to(value: str | Path | None, directory: Path) -> str | None:
     """A local path as seen from `directory` (relative), anything else (a hub id, None) unchanged."""
     if value is None or not Path(value).exists():
@@ -238,7 +391,7 @@ def shard_fingerprint(path: Path) -> dict | None:
 def check_shard(path: Path, entry: dict | None, fingerprint: dict, verify: bool = True) -> None:
     """Refuse a shard that is unreadable, differs from its manifest checksum, or was written by another
     teacher setup than `fingerprint`: one CorruptData / FingerprintMismatch naming the shard and the fix."""
-    cache_dir = path.parent
+    cache_dir = path.parent.parent if path.parent.name.startswith("partition-") else path.parent
     if verify and entry is not None and _sha256(path) != entry["sha256"]:
         raise CorruptData(f"{path}: its sha256 differs from the one {MANIFEST} recorded when it was written "
                           f"(corrupted or truncated on disk). Move it away (mv {path} {path}.corrupt), then "
@@ -273,8 +426,11 @@ class CacheWriter:
         overwrite: bool = False,
         inputs: dict | None = None,
         verify: bool = True,
+        partition: tuple[int, int] = (0, 1),
     ):
+        """`partition`: (index, P) of the partition this directory holds ((0, 1): the whole cache)."""
         self.inputs = inputs or {}
+        self.partition = partition
         self.dir = Path(cache_dir)
         self.fingerprint = {**fingerprint, **encoding.to_dict()}
         self.encoding = encoding
@@ -282,18 +438,13 @@ class CacheWriter:
         self.overwrite = overwrite
         self.verify = verify
         self._rows: list[dict] = []
-        self._lock_fh = None
+        self._locks = _Locks([self.dir], "one writer per cache partition")
         self.written = 0
         self.bytes_written = 0
         self.removed = 0
 
     def __enter__(self) -> "CacheWriter":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fh = open(self.dir / ".lock", "w")
-        try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another process is writing the cache at {self.dir}; wait for it or stop it") from None
+        self._locks.__enter__()
         remove_stale_temp_files(self.dir)
         manifest = read_manifest(self.dir)
         if manifest is not None and manifest.get("schema_version") != schemas.CACHE_VERSION:
@@ -322,6 +473,11 @@ class CacheWriter:
         manifest["inputs"] = {key: relative_to(value, self.dir) for key, value in self.inputs.items()}
         manifest["inputs_relative_to"] = "manifest"
         manifest["schema_version"] = schemas.CACHE_VERSION
+        index, of = self.partition
+        if of == 1:
+            manifest["partitions"] = 1
+        else:
+            manifest["partition"] = {"index": index, "of": of}
         for name in list(manifest["shards"]):
             if not (self.dir / name).exists():
                 del manifest["shards"][name]  # removed by hand: its samples will be recomputed
@@ -440,9 +596,7 @@ class CacheWriter:
             if exc_type is None:
                 self.flush()
         finally:
-            if self._lock_fh is not None:
-                fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-                self._lock_fh.close()
+            self._locks.__exit__()
 
 
 # --- reading -------------------------------------------------------------------
@@ -468,18 +622,21 @@ class CacheReader:
         self.manifest = manifest
         self.fingerprint = manifest["fingerprint"]
         self.encoding = CacheEncoding.from_dict(self.fingerprint)
-        self.shards = [self.dir / name for name in sorted(manifest["shards"])]
-        for path in self.shards:
+        self.partitions = cache_partitions(self.dir, manifest)
+        listed = cache_shards(self.dir)  # the union of the partitions' manifests
+        self.shards = [path for path, _ in listed]
+        self.shard_entries = {path: entry for path, entry in listed}
+        for path, entry in listed:
             if not path.exists():
-                raise CorruptData(f"{path} is listed in {self.dir}/{MANIFEST} but missing; "
+                raise CorruptData(f"{path} is listed in {path.parent}/{MANIFEST} but missing; "
                                   f"{fix_command(self.dir)}")  # fmt: skip
-            check_shard(path, manifest["shards"][path.name], self.fingerprint, verify)
+            check_shard(path, entry, self.fingerprint, verify)
         self._groups = RowGroupReader(self.shards, keep=keep_row_groups)
         self._index: dict[str, tuple[int, int]] | None = None
 
     @property
     def num_rows(self) -> int:
-        return sum(e["rows"] for e in self.manifest["shards"].values())
+        return sum(e["rows"] for e in self.shard_entries.values())
 
     def sample_ids(self) -> list[str]:
         out = []

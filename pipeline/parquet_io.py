@@ -108,9 +108,10 @@ def rejects_table(rows: Iterable[dict]) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
-def rejects_path(stage_out_dir: Path | str, stage: str) -> Path:
+def rejects_path(stage_out_dir: Path | str, stage: str, suffix: str = "") -> Path:
     """Where a stage records its rejects: <data>/rejects/<stage>.parquet (<stage>-<dir>.parquet when the
-    stage writes somewhere other than its usual directory).
+    stage writes somewhere other than its usual directory; `suffix` names a part of a stage's output, e.g. one
+    cache partition's).
 
     One folder for every stage's rejects (a sibling of the stage's output
     directory), so no stage's own glob such as features/*.parquet picks them up
@@ -118,7 +119,7 @@ def rejects_path(stage_out_dir: Path | str, stage: str) -> Path:
     """
     out = Path(stage_out_dir)
     name = stage if out.name in STAGE_DIRS.get(stage, ()) else f"{stage}-{out.name}"
-    return out.parent / "rejects" / f"{name}.parquet"
+    return out.parent / "rejects" / f"{name}{suffix}.parquet"
 
 
 # A stage writing to its usual directory records rejects as <stage>.parquet; to another directory (a second

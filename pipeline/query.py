@@ -8,7 +8,10 @@ Views (each only when its files exist):
   rejects          every stage's rejects: stage, sample_id, rendition, source_position, field, reason
   audio            the speech index: sample_id, rendition, voice, rate_wpm, path, duration_s
   features         sample_id, rendition, n_frames, fbank
-  cache            the raw cache rows (packed top-k columns included)
+  cache            the raw cache rows (packed top-k columns included), every partition's
+  responses        per cached sample: the response the teacher was scored on (and, with
+                   --responses teacher, wrote), response_source (dataset | teacher) and
+                   the dataset's own response (samples.parquet is never changed)
   teacher_tokens   one row per sample and response position: position, token_id,
                    token_logprob, top1_id, top1_logprob, entropy (of the kept
                    top-k), tail_mass, tail_logmass
@@ -25,6 +28,7 @@ from pathlib import Path
 import duckdb
 
 from pipeline import schemas
+from pipeline.cache import cache_shards, read_manifest
 from pipeline.errors import MissingInput, UserError, cli
 
 TEACHER_TOKENS = """
@@ -65,11 +69,21 @@ def connect(data_dir: Path = schemas.DATA_DIR, cache_dir: Path | None = None) ->
         "samples": _glob(data_dir / "samples", "samples.parquet"),
         "audio": _glob(data_dir / "audio", "index.parquet"),
         "features": _glob(data_dir / "features", "part-*.parquet"),
-        "cache": _glob(cache_dir, "part-*.parquet"),
     }
     for name, glob in sources.items():
         if glob is not None:
             con.sql(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}')")
+    # the shards the cache's manifests list (all partitions), not whatever files match a glob
+    shards = [str(path) for path, _ in cache_shards(cache_dir)]
+    sources["cache"] = shards or None
+    if shards:
+        files = ", ".join(f"'{p}'" for p in shards)
+        con.sql(f"CREATE VIEW cache AS SELECT * FROM read_parquet([{files}])")
+        source = (read_manifest(cache_dir) or {}).get("fingerprint", {}).get("responses", "dataset")
+        dataset = "s.response" if sources["samples"] else "NULL"
+        join = "LEFT JOIN samples s USING (sample_id)" if sources["samples"] else ""
+        con.sql(f"CREATE VIEW responses AS SELECT c.sample_id, c.response, '{source}' AS response_source, "
+                f"{dataset} AS dataset_response FROM cache c {join}")  # fmt: skip
     # Every stage's rejects; a cache outside data/ keeps its own beside it.
     reject_globs = {g for d in (data_dir, cache_dir.parent) if (g := _glob(d / "rejects", "*.parquet"))}
     if reject_globs:
