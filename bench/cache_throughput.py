@@ -21,6 +21,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ from pipeline import schemas
 from pipeline.cache import CacheReader
 from pipeline.chat import encode_pair
 from pipeline.samples import ingest, load_samples
-from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, make_engine
+from pipeline.teacher import cache_teacher_logits, make_engine
+from pipeline.teacher_config import TeacherConfig
 
 WORK = Path("data/bench")
 
@@ -114,15 +116,15 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
     rows = load_samples(samples_dir).to_pylist()[:n]
     pairs = [encode_pair(tok, r["prompt"], r["response"]) for r in rows]
     t0 = time.perf_counter()
-    engine = EngineConfig(model=str(model_dir), dtype=dtype, kv_cache_gib=1.0)
-    llm = make_engine(engine, k)
+    engine = TeacherConfig(teacher=str(model_dir), dtype=dtype, kv_cache_gib=1.0, samples=str(samples_dir), top_k=k)
+    llm = make_engine(engine)
     engine_s = time.perf_counter() - t0
     out = WORK / "cache" / f"{name}-{dtype}"
     # warm-up, then (a) (b) alternating order is not needed: one engine, same inputs
-    cache_teacher_logits(CacheRunConfig(samples_dir=samples_dir, out_dir=WORK / "cache" / "warmup", top_k=k,
-                                        limit=32, overwrite=True, engine=engine), progress=False, llm=llm)  # fmt: skip
+    cache_teacher_logits(replace(engine, out=str(WORK / "cache" / "warmup"), limit=32, overwrite=True), progress=False,
+                         llm=llm)  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
-    a = cache_teacher_logits(CacheRunConfig(samples_dir=samples_dir, out_dir=out, top_k=k, limit=n, engine=engine),
+    a = cache_teacher_logits(replace(engine, out=str(out), limit=n),
                              progress=False, llm=llm)  # fmt: skip
     a_stats = {"tokens": a["tokens_scored"], "seconds": a["seconds"] - a["engine_start_seconds"],
                "tokens_per_s": a["tokens_per_second"]}  # fmt: skip

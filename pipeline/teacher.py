@@ -1,7 +1,8 @@
 """Teacher scoring through vLLM: top-k logprobs over every response token, into the cache.
 
     python -m pipeline.teacher                                  # toy teacher, top-64, data/cache
-    python -m pipeline.teacher --model Qwen/Qwen2.5-7B-Instruct --responses teacher --dtype bfloat16
+    python -m pipeline.teacher --teacher Qwen/Qwen2.5-7B-Instruct --responses teacher --dtype bfloat16
+    python -m pipeline.teacher --partitions 8 --partition 3     # one worker's share of an 8-partition cache
 
 For each sample the prompt is rendered with the teacher's chat template; the
 response is the sample's own or, with `--responses teacher`, written by the
@@ -21,16 +22,24 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline import schemas
-from pipeline.cache import CacheEncoding, CacheWriter, ScoredSample, encode
+from pipeline.cache import (
+    CacheEncoding,
+    CacheWriter,
+    ScoredSample,
+    cache_shards,
+    encode,
+    open_cache_layout,
+    partition_dir,
+    partition_of,
+)
 from pipeline.chat import encode_pair, encode_prompt
+from pipeline.config import ConfigError, build_parser, config_from_args
 from pipeline.errors import UserError, cli
 from pipeline.fingerprint import (
     chat_template_sha256,
@@ -40,7 +49,8 @@ from pipeline.fingerprint import (
     weights_sha256,
 )
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
-from pipeline.samples import SAMPLES_FILE, load_samples
+from pipeline.samples import load_samples
+from pipeline.teacher_config import DTYPES, TeacherConfig
 
 LOGPROB_BYTES_PER_VOCAB_ENTRY = 6  # what vLLM holds per (token, vocab entry) for prompt logprobs
 
@@ -51,25 +61,6 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-@dataclass
-class EngineConfig:
-    model: str = str(schemas.TEACHER_DIR)
-    dtype: str = "auto"  # the checkpoint's dtype; bfloat16 / float16 / float32
-    max_model_len: int | None = None  # default: min(the model's, 4096)
-    kv_cache_gib: float = 2.0  # CPU: KV cache size; GPU: ignored (gpu_memory_utilization)
-    gpu_memory_utilization: float = 0.85
-    tensor_parallel_size: int = 1
-    logprobs_memory_gib: float = 1.0  # caps batched tokens: tokens x vocab x 6 B <= this
-    max_num_seqs: int = 256
-    enforce_eager: bool | None = None  # default: True on CPU (faster start)
-    # CPU default: engine core and worker in this process ("uni", and
-    # VLLM_ENABLE_V1_MULTIPROCESSING=0): measured here, engine start 25 s instead
-    # of ~90 s (each extra process re-imports torch+vLLM) and 1.7x the tokens/s.
-    executor_backend: str | None = None
-    seed: int = 0
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def checkpoint_dtype(model: str) -> str:
@@ -92,7 +83,7 @@ def resolve_dtype(dtype: str, model: str) -> str:
     return checkpoint_dtype(model) if dtype == "auto" else dtype
 
 
-def resolve_max_model_len(cfg: "EngineConfig", hf_config) -> int:
+def resolve_max_model_len(cfg: TeacherConfig, hf_config) -> int:
     return cfg.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096) or 4096, 4096)
 
 
@@ -112,7 +103,9 @@ def max_batched_tokens(vocab_size: int, memory_gib: float, max_model_len: int) -
     return int(max(256, min(budget, 32768, max(max_model_len, 256) * 64)))
 
 
-def make_engine(cfg: EngineConfig, top_k: int):
+def make_engine(cfg: TeacherConfig, top_k: int | None = None):
+    """A vLLM engine for the teacher with cfg's settings; `top_k`: the most logprobs a request may ask for
+    (default cfg.top_k)."""
     from transformers import AutoConfig
     from vllm import LLM
 
@@ -125,10 +118,11 @@ def make_engine(cfg: EngineConfig, top_k: int):
         model=cfg.model,
         dtype=resolve_dtype(cfg.dtype, cfg.model),
         max_model_len=model_len,
-        max_logprobs=max(top_k, 1),
+        max_logprobs=max(top_k or cfg.top_k, 1),
         max_num_batched_tokens=max_batched_tokens(hf_config.vocab_size, cfg.logprobs_memory_gib, model_len),
         max_num_seqs=cfg.max_num_seqs,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        pipeline_parallel_size=cfg.pipeline_parallel_size,
         enforce_eager=cpu if cfg.enforce_eager is None else cfg.enforce_eager,
         enable_chunked_prefill=True,
         distributed_executor_backend=cfg.executor_backend or ("uni" if cpu else None),
@@ -156,12 +150,12 @@ def teacher_fingerprint(model: str, tokenizer, top_k: int, responses: str, **set
     }
 
 
-def generation_settings(cfg: "CacheRunConfig") -> dict | None:
+def generation_settings(cfg: TeacherConfig) -> dict | None:
     """What the teacher writes its responses from (None: the dataset's responses are scored)."""
     if cfg.responses != "teacher":
         return None
     return {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
-            "seed": cfg.engine.seed if cfg.temperature > 0 else None}  # fmt: skip
+            "seed": cfg.seed if cfg.temperature > 0 else None}  # fmt: skip
 
 
 def special_token_problem(tokenizer, sample: dict) -> tuple[str, str] | None:
@@ -192,34 +186,14 @@ def extract_response_logprobs(flat, n_prompt: int, n_response: int, k: int) -> t
     return lps[:, 0], ids[:, 1:], lps[:, 1:]
 
 
-@dataclass
-class CacheRunConfig:
-    samples_dir: Path = schemas.SAMPLES_DIR
-    out_dir: Path = schemas.CACHE_DIR
-    features_dir: Path = schemas.FEATURES_DIR  # recorded in the manifest for the student
-    top_k: int = 64
-    responses: str = "dataset"  # dataset | teacher
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    too_long: str = "reject"  # reject | truncate
-    logprob_step: float = 1 / 32
-    group_size: int = 512  # samples per submission to vLLM
-    rows_per_shard: int = 1024
-    split: str | None = None  # only this split (default: all)
-    limit: int | None = None  # only the first N samples (smoke runs)
-    overwrite: bool = False
-    verify: bool = True  # check every shard's sha256 against the manifest before appending
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-
-def _generate_responses(llm, tokenizer, group: list[dict], cfg: CacheRunConfig) -> list[str]:
+def _generate_responses(llm, tokenizer, group: list[dict], cfg: TeacherConfig) -> list[str]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(
         max_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
-        seed=cfg.engine.seed if cfg.temperature > 0 else None,
+        seed=cfg.seed if cfg.temperature > 0 else None,
         skip_special_tokens=True,
     )
     prompts = [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, s["prompt"])) for s in group]
@@ -227,142 +201,196 @@ def _generate_responses(llm, tokenizer, group: list[dict], cfg: CacheRunConfig) 
     return [o.outputs[0].text.strip() for o in outs]
 
 
-def cache_teacher_logits(cfg: CacheRunConfig, progress: bool = True, llm=None) -> dict:
-    """Score every not-yet-cached sample and append it to the cache; returns a summary.
+@dataclass
+class CacheSetup:
+    """What every partition's writer shares: the tokenizer, the fingerprint, the encoding, the inputs."""
 
-    `llm`: an engine already made by `make_engine` for cfg.engine.model (else one is started).
+    tokenizer: object
+    generation: dict | None
+    fingerprint: dict
+    encoding: CacheEncoding
+    inputs: dict
+
+    @classmethod
+    def of(cls, cfg: TeacherConfig) -> "CacheSetup":
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        hf_config = AutoConfig.from_pretrained(cfg.model)
+        generation = generation_settings(cfg)
+        fingerprint = teacher_fingerprint(
+            cfg.model, tokenizer, cfg.top_k, cfg.responses, dtype=resolve_dtype(cfg.dtype, cfg.model),
+            max_model_len=resolve_max_model_len(cfg, hf_config), too_long=cfg.too_long, generation=generation,
+            vllm=vllm_version(),
+        )  # fmt: skip
+        encoding = CacheEncoding(cfg.top_k, max(hf_config.vocab_size, len(tokenizer)), cfg.logprob_step)
+        inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir), "teacher": cfg.model}
+        return cls(tokenizer, generation, fingerprint, encoding, inputs)
+
+    def open_layout(self, cfg: TeacherConfig) -> int:
+        """Create or check the cache's layout (pipeline.cache.open_cache_layout); its partition count."""
+        return open_cache_layout(cfg.out_dir, {**self.fingerprint, **self.encoding.to_dict()}, cfg.partitions,
+                                 cfg.overwrite, self.inputs)  # fmt: skip
+
+
+def prepare_cache(cfg: TeacherConfig) -> int:
+    """Before workers start: the cache's layout created or checked once (overwrite included); its partitions."""
+    return CacheSetup.of(cfg.validate()).open_layout(cfg)
+
+
+class LazyEngine:
+    """The teacher's vLLM engine, started the first time a partition has work (`get`), or one given."""
+
+    def __init__(self, cfg: TeacherConfig, llm=None):
+        self.cfg, self.llm, self.start_seconds = cfg, llm, 0.0
+
+    def get(self):
+        if self.llm is None:
+            t = time.monotonic()
+            self.llm = make_engine(self.cfg)
+            self.start_seconds = time.monotonic() - t
+        return self.llm
+
+
+def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) -> dict:
+    """Score every not-yet-cached sample of cfg's partition(s) and append it to the cache; returns a summary.
+
+    The cache's layout is created or checked first (`--partitions`); then each partition (all of them in turn,
+    or `cfg.partition` alone: one worker's share) is appended to under its own lock. `llm`: an engine already
+    made by `make_engine` for cfg.model (else one is started when there is work).
     """
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
+    cfg.validate()
     t_start = time.monotonic()
     samples = load_samples(cfg.samples_dir, cfg.split).to_pylist()
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
-    tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model)
-    from transformers import AutoConfig
+    setup = CacheSetup.of(cfg)
+    for s in samples:
+        s["content_sha256"] = content_sha256(s["prompt"], None if setup.generation else s["response"],
+                                             setup.generation)  # fmt: skip
+    n_parts = setup.open_layout(cfg)
+    if cfg.partition is not None and cfg.partition >= n_parts:
+        raise ConfigError(f"--partition {cfg.partition}: the cache at {cfg.out_dir} has {n_parts} partition(s), "
+                          f"0..{n_parts - 1}")  # fmt: skip
+    parts = [cfg.partition] if cfg.partition is not None else list(range(n_parts))
+    shares: dict[int, list[dict]] = {p: [] for p in parts}
+    for s in samples:
+        share = shares.get(partition_of(s["sample_id"], n_parts))
+        if share is not None:
+            share.append(s)
+    engine = LazyEngine(cfg, llm)
+    summaries = []
+    for p in parts:
+        summary = _cache_partition(cfg, p, n_parts, shares[p], setup, engine, progress)
+        summaries.append(summary)
+    summary = combine_summaries(summaries, cfg.out_dir, time.monotonic() - t_start, engine.start_seconds)
+    if len(parts) == n_parts:
+        (cfg.out_dir / "last_run.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
-    hf_config = AutoConfig.from_pretrained(cfg.engine.model)
-    generation = generation_settings(cfg)
-    fingerprint = teacher_fingerprint(
-        cfg.engine.model, tokenizer, cfg.top_k, cfg.responses, dtype=resolve_dtype(cfg.engine.dtype, cfg.engine.model),
-        max_model_len=resolve_max_model_len(cfg.engine, hf_config), too_long=cfg.too_long, generation=generation,
-        vllm=vllm_version(),
-    )  # fmt: skip
-    encoding = CacheEncoding(cfg.top_k, max(hf_config.vocab_size, len(tokenizer)), cfg.logprob_step)
+
+def _cache_partition(cfg: TeacherConfig, index: int, n_parts: int, samples: list[dict], setup: "CacheSetup",
+                     engine: LazyEngine, progress: bool) -> dict:  # fmt: skip
+    """Append this partition's samples not cached yet (or changed since) to its directory; its summary."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tokenizer, encoding = setup.tokenizer, setup.encoding
+
+    t_start = time.monotonic()
+    engine_before = engine.start_seconds
+    out = partition_dir(cfg.out_dir, index, n_parts)
     rejected: list[dict] = []
     stats = Counter()
-    for s in samples:
-        s["content_sha256"] = content_sha256(s["prompt"], None if generation else s["response"], generation)
-    inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir), "teacher": cfg.engine.model}
-    with CacheWriter(cfg.out_dir, fingerprint, encoding, cfg.rows_per_shard, cfg.overwrite, inputs,
-                     verify=cfg.verify) as writer:  # fmt: skip
+    with CacheWriter(out, setup.fingerprint, encoding, cfg.rows_per_shard, cfg.overwrite and n_parts == 1,
+                     setup.inputs, verify=cfg.verify, partition=(index, n_parts)) as writer:  # fmt: skip
         # a cached sample whose content changed since (same id, edited prompt/response) is scored again
         stale = {s["sample_id"] for s in samples
                  if s["sample_id"] in writer.done and writer.done[s["sample_id"]] != s["content_sha256"]}  # fmt: skip
         stats["rescored"] = writer.remove(stale)
         todo = [s for s in samples if s["sample_id"] not in writer.done]
         stats["skipped"] = len(samples) - len(todo)
-        if not todo:
-            summary = _summary(cfg, samples, stats, rejected, writer, time.monotonic() - t_start, 0.0)
-            write_table_atomic(rejects_table(rejected), rejects_path(cfg.out_dir, "cache"))
-            return summary
-        t_engine = time.monotonic()
-        llm = llm or make_engine(cfg.engine, cfg.top_k)
-        engine_s = time.monotonic() - t_engine
-        max_model_len = llm.llm_engine.model_config.max_model_len
-        max_len = max_model_len - 1  # vLLM must have room to generate one token after the scored ones
-        score_params = SamplingParams(max_tokens=1, prompt_logprobs=cfg.top_k, detokenize=False, flat_logprobs=True)
-        bar = tqdm(total=len(todo), desc="teacher cache", unit="sample", disable=not progress)
-        for start in range(0, len(todo), cfg.group_size):
-            group = todo[start : start + cfg.group_size]
-            if cfg.responses == "teacher":
-                for s, text in zip(group, _generate_responses(llm, tokenizer, group, cfg)):
-                    s["response"] = text
-            pairs, ready = [], []
-            for s in group:
-                sid = s["sample_id"]
-                special = special_token_problem(tokenizer, s)
-                if special:
-                    rejected.append(reject("cache", special[0], special[1], sample_id=sid))
-                    continue
-                if not s["response"]:
-                    why = "empty after the teacher wrote it" if cfg.responses == "teacher" else (
-                        "empty: the cache scores a response; give one, or pass --responses teacher")
-                    rejected.append(reject("cache", "response", why, sample_id=sid))
-                    continue
-                pair = encode_pair(tokenizer, s["prompt"], s["response"])
-                total = len(pair.prompt_ids) + len(pair.response_ids)
-                if total > max_len:
-                    keep = max_len - len(pair.prompt_ids)
-                    if cfg.too_long == "truncate" and keep >= 1:
-                        pair = type(pair)(pair.prompt_ids, pair.response_ids[:keep])
-                        stats["truncated"] += 1
-                    else:
-                        field_ = "prompt" if len(pair.prompt_ids) >= max_len else "response"
-                        rejected.append(reject("cache", field_, (
-                            f"too long: {len(pair.prompt_ids)} prompt + {len(pair.response_ids)} response tokens > "
-                            f"{max_len} (max_model_len {max_model_len} less the 1 token vLLM generates; raise "
-                            "--max-model-len or pass --too-long truncate)"),
-                            sample_id=sid))  # fmt: skip
-                        continue
-                pairs.append(pair)
-                ready.append(s)
-            if not pairs:  # the whole group was rejected: nothing to score
+        if todo:
+            llm = engine.get()
+            max_model_len = llm.llm_engine.model_config.max_model_len
+            max_len = max_model_len - 1  # vLLM must have room to generate one token after the scored ones
+            score_params = SamplingParams(max_tokens=1, prompt_logprobs=cfg.top_k, detokenize=False,
+                                          flat_logprobs=True)  # fmt: skip
+            where = f" {index}/{n_parts}" if n_parts > 1 else ""
+            bar = tqdm(total=len(todo), desc=f"teacher cache{where}", unit="sample", disable=not progress)
+            for start in range(0, len(todo), cfg.group_size):
+                group = [dict(s) for s in todo[start : start + cfg.group_size]]
+                if cfg.responses == "teacher":
+                    for s, text in zip(group, _generate_responses(llm, tokenizer, group, cfg)):
+                        s["response"] = text
+                pairs, ready = [], []
+                for s in group:
+                    pair = _encode_or_reject(s, tokenizer, cfg, max_len, max_model_len, rejected, stats)
+                    if pair is not None:
+                        pairs.append(pair)
+                        ready.append(s)
+                if pairs:
+                    outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], score_params,
+                                        use_tqdm=False)  # fmt: skip
+                    for s, pair, o in zip(ready, pairs, outs):
+                        n = len(pair.response_ids)
+                        token_lp, topk_ids, topk_lp = extract_response_logprobs(
+                            o.prompt_logprobs, len(pair.prompt_ids), n, cfg.top_k
+                        )
+                        writer.add(encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids),
+                                                       token_lp, topk_ids, topk_lp, s["content_sha256"]), encoding))  # fmt: skip
+                        stats["cached"] += 1
+                        stats["tokens"] += n
+                        stats["tokens_scored"] += len(pair.input_ids)
                 bar.update(len(group))
-                continue
-            outs = llm.generate(
-                [TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], score_params, use_tqdm=False
-            )
-            for s, pair, out in zip(ready, pairs, outs):
-                n = len(pair.response_ids)
-                token_lp, topk_ids, topk_lp = extract_response_logprobs(
-                    out.prompt_logprobs, len(pair.prompt_ids), n, cfg.top_k
-                )
-                writer.add(encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids),
-                                               token_lp, topk_ids, topk_lp, s["content_sha256"]), encoding))  # fmt: skip
-                stats["cached"] += 1
-                stats["tokens"] += n
-                stats["tokens_scored"] += len(pair.input_ids)
-            bar.update(len(group))
-            bar.set_postfix(tokens=stats["tokens"], rejects=len(rejected))
-        bar.close()
+                bar.set_postfix(tokens=stats["tokens"], rejects=len(rejected))
+            bar.close()
         writer.flush()
-        elapsed = time.monotonic() - t_start
-        write_table_atomic(rejects_table(rejected), rejects_path(cfg.out_dir, "cache"))
-        if cfg.responses == "teacher":
-            _store_teacher_responses(cfg.samples_dir, cfg.out_dir)
-        summary = _summary(cfg, samples, stats, rejected, writer, elapsed, engine_s)
-    (Path(cfg.out_dir) / "last_run.json").write_text(json.dumps(summary, indent=2))
+        suffix = f"-partition-{index:04d}" if n_parts > 1 else ""
+        write_table_atomic(rejects_table(rejected), rejects_path(cfg.out_dir, "cache", suffix))
+        summary = _summary(cfg, len(samples), stats, rejected, writer, time.monotonic() - t_start,
+                           engine.start_seconds - engine_before)  # fmt: skip
+    summary.update(partition=index, partitions=n_parts)
+    if n_parts > 1:
+        (out / "last_run.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _store_teacher_responses(samples_dir: Path, cache_dir: Path) -> None:
-    """Write the teacher's responses (all cached ones) into samples.parquet; the dataset's move to meta."""
-    from pipeline.cache import CacheReader
+def _encode_or_reject(s: dict, tokenizer, cfg: TeacherConfig, max_len: int, max_model_len: int, rejected: list,
+                      stats: Counter):  # fmt: skip
+    """The sample's (prompt, response) token ids to score, or None after recording why it is a reject."""
+    sid = s["sample_id"]
+    special = special_token_problem(tokenizer, s)
+    if special:
+        rejected.append(reject("cache", special[0], special[1], sample_id=sid))
+        return None
+    if not s["response"]:
+        why = "empty after the teacher wrote it" if cfg.responses == "teacher" else (
+            "empty: the cache scores a response; give one, or pass --responses teacher")
+        rejected.append(reject("cache", "response", why, sample_id=sid))
+        return None
+    pair = encode_pair(tokenizer, s["prompt"], s["response"])
+    total = len(pair.prompt_ids) + len(pair.response_ids)
+    if total > max_len:
+        keep = max_len - len(pair.prompt_ids)
+        if cfg.too_long == "truncate" and keep >= 1:
+            stats["truncated"] += 1
+            return type(pair)(pair.prompt_ids, pair.response_ids[:keep])
+        field_ = "prompt" if len(pair.prompt_ids) >= max_len else "response"
+        rejected.append(reject("cache", field_, (
+            f"too long: {len(pair.prompt_ids)} prompt + {len(pair.response_ids)} response tokens > "
+            f"{max_len} (max_model_len {max_model_len} less the 1 token vLLM generates; raise "
+            "--max-model-len or pass --too-long truncate)"), sample_id=sid))  # fmt: skip
+        return None
+    return pair
 
-    responses = {r["sample_id"]: r["response"] for r in CacheReader(cache_dir).iter_rows(["sample_id", "response"])}
-    table = load_samples(samples_dir)
-    rows = table.to_pylist()
-    for r in rows:
-        if r["sample_id"] in responses:
-            meta = json.loads(r["meta"])
-            if meta.get("response_source") != "teacher":
-                meta["dataset_response"] = r["response"]
-            meta["response_source"] = "teacher"
-            r["meta"] = json.dumps(meta, sort_keys=True)
-            r["response"] = responses[r["sample_id"]]
-    write_table_atomic(pa.Table.from_pylist(rows, schema=table.schema), Path(samples_dir) / SAMPLES_FILE)
 
-
-def _summary(cfg, samples, stats, rejected, writer, elapsed, engine_s) -> dict:
+def _summary(cfg: TeacherConfig, n_samples: int, stats: Counter, rejected: list, writer: CacheWriter,
+             elapsed: float, engine_s: float) -> dict:  # fmt: skip
     reasons = Counter(r["reason"].split(":")[0] for r in rejected)
-    cache_bytes = sum(e["bytes"] for e in writer.manifest["shards"].values())
-    cache_rows = sum(e["rows"] for e in writer.manifest["shards"].values())
     return {
         "cache_dir": str(cfg.out_dir),
-        "samples": len(samples),
+        "samples": n_samples,
         "cached_now": stats["cached"],
         "already_cached": stats["skipped"],
         "rescored_changed": stats["rescored"],
@@ -373,57 +401,39 @@ def _summary(cfg, samples, stats, rejected, writer, elapsed, engine_s) -> dict:
         "tokens_scored": stats["tokens_scored"],
         "seconds": round(elapsed, 2),
         "engine_start_seconds": round(engine_s, 2),
-        "tokens_per_second": round(stats["tokens_scored"] / max(elapsed - engine_s, 1e-9), 1),
-        "cache_rows": cache_rows,
-        "cache_bytes": cache_bytes,
-        "bytes_per_cached_token": round(writer.bytes_written / max(stats["tokens"], 1), 1) if stats["tokens"] else None,
+        "scoring_seconds": round(elapsed - engine_s, 2),
+        "bytes_written": writer.bytes_written,
         "top_k": cfg.top_k,
         "responses": cfg.responses,
     }
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    d, e = CacheRunConfig(), EngineConfig()
-    parser.add_argument("--samples", type=Path, default=d.samples_dir, help="samples directory")
-    parser.add_argument("--out", type=Path, default=d.out_dir, help="cache directory")
-    parser.add_argument("--features", type=Path, default=d.features_dir,
-                        help="speech features of these samples (recorded in the manifest for the student)")  # fmt: skip
-    parser.add_argument("--model", default=e.model, help="teacher: a local HF model dir or a Hugging Face id")
-    parser.add_argument("--top-k", type=int, default=d.top_k)
-    parser.add_argument("--responses", choices=["dataset", "teacher"], default=d.responses,
-                        help="score the samples' responses, or have the teacher write them first")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    parser.add_argument("--too-long", choices=["reject", "truncate"], default=d.too_long)
-    parser.add_argument("--logprob-step", type=float, default=d.logprob_step, help="quantization step (nats)")
-    parser.add_argument("--group-size", type=int, default=d.group_size, help="samples per vLLM submission")
-    parser.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard)
-    parser.add_argument("--split", default=None, help="only this split")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    parser.add_argument("--overwrite", action="store_true", help="replace a cache made by another teacher setup")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="append without checking each shard's sha256 against the manifest")  # fmt: skip
-    parser.add_argument("--dtype", default=e.dtype, choices=DTYPES,
-                        help="auto = the checkpoint's own dtype; a lower one is an explicit choice (fingerprinted)")  # fmt: skip
-    parser.add_argument("--max-model-len", type=int, default=e.max_model_len)
-    parser.add_argument("--kv-cache-gib", type=float, default=e.kv_cache_gib)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=e.gpu_memory_utilization)
-    parser.add_argument("--tensor-parallel-size", type=int, default=e.tensor_parallel_size)
-    parser.add_argument("--logprobs-memory-gib", type=float, default=e.logprobs_memory_gib)
+SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "rejected", "truncated", "tokens_cached",
+          "tokens_scored", "bytes_written", "engine_start_seconds")  # fmt: skip
 
 
-def config_from_args(args) -> CacheRunConfig:
-    engine = EngineConfig(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
-        logprobs_memory_gib=args.logprobs_memory_gib,
+def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine_s: float,
+                      parallel: bool = False) -> dict:  # fmt: skip
+    """One summary of partition summaries: counts summed; tokens/s over the scoring time (the partitions' sum
+    when they ran one after the other, the slowest one's when they ran `parallel`; engine starts excluded);
+    the cache's size now."""
+    out = {key: sum(p[key] for p in parts) for key in SUMMED}
+    reasons = Counter()
+    for p in parts:
+        reasons.update(p["rejects_by_reason"])
+    times = [p["scoring_seconds"] for p in parts]
+    scoring = (max(times) if parallel else sum(times)) if times else 0.0
+    shards = cache_shards(cache_dir)
+    out.update(
+        cache_dir=str(cache_dir), rejects_by_reason=dict(reasons), seconds=round(seconds, 2),
+        engine_start_seconds=round(engine_s if not parallel else max(p["engine_start_seconds"] for p in parts), 2),
+        scoring_seconds=round(scoring, 2), tokens_per_second=round(out["tokens_scored"] / max(scoring, 1e-9), 1),
+        cache_rows=sum(e["rows"] for _, e in shards), cache_bytes=sum(e["bytes"] for _, e in shards),
+        bytes_per_cached_token=round(out["bytes_written"] / out["tokens_cached"], 1) if out["tokens_cached"] else None,
+        top_k=parts[0]["top_k"] if parts else None, responses=parts[0]["responses"] if parts else None,
+        partitions=parts[0]["partitions"] if parts else 1, partitions_run=[i for p in parts for i in p.get("partitions_run", [p.get("partition")])],
     )  # fmt: skip
-    return CacheRunConfig(
-        samples_dir=args.samples, out_dir=args.out, features_dir=args.features, top_k=args.top_k, responses=args.responses,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, too_long=args.too_long,
-        logprob_step=args.logprob_step, group_size=args.group_size, rows_per_shard=args.rows_per_shard,
-        split=args.split, limit=args.limit, overwrite=args.overwrite, verify=args.verify, engine=engine,
-    )  # fmt: skip
+    return out
 
 
 def format_summary(s: dict) -> str:
@@ -436,12 +446,14 @@ def format_summary(s: dict) -> str:
     )
 
 
+def build_teacher_parser() -> argparse.ArgumentParser:
+    return build_parser(TeacherConfig, description=__doc__)
+
+
 @cli("pipeline.teacher")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_cli_args(parser)
-    args = parser.parse_args(argv)
-    print(format_summary(cache_teacher_logits(config_from_args(args))))
+    cfg = config_from_args(TeacherConfig, build_teacher_parser().parse_args(argv))
+    print(format_summary(cache_teacher_logits(cfg.validate())))
 
 
 if __name__ == "__main__":

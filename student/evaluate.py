@@ -21,7 +21,7 @@ import torch
 from pipeline import schemas
 from pipeline.cache import CacheReader
 from pipeline.chat import exact_match, render_prompt
-from pipeline.errors import MissingInput, cli
+from pipeline.errors import MissingInput, UserError, cli
 from student.config import DEVICE_CHOICES, resolve_device
 from pipeline.features import FeatureStore
 from student.data import SpeechTemplate, inputs_from_manifest, pad_speech, read_split
@@ -102,16 +102,40 @@ class EvalSet:
         return [self.features.read(i) for i in self.clips[start:stop]]
 
 
-def eval_set(samples_dir: Path, features_dir: Path, split: str = "eval", limit: int | None = None) -> EvalSet:
+REFERENCES = ("dataset", "teacher")
+
+
+def teacher_references(reader: CacheReader) -> dict[str, str]:
+    """The responses the cache holds (the teacher's own, in a cache made with --responses teacher), by sample."""
+    return {r["sample_id"]: r["response"] for r in reader.iter_rows(["sample_id", "response"])}
+
+
+def references_for(reader: CacheReader, reference: str) -> dict[str, str] | None:
+    """What the eval's exact match compares to: None = the samples' (dataset) answers; "teacher" = the
+    cache's responses, which must be teacher-written."""
+    if reference == "dataset":
+        return None
+    if reader.fingerprint.get("responses") != "teacher":
+        raise UserError(f"--reference teacher: the cache at {reader.dir} scored the dataset's responses (made without "
+                        f"--responses teacher); use --reference dataset")  # fmt: skip
+    return teacher_references(reader)
+
+
+def eval_set(samples_dir: Path, features_dir: Path, split: str = "eval", limit: int | None = None,
+             references: dict[str, str] | None = None) -> EvalSet:  # fmt: skip
     """The split's questions that have a reference answer and speech (the first rendition by name); reads
-    only the features index, not the features."""
+    only the features index, not the features. `references`: answers by sample id to score against instead
+    of the samples' own (the teacher's, from the cache); samples without one are left out."""
     store = FeatureStore(features_dir)
     first: dict[str, tuple[str, int]] = {}
     for pos, (sid, rend) in enumerate(store.keys()):
         if sid not in first or rend < first[sid][0]:
             first[sid] = (rend, pos)
     table = read_split(samples_dir, split, ("sample_id", "prompt", "response"))
-    rows = [r for r in table.to_pylist() if r["sample_id"] in first and r["response"]]
+    rows = table.to_pylist()
+    if references is not None:
+        rows = [{**r, "response": references[r["sample_id"]]} for r in rows if r["sample_id"] in references]
+    rows = [r for r in rows if r["sample_id"] in first and r["response"]]
     rows = rows[:limit] if limit else rows
     return EvalSet(rows, [first[r["sample_id"]][1] for r in rows], store)
 
@@ -192,23 +216,26 @@ def evaluate_teacher(teacher: str, evalset: EvalSet, max_new_tokens: int = 32, d
 
 
 def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_dir=None, limit=None,
-                device="cpu", heldout_features: str | None = "auto") -> dict:  # fmt: skip
+                device="cpu", heldout_features: str | None = "auto", reference: str = "dataset") -> dict:  # fmt: skip
     reader = CacheReader(cache_dir)
     samples_dir, features_dir = inputs_from_manifest(reader, samples_dir, features_dir)
-    rows = eval_set(samples_dir, features_dir, limit=limit)
+    refs = references_for(reader, reference)
+    rows = eval_set(samples_dir, features_dir, limit=limit, references=refs)
     if not len(rows):
         raise MissingInput(f"no eval samples with speech features under {samples_dir} / {features_dir}")
-    report = evaluate_student(model, tokenizer, rows, device=device)
+    report = {"reference": reference, **evaluate_student(model, tokenizer, rows, device=device)}
     report["teacher_text_accuracy"] = evaluate_teacher(reader.teacher, rows, device=device)
     report["forgetting"] = report["teacher_text_accuracy"] - report["student_text_accuracy"]
     heldout = heldout_voice_features(features_dir, heldout_features)
     if heldout is not None:
-        report.update(evaluate_heldout_voice(model, tokenizer, eval_set(samples_dir, heldout, limit=limit)))
+        report.update(evaluate_heldout_voice(model, tokenizer, eval_set(samples_dir, heldout, limit=limit,
+                                                                        references=refs)))  # fmt: skip
     return report
 
 
 def format_report(r: dict) -> str:
-    lines = [f"eval ({r['n_eval']} questions): teacher text {r['teacher_text_accuracy']:.1%} | student text "
+    against = {"dataset": "the dataset's answers", "teacher": "the teacher's cached answers"}.get(r.get("reference"))
+    lines = [f"eval ({r['n_eval']} questions{f', exact match against {against}' if against else ''}): teacher text {r['teacher_text_accuracy']:.1%} | student text "
              f"{r['student_text_accuracy']:.1%} | student speech {r['student_speech_accuracy']:.1%} | forgetting "
              f"{r['forgetting']:+.1%} | modality gap {r['modality_gap']:+.1%}"]  # fmt: skip
     for name in ("finetuned", "not_finetuned"):
@@ -240,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the eval split spoken by a voice never used in training (auto: <features>-heldout-voice "
                              "when it exists; '': none)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="only the first N eval questions")
+    parser.add_argument("--reference", choices=REFERENCES, default="dataset",
+                        help="score against the dataset's answers or the teacher's (a --responses teacher cache)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     args = parser.parse_args(argv)
     if not (args.student / "student_config.json").exists():
@@ -249,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     model = SpeechLLM.load(args.student).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
     report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device,
-                         args.heldout_features)  # fmt: skip
+                         args.heldout_features, args.reference)  # fmt: skip
     print(format_report(report))
     print(json.dumps(report))
 

@@ -66,7 +66,7 @@ from student.data import (
     to_device,
 )
 from student.evaluate import (eval_set, evaluate_heldout_voice, evaluate_student, evaluate_teacher, format_report,
-                              heldout_voice_features, voices_of)
+                              heldout_voice_features, references_for, voices_of)
 from student.losses import KD_LOSSES, response_ce
 from student.model import SpeechLLM, StudentConfig, pretrained_toy_encoder
 
@@ -402,7 +402,9 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
     if ranks.world > 1:
         # the CTC head runs only while aligning, the T channel only while fine-tuning: unused parameters
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-    eval_rows = eval_set(data.samples_dir, data.features_dir, limit=cfg.eval_limit) if cfg.eval_every and ranks.main else None
+    refs = references_for(data.reader, cfg.reference)
+    eval_rows = (eval_set(data.samples_dir, data.features_dir, limit=cfg.eval_limit, references=refs)
+                 if cfg.eval_every and ranks.main else None)  # fmt: skip
 
     stop_at = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop_at),
@@ -477,7 +479,8 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
         plot(out / "metrics.csv", out / "loss.png")
         model.save(out / "final", tokenizer)
         if final_eval:
-            rows = eval_set(data.samples_dir, data.features_dir)
+            rows = eval_set(data.samples_dir, data.features_dir, references=refs)
+            result["reference"] = cfg.reference
             subsets = None
             if grouping:
                 finetuned = {sid for sid in rows.sample_ids if group[sid] in kept}
@@ -488,7 +491,8 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
             result["forgetting"] = result["teacher_text_accuracy"] - result["student_text_accuracy"]
             if heldout is not None:
                 with autocast():
-                    result.update(evaluate_heldout_voice(model, tokenizer, eval_set(data.samples_dir, heldout),
+                    result.update(evaluate_heldout_voice(model, tokenizer, eval_set(data.samples_dir, heldout,
+                                                                                    references=refs),
                                                          subsets=subsets))  # fmt: skip
             print(format_report(result))
         (out / "result.json").write_text(json.dumps(result, indent=2))

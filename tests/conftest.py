@@ -50,10 +50,12 @@ def tiny_teacher(data_root, samples_dir) -> Path:
     return out
 
 
-def tiny_engine_config(model: Path):
-    from pipeline.teacher import EngineConfig
+def tiny_teacher_config(model: Path, **kw):
+    """The teacher stage's config for the tiny teacher (fp32, a short context, a small KV cache)."""
+    from pipeline.teacher_config import TeacherConfig
 
-    return EngineConfig(model=str(model), dtype="float32", max_model_len=128, kv_cache_gib=0.25)
+    return TeacherConfig(**{"teacher": str(model), "dtype": "float32", "max_model_len": 128, "kv_cache_gib": 0.25,
+                            **kw})  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +63,7 @@ def vllm_engine(tiny_teacher):
     """One CPU vLLM engine for the whole session (engine start is ~25 s)."""
     from pipeline.teacher import make_engine
 
-    llm = make_engine(tiny_engine_config(tiny_teacher), top_k=64)
+    llm = make_engine(tiny_teacher_config(tiny_teacher), top_k=64)
     yield llm
     del llm
 
@@ -85,12 +87,12 @@ def student_cache(samples_dir, tiny_teacher, vllm_engine, tmp_path_factory):
     """A real cache + real speech features for the tiny toy world."""
     from pipeline.features import FeatureConfig, extract_all
     from pipeline.speech import synthesize_all
-    from pipeline.teacher import CacheRunConfig, cache_teacher_logits
+    from pipeline.teacher import cache_teacher_logits
 
     root = tmp_path_factory.mktemp("student")
     synthesize_all(samples_dir, root / "audio", voices=("en-us",), rates=(170,), progress=False)
     extract_all(root / "audio" / "index.parquet", root / "features", FeatureConfig(n_mels=40), progress=False)
-    cfg = CacheRunConfig(samples_dir=samples_dir, out_dir=root / "cache", features_dir=root / "features", top_k=8,
-                         engine=tiny_engine_config(tiny_teacher))  # fmt: skip
+    cfg = tiny_teacher_config(tiny_teacher, samples=samples_dir, out=root / "cache", features=root / "features",
+                              top_k=8)  # fmt: skip
     cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
     return root / "cache"

@@ -18,14 +18,14 @@ from pipeline.chat import encode_pair
 from pipeline.parquet_io import rejects_path
 from pipeline.query import connect
 from pipeline.samples import ingest
-from pipeline.teacher import CacheRunConfig, cache_teacher_logits
-from tests.conftest import tiny_engine_config
+from pipeline.teacher import cache_teacher_logits
+from tests.conftest import tiny_teacher_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(samples_dir, out, tiny_teacher, **kw):
-    return CacheRunConfig(samples_dir=samples_dir, out_dir=out, engine=tiny_engine_config(tiny_teacher), **kw)
+    return tiny_teacher_config(tiny_teacher, samples=samples_dir, out=out, **kw)
 
 
 def _rows(cache_dir) -> dict[str, dict]:
@@ -159,22 +159,28 @@ def test_over_long_and_empty_samples_are_rejects(tiny_teacher, vllm_engine, tmp_
 
 
 @pytest.mark.slow
-def test_teacher_written_responses_are_cached_and_stored_with_the_samples(samples_dir, tiny_teacher, vllm_engine,
-                                                                          tmp_path):  # fmt: skip
+def test_teacher_written_responses_are_cached_and_the_samples_stay_as_they_were(samples_dir, tiny_teacher,
+                                                                                vllm_engine, tmp_path):  # fmt: skip
     import shutil
 
-    local = tmp_path / "samples"
+    from pipeline.query import connect
+
+    data = tmp_path / "data"
+    local = data / "samples"
     shutil.copytree(samples_dir, local)
-    out = tmp_path / "cache"
+    before = (local / "samples.parquet").read_bytes()
+    out = data / "cache"
     s = cache_teacher_logits(_cfg(local, out, tiny_teacher, top_k=4, limit=6, responses="teacher",
                                   max_new_tokens=12), False, vllm_engine)  # fmt: skip
-    assert s["cached_now"] + s["rejected"] == 6
+    assert s["cached_now"] + s["rejected"] == 6 and s["cached_now"] > 0
+    assert (local / "samples.parquet").read_bytes() == before  # samples are immutable
     rows = _rows(out)
-    stored = {r["sample_id"]: r for r in pq.read_table(local / "samples.parquet").to_pylist()}
+    dataset = {r["sample_id"]: r["response"] for r in pq.read_table(local / "samples.parquet").to_pylist()}
+    view = {r[0]: r[1:] for r in connect(data).sql(
+        "SELECT sample_id, response, response_source, dataset_response FROM responses").fetchall()}  # fmt: skip
+    assert view.keys() == rows.keys()
     for sid, row in rows.items():
-        meta = json.loads(stored[sid]["meta"])
-        assert meta["response_source"] == "teacher" and "dataset_response" in meta
-        assert stored[sid]["response"] == row["response"]
+        assert view[sid] == (row["response"], "teacher", dataset[sid])
 
 
 # --- exactly once under SIGKILL -----------------------------------------------------------

@@ -15,16 +15,16 @@ import pytest
 
 from pipeline.cache import CacheReader, FingerprintMismatch
 from pipeline.errors import CorruptData
-from pipeline.teacher import CacheRunConfig, cache_teacher_logits
-from tests.conftest import tiny_engine_config
+from pipeline.teacher import cache_teacher_logits
+from pipeline.teacher_config import TeacherConfig
+from tests.conftest import tiny_teacher_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _cfg(samples, out, teacher, **kw) -> CacheRunConfig:
-    return CacheRunConfig(samples_dir=samples, out_dir=out, engine=tiny_engine_config(teacher),
-                          **{"top_k": 8, "rows_per_shard": 8, **kw})  # fmt: skip
+def _cfg(samples, out, teacher, **kw) -> TeacherConfig:
+    return tiny_teacher_config(teacher, samples=samples, out=out, **{"top_k": 8, "rows_per_shard": 8, **kw})
 
 
 @pytest.fixture
@@ -193,8 +193,7 @@ def test_dtype_auto_is_the_checkpoint_dtype_and_another_dtype_is_refused(small_c
     assert resolve_dtype("auto", str(bf16)) == "bfloat16"
     samples, out = small_cache
     assert CacheReader(out).fingerprint["dtype"] == "float32"
-    other = _cfg(samples, out, tiny_teacher, limit=24)
-    other.engine.dtype = "bfloat16"
+    other = _cfg(samples, out, tiny_teacher, limit=24, dtype="bfloat16")
     with pytest.raises(FingerprintMismatch, match="dtype: cache has 'float32', this run has 'bfloat16'"):
         cache_teacher_logits(other, False, vllm_engine)
 

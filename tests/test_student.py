@@ -454,16 +454,16 @@ def test_a_relative_cache_trains_from_another_directory_with_a_second_architectu
 
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits
+    from pipeline.teacher import cache_teacher_logits
+    from tests.conftest import tiny_teacher_config
 
     proj = tmp_path / "proj"
     shutil.copytree(samples_dir, proj / "data" / "samples")
     shutil.copytree(student_cache.parent / "features", proj / "data" / "features")
     shutil.copytree(tiny_teacher, proj / "data" / "models" / "teacher")
     monkeypatch.chdir(proj)
-    cfg = CacheRunConfig(samples_dir=Path("data/samples"), out_dir=Path("data/cache"), features_dir=Path("data/features"),
-                         top_k=8, engine=EngineConfig(model="data/models/teacher", dtype="float32", max_model_len=128,
-                                                      kv_cache_gib=0.25))  # fmt: skip
+    cfg = tiny_teacher_config("data/models/teacher", samples="data/samples", out="data/cache",
+                              features="data/features", top_k=8)  # fmt: skip
     cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
     manifest = json.loads((proj / "data" / "cache" / "manifest.json").read_text())
     assert manifest["inputs"]["samples_dir"] == "../samples"  # relative to the manifest, not the writer's cwd

@@ -1,0 +1,129 @@
+"""The teacher stage's one config: every option of `python -m pipeline.teacher` and of the cache-teacher flow's
+caching step, declared once (type, default, choices, help).
+
+`TeacherConfig` is the single source: `pipeline.teacher`'s flags are generated from it, the flow's parameters
+(and so a served deployment's parameter schema and defaults) are its fields, and `validate` checks every option
+before any engine starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import schemas
+from pipeline.config import ConfigError, check_choices, flag, opt
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+@dataclass
+class TeacherConfig:
+    # --- inputs and output
+    samples: str = opt(str(schemas.SAMPLES_DIR), "samples directory")
+    out: str = opt(str(schemas.CACHE_DIR), "cache directory")
+    features: str = opt(str(schemas.FEATURES_DIR), "speech features of these samples (recorded in the cache "
+                                                   "manifest for the student)")  # fmt: skip
+    split: str | None = opt(None, "cache only this split (default: every split)")
+    limit: int | None = opt(None, "cache only the first N samples (smoke runs)")
+    # --- the teacher
+    teacher: str | None = opt(None, "the teacher: a local HF model dir or a Hugging Face id (default: the embedded "
+                                    f"toy teacher, {schemas.TEACHER_DIR})", aliases=("--model",))  # fmt: skip
+    dtype: str = opt("auto", "auto = the checkpoint's own dtype; a lower one is an explicit choice (fingerprinted)",
+                     DTYPES)  # fmt: skip
+    max_model_len: int | None = opt(None, "context length (default: min(the model's, 4096)); longer samples are "
+                                          "rejects or, with --too-long truncate, cut")  # fmt: skip
+    seed: int = opt(0, "engine seed (teacher-written responses with --temperature > 0)")
+    # --- what is cached
+    top_k: int = opt(64, "logprobs kept per response position")
+    responses: str = opt("dataset", "score the samples' responses, or have the teacher write them first (kept in "
+                                    "the cache rows; samples.parquet is never changed)", ("dataset", "teacher"))  # fmt: skip
+    max_new_tokens: int = opt(256, "--responses teacher: longest response written")
+    temperature: float = opt(0.0, "--responses teacher: sampling temperature (0 = greedy)")
+    too_long: str = opt("reject", "a sample longer than the context: a reject, or its response cut",
+                        ("reject", "truncate"))  # fmt: skip
+    logprob_step: float = opt(1 / 32, "quantization step of the cached logprobs (nats; worst-case error step/2)")
+    # --- the engine (vLLM)
+    kv_cache_gib: float = opt(2.0, "CPU: KV cache size (GPU: see --gpu-memory-utilization)")
+    gpu_memory_utilization: float = opt(0.85, "GPU: fraction of GPU memory vLLM may use")
+    tensor_parallel_size: int = opt(1, "GPUs one engine's layers are split over (GPU only; a worker claims this many)")
+    pipeline_parallel_size: int = opt(1, "pipeline stages of one engine (GPU only)")
+    logprobs_memory_gib: float = opt(1.0, "caps the tokens batched per step: tokens x vocab x 6 B of prompt "
+                                          "logprobs <= this")  # fmt: skip
+    max_num_seqs: int = opt(256, "sequences the engine schedules at once")
+    enforce_eager: bool | None = opt(None, "no CUDA graphs / compilation (default: on CPU, where it starts faster)")
+    executor_backend: str | None = opt(None, "vLLM's distributed executor: uni | mp | ray (default: uni on CPU, "
+                                             "vLLM's choice on GPU)")  # fmt: skip
+    # --- cache layout and the work split
+    partitions: int | None = opt(None, "hash partitions of the cache, fixed for its life: sample -> "
+                                       "sha256(sample_id) mod P; each is written by one worker at a time (default: "
+                                       "the existing cache's; a new one: the flow's --workers, else 1)")  # fmt: skip
+    partition: int | None = opt(None, "score only this partition, 0..P-1 (one worker's share; default: all of "
+                                      "them, one after the other)")  # fmt: skip
+    group_size: int = opt(512, "samples per submission to vLLM")
+    rows_per_shard: int = opt(1024, "cache rows per Parquet shard")
+    overwrite: bool = opt(False, "replace a cache made by another teacher setup (or with another --partitions)")
+    verify: bool = opt(True, "check every shard's sha256 against the manifest before appending (--no-verify: skip)")
+
+    @property
+    def model(self) -> str:
+        """The teacher to load: --teacher, else the embedded toy teacher's directory."""
+        return self.teacher or str(schemas.TEACHER_DIR)
+
+    @property
+    def samples_dir(self) -> Path:
+        return Path(self.samples)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def features_dir(self) -> Path:
+        return Path(self.features)
+
+    def validate(self, check_platform: bool = True, require_teacher: bool = True) -> "TeacherConfig":
+        """Every option checked before any engine starts: ConfigError naming the option and what is allowed.
+        `check_platform`: also refuse GPU-only settings on a CPU build of vLLM; `require_teacher`: the embedded
+        toy teacher must be built already (the flow builds it)."""
+        check_choices(self)
+        positive = ("top_k", "max_new_tokens", "group_size", "rows_per_shard", "tensor_parallel_size",
+                    "pipeline_parallel_size", "max_num_seqs", "logprob_step", "kv_cache_gib", "logprobs_memory_gib")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("limit", "partitions", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag(name)} must be >= 1, got {value}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.executor_backend is not None and self.executor_backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"--executor-backend {self.executor_backend!r} is not one of: "
+                              f"{', '.join(EXECUTOR_BACKENDS)}")  # fmt: skip
+        if self.partition is not None:
+            if self.partition < 0:
+                raise ConfigError(f"--partition must be >= 0, got {self.partition}")
+            if self.partitions is not None and self.partition >= self.partitions:
+                raise ConfigError(f"--partition {self.partition} is not one of 0..{self.partitions - 1} "
+                                  f"(--partitions {self.partitions})")  # fmt: skip
+        if require_teacher and self.teacher is None and not Path(self.model).is_dir():
+            raise ConfigError(f"no teacher at {self.model} (the embedded toy teacher's place): build it with "
+                              f"`python -m toy.teacher` or the cache-teacher flow, or pass --teacher")  # fmt: skip
+        if check_platform and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            from pipeline.teacher import on_cpu
+
+            if on_cpu():
+                raise ConfigError(
+                    f"--tensor-parallel-size {self.tensor_parallel_size} / --pipeline-parallel-size "
+                    f"{self.pipeline_parallel_size}: model parallelism needs GPUs (this is vLLM's CPU build); on "
+                    f"CPU use 1 and scale out with --partitions and workers instead"
+                )
+        return self
+
+    @property
+    def gpus_per_engine(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
