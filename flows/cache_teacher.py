@@ -5,23 +5,33 @@ Run it directly (Prefect starts a temporary local server for the run):
     python flows/cache_teacher.py                       # the embedded default
     python flows/cache_teacher.py --teacher Qwen/Qwen2.5-7B-Instruct --source my.jsonl --responses teacher
 
+Cache on several workers (Ray, through prefect-ray's RayTaskRunner): the cache is split into `--partitions`
+hash partitions and one Ray task per partition scores it with its own vLLM engine, `--workers` at a time:
+
+    python flows/cache_teacher.py --workers 2 --partitions 2                     # a local Ray cluster
+    python flows/cache_teacher.py --ray-address auto --workers 16 --partitions 64 --tensor-parallel-size 1
+
 Or serve it as a deployment against a Prefect server:
 
     prefect server start --host 127.0.0.1 &             # then, in this shell:
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python flows/cache_teacher.py --serve default &      # keeps serving
-    prefect deployment run cache-teacher/default --watch
+    prefect deployment run cache-teacher/default --watch --param workers=2 --param partitions=2
 
-Every task is resumable (each stage skips the work already on disk), so
-Prefect's retries continue where a failure stopped.
+The flow's parameters are the fields of `CacheFlowConfig` (this file) and of the teacher stage's
+`pipeline.teacher_config.TeacherConfig`: one declaration gives the CLI flags, the flow's parameters and a
+deployment's defaults. Every task is resumable (each stage skips the work already on disk), so Prefect's
+retries continue where a failure stopped; a caching worker killed outright is re-run by Ray, and continues
+its partition.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
 import os
 import sys
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 # The temporary server of a direct run otherwise races its own SQLite on telemetry.
@@ -29,19 +39,65 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
 
 from pipeline import features as features_stage
 from pipeline import schemas
 from pipeline import samples as samples_stage
 from pipeline import speech as speech_stage
+from pipeline.cache import read_manifest
+from pipeline.config import ConfigError, build_parser, flow_parameters, listed, opt
+from pipeline.errors import UserError, cli
+from pipeline.teacher import cache_teacher_logits, combine_summaries, format_summary, prepare_cache
+from pipeline.teacher_config import TeacherConfig
 from toy import encoder as toy_encoder
 from toy import teacher as toy_teacher
-from pipeline.errors import UserError, cli
-from pipeline.teacher import CacheRunConfig, EngineConfig, cache_teacher_logits, format_summary
 
 FLOW_NAME = "cache-teacher"
 HELDOUT_VOICE = toy_encoder.EncoderBuildConfig.heldout_voice  # the voice the toy encoder never hears either
 HELDOUT_RATE = 160
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CacheFlowConfig:
+    """The flow's own options (the teacher stage's are TeacherConfig's)."""
+
+    data_dir: str = opt("data", "where every stage writes: samples/, audio/, features/, cache/, models/, rejects/")
+    source: str = opt(samples_stage.TOY_WORLD, "toy-world | .jsonl | .parquet | a Hugging Face dataset")
+    split: str = opt("train", "split of source rows that carry none")
+    voices: list[str] = listed(speech_stage.DEFAULT_VOICES, "espeak-ng voices of the training speech")
+    rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
+    per_sample: int = opt(1, "speech renditions per sample")
+    heldout_voice: str | None = opt(HELDOUT_VOICE, "also speak the eval split in this voice, never a training one "
+                                                   "('': not)")  # fmt: skip
+    default_encoder: bool = opt(True, "on the toy world, also build the embedded pretrained speech encoder")
+    n_mels: int = opt(80, "log-mel bins of the speech features")
+    workers: int = opt(1, "caching workers: 1 = in this process, no Ray; N > 1 = Ray tasks (prefect-ray), one per "
+                          "partition, N at a time, each with its own vLLM engine")  # fmt: skip
+    ray_address: str | None = opt(None, "join this Ray cluster (`auto` on a node of it, or the head's host:port) "
+                                        "instead of starting a local one; implies Ray even with --workers 1")  # fmt: skip
+    cpus_per_worker: int | None = opt(None, "CPUs a caching worker claims from Ray (default: on CPU the machine's "
+                                            "CPUs / --workers, on GPU 1)")  # fmt: skip
+
+    def validate(self) -> "CacheFlowConfig":
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
+            raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
+        if self.heldout_voice and self.heldout_voice in self.voices:
+            raise ConfigError(f"--heldout-voice {self.heldout_voice} is also a training voice (--voices "
+                              f"{','.join(self.voices)}); pick a voice the training speech does not use, or "
+                              f"--heldout-voice ''")  # fmt: skip
+        return self
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.workers > 1 or bool(self.ray_address)
+
+
+# TeacherConfig fields the flow sets itself (paths under --data-dir; every split; every partition)
+FLOW_SETS = ("samples", "out", "features", "split", "partition")
 
 
 def retry_unless_config_error(task, task_run, state) -> bool:
@@ -106,8 +162,80 @@ def extract_features(audio_dir: Path, features_dir: Path, n_mels: int) -> dict:
 
 
 @task(name="cache-teacher-logits", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_config_error)
-def cache_logits(cfg: CacheRunConfig) -> dict:
+def cache_logits(cfg: TeacherConfig) -> dict:
+    """Every partition in this process, one after the other (one engine)."""
     summary = cache_teacher_logits(cfg, progress=False)
+    print(format_summary(summary))
+    return summary
+
+
+@task(name="cache-teacher-partition", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_config_error)
+def cache_partition(cfg: TeacherConfig, partition: int) -> dict:
+    """One partition, on a Ray worker: its own engine, its partition's lock. A retry (Prefect's after an
+    error, Ray's after the worker died) continues the partition: what is cached is skipped."""
+    summary = cache_teacher_logits(replace(cfg, partition=partition, overwrite=False), progress=False)
+    print(f"partition {partition}: " + format_summary(summary))
+    return summary
+
+
+@flow(name="cache-teacher-partitions", log_prints=True)
+def cache_partitions(cfg: TeacherConfig, partitions: list[int], workers: int, num_cpus: float,
+                     num_gpus: float) -> list[dict]:  # fmt: skip
+    """The caching task over the partitions on the flow's task runner (a RayTaskRunner), at most `workers`
+    at a time, each claiming `num_cpus` / `num_gpus` of the cluster. Every partition runs to its end; then
+    the first failed one's error is raised."""
+    from prefect_ray.context import remote_options
+
+    pending, running, finished = list(partitions), [], []
+    with remote_options(num_cpus=num_cpus, num_gpus=num_gpus):
+        while pending or running:
+            while pending and len(running) < workers:
+                running.append(cache_partition.submit(cfg, pending.pop(0)))
+            done = next(as_completed(running))
+            running.remove(done)
+            finished.append(done)
+    return sorted((f.result() for f in finished), key=lambda summary: summary["partitions_run"])
+
+
+def ray_task_runner(flow_cfg: CacheFlowConfig, teacher_cfg: TeacherConfig):
+    """A RayTaskRunner for the caching workers, and what each claims: (runner, num_cpus, num_gpus)."""
+    from prefect.client.orchestration import get_client
+    from prefect_ray import RayTaskRunner
+
+    from pipeline.teacher import on_cpu
+
+    cpu = on_cpu()
+    num_gpus = 0 if cpu else teacher_cfg.gpus_per_engine
+    num_cpus = flow_cfg.cpus_per_worker or (max(1, (os.cpu_count() or 1) // flow_cfg.workers) if cpu else 1)
+    with get_client(sync_client=True) as client:  # the workers report their task runs to this flow's API
+        api_url = str(client.api_url)
+    env = {"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+    if flow_cfg.ray_address:
+        init = {"address": flow_cfg.ray_address, "runtime_env": {"env_vars": env}}
+    else:  # a local cluster sized to the workers; a small object store (results are summaries)
+        init = {"num_cpus": max(os.cpu_count() or 1, num_cpus * flow_cfg.workers), "include_dashboard": False,
+                "object_store_memory": 256 << 20, "runtime_env": {"env_vars": env}}  # fmt: skip
+    return RayTaskRunner(init_kwargs=init), num_cpus, num_gpus
+
+
+def cache_on_workers(flow_cfg: CacheFlowConfig, cfg: TeacherConfig) -> dict:
+    """The cache's layout made (or checked) once here, then one Ray task per partition."""
+    import time
+
+    t = time.monotonic()
+    if cfg.partitions is None and read_manifest(cfg.out_dir) is None:
+        cfg = replace(cfg, partitions=flow_cfg.workers)  # a new cache: one partition per worker at least
+    n_parts = prepare_cache(cfg)
+    if n_parts < flow_cfg.workers:
+        print(f"warning: the cache at {cfg.out} has {n_parts} partition(s): only {n_parts} of the {flow_cfg.workers} "
+              f"workers have work (a new cache: --partitions {flow_cfg.workers} or more; an existing one keeps its "
+              f"count unless rebuilt with --overwrite)")  # fmt: skip
+    runner, num_cpus, num_gpus = ray_task_runner(flow_cfg, cfg)
+    parts = cache_partitions.with_options(task_runner=runner)(replace(cfg, overwrite=False), list(range(n_parts)),
+                                                              flow_cfg.workers, num_cpus, num_gpus)  # fmt: skip
+    summary = combine_summaries(parts, cfg.out_dir, time.monotonic() - t, 0.0, parallel=True)
+    (cfg.out_dir / "last_run.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     return summary
 
@@ -143,60 +271,44 @@ Cache rejects by reason:
 """
 
 
-@flow(name=FLOW_NAME, log_prints=True)
-def cache_teacher(
-    data_dir: str = "data",
-    source: str = samples_stage.TOY_WORLD,
-    split: str = "train",
-    teacher: str | None = None,
-    top_k: int = 64,
-    responses: str = "dataset",
-    max_new_tokens: int = 256,
-    voices: list[str] = list(speech_stage.DEFAULT_VOICES),
-    rates: list[int] = list(speech_stage.DEFAULT_RATES),
-    per_sample: int = 1,
-    heldout_voice: str | None = HELDOUT_VOICE,
-    default_encoder: bool = True,
-    n_mels: int = 80,
-    dtype: str = "auto",
-    max_model_len: int | None = None,
-    kv_cache_gib: float = 2.0,
-    limit: int | None = None,
-    overwrite: bool = False,
-) -> dict:
+def split_parameters(params: dict) -> tuple[CacheFlowConfig, TeacherConfig]:
+    """The flow's parameters as its two configs, validated; the teacher's paths are under data_dir."""
+    own = {f.name for f in fields(CacheFlowConfig)}
+    flow_cfg = CacheFlowConfig(**{k: v for k, v in params.items() if k in own})
+    flow_cfg.heldout_voice = flow_cfg.heldout_voice or None
+    data = Path(flow_cfg.data_dir)
+    teacher_cfg = TeacherConfig(**{k: v for k, v in params.items() if k not in own}, samples=str(data / "samples"),
+                                out=str(data / "cache"), features=str(data / "features"))  # fmt: skip
+    return flow_cfg.validate(), teacher_cfg.validate(require_teacher=teacher_cfg.teacher is not None)
+
+
+def run_cache_teacher(**params) -> dict:
     """Cache the teacher's top-k logprobs over every sample's response, with its speech features.
 
-    `teacher`: a local HF model dir or a Hugging Face id; default: the embedded
-    toy teacher, trained on the samples if `<data_dir>/models/teacher` is missing.
-    `split`: the split of source rows that carry none.
-    `heldout_voice`: also speak the eval split in this voice (never a training voice), for the student's
-    held-out-voice column (`<data_dir>/features-heldout-voice`); None: not.
-    `default_encoder`: on the toy world, also build the embedded pretrained speech encoder
-    (`<data_dir>/models/encoder`) that `student/train.py --encoder` starts from.
+    Parameters: the fields of CacheFlowConfig and TeacherConfig (see `python flows/cache_teacher.py --help`).
+    `teacher` None: the embedded toy teacher, trained on the samples if `<data_dir>/models/teacher` is missing.
     """
-    if heldout_voice and heldout_voice in voices:
-        raise UserError(f"--heldout-voice {heldout_voice} is also a training voice (--voices {','.join(voices)}); "
-                        f"pick a voice the training speech does not use, or --heldout-voice ''")  # fmt: skip
-    data = Path(data_dir)
+    flow_cfg, cfg = split_parameters(params)
+    data = Path(flow_cfg.data_dir)
     samples_dir, audio_dir, features_dir = data / "samples", data / "audio", data / "features"
-    samples = prepare_samples(source, samples_dir, split)
-    model = teacher or build_default_teacher(samples_dir, data / "models" / "teacher")
-    speech = synthesize_speech(samples_dir, audio_dir, voices, rates, per_sample)
-    feats = extract_features(audio_dir, features_dir, n_mels)
+    toy = cfg.teacher is None
+    if toy:
+        cfg = replace(cfg, teacher=str(data / "models" / "teacher"))
+    samples = prepare_samples(flow_cfg.source, samples_dir, flow_cfg.split)
+    if toy:
+        build_default_teacher(samples_dir, data / "models" / "teacher")
+    speech = synthesize_speech(samples_dir, audio_dir, flow_cfg.voices, flow_cfg.rates, flow_cfg.per_sample)
+    feats = extract_features(audio_dir, features_dir, flow_cfg.n_mels)
     heldout = None
-    if heldout_voice:
+    if flow_cfg.heldout_voice:
         held_audio = data / ("audio" + schemas.HELDOUT_VOICE_SUFFIX)
         held_features = data / ("features" + schemas.HELDOUT_VOICE_SUFFIX)
-        held_speech = synthesize_speech(samples_dir, held_audio, [heldout_voice], [HELDOUT_RATE], 1, split="eval")
-        heldout = {**held_speech, **extract_features(held_audio, held_features, n_mels)}
-    cfg = CacheRunConfig(
-        samples_dir=samples_dir, out_dir=data / "cache", features_dir=features_dir, top_k=top_k, responses=responses,
-        max_new_tokens=max_new_tokens, limit=limit, overwrite=overwrite,
-        engine=EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib),
-    )  # fmt: skip
-    cache = cache_logits(cfg)
+        held_speech = synthesize_speech(samples_dir, held_audio, [flow_cfg.heldout_voice], [HELDOUT_RATE], 1,
+                                        split="eval")  # fmt: skip
+        heldout = {**held_speech, **extract_features(held_audio, held_features, flow_cfg.n_mels)}
+    cache = cache_on_workers(flow_cfg, cfg) if flow_cfg.uses_ray else cache_logits(cfg)
     encoder = None
-    if default_encoder and source == samples_stage.TOY_WORLD:
+    if flow_cfg.default_encoder and flow_cfg.source == samples_stage.TOY_WORLD:
         encoder = build_default_encoder(samples_dir, data / "models" / "encoder")
     create_markdown_artifact(
         key="cache-teacher-summary", markdown=summary_markdown(samples, speech, feats, cache, heldout, encoder),
@@ -206,39 +318,25 @@ def cache_teacher(
             "encoder": encoder}  # fmt: skip
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# The flow's signature is the two configs' fields: Prefect builds the parameter schema (and a deployment's
+# defaults) from it, and validates a run's parameters against it.
+run_cache_teacher.__signature__ = inspect.Signature(
+    flow_parameters(CacheFlowConfig) + flow_parameters(TeacherConfig, skip=FLOW_SETS), return_annotation=dict
+)
+cache_teacher = flow(name=FLOW_NAME, log_prints=True)(run_cache_teacher)
+
+
+def _parser():
+    parser = build_parser(CacheFlowConfig, description=__doc__)
     parser.add_argument("--serve", metavar="DEPLOYMENT", help="serve the flow as this deployment instead of running it")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--source", default=samples_stage.TOY_WORLD, help="toy-world | .jsonl | .parquet | HF dataset")
-    parser.add_argument("--split", default="train", help="split of source rows that carry none")
-    parser.add_argument("--teacher", default=None, help="HF model dir or id (default: the embedded toy teacher)")
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--responses", choices=["dataset", "teacher"], default="dataset")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--voices", default=",".join(speech_stage.DEFAULT_VOICES))
-    parser.add_argument("--rates", default=",".join(map(str, speech_stage.DEFAULT_RATES)))
-    parser.add_argument("--per-sample", type=int, default=1, help="speech renditions per sample")
-    parser.add_argument("--heldout-voice", default=HELDOUT_VOICE,
-                        help="also speak the eval split in this voice, never a training one ('': not)")
-    parser.add_argument("--no-default-encoder", dest="default_encoder", action="store_false",
-                        help="on the toy world, do not build the embedded pretrained speech encoder")
-    parser.add_argument("--n-mels", type=int, default=80)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
-    parser.add_argument("--limit", type=int, default=None, help="cache only the first N samples")
-    parser.add_argument("--overwrite", action="store_true")
-    return parser
+    return build_parser(TeacherConfig, parser=parser, skip=FLOW_SETS)
 
 
 @cli("cache_teacher.py")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     params = {k: v for k, v in vars(args).items() if k != "serve"}
-    params["voices"] = [v for v in args.voices.split(",") if v]
-    params["rates"] = [int(r) for r in args.rates.split(",") if r]
-    params["heldout_voice"] = args.heldout_voice or None
+    split_parameters(params)  # a bad option fails here, in a second, before Prefect starts
     if args.serve:
         cache_teacher.serve(name=args.serve, parameters=params)
         return 0

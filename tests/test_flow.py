@@ -37,7 +37,7 @@ def _wait(predicate, timeout: float, what: str, procs=()):
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_the_flow_and_writes_the_cache(tiny_teacher, tiny_rows, tmp_path):
+def test_served_deployment_runs_the_flow_on_two_ray_workers_and_writes_the_cache(tiny_teacher, tiny_rows, tmp_path):
     port = _free_port()
     env = {
         **os.environ,
@@ -45,6 +45,7 @@ def test_served_deployment_runs_the_flow_and_writes_the_cache(tiny_teacher, tiny
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        "RAY_AUTH_MODE": "disabled",
     }
     src = tmp_path / "tiny.jsonl"
     rows = tiny_rows[:30]
@@ -75,12 +76,15 @@ def test_served_deployment_runs_the_flow_and_writes_the_cache(tiny_teacher, tiny
             return r.returncode == 0
 
         _wait(deployed, 120, "the deployment to be served", [server, serve])
-        run = subprocess.run([PREFECT, "deployment", "run", "cache-teacher/it", "--watch"], env=env,
+        # the deployment takes the flow's parameters: here the caching on 2 Ray workers, 2 partitions
+        run = subprocess.run([PREFECT, "deployment", "run", "cache-teacher/it", "--watch", "--param", "workers=2",
+                              "--param", "partitions=2"], env=env,
                              capture_output=True, text=True, timeout=600)  # fmt: skip
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
         assert "Completed" in run.stdout
 
         reader = CacheReader(data / "cache", verify=True)
+        assert reader.partitions == 2
         assert sorted(reader.sample_ids()) == sorted(r["sample_id"] for r in rows)
         assert reader.encoding.top_k == 8
         con = connect(data)
