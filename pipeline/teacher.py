@@ -48,6 +48,7 @@ from pipeline.fingerprint import (
     tokenizer_sha256,
     weights_sha256,
 )
+from pipeline.response_scoring import EXTRA_ARG
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
 from pipeline.teacher_config import DTYPES, TeacherConfig
@@ -114,6 +115,11 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
     cpu = on_cpu()
     if cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if cfg.scoring == "response":
+        from pipeline import response_scoring
+
+        response_scoring.require()  # here; engine processes apply it through the vllm.general_plugins entry point
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the V2 runner's prompt logprobs are not patched
     kwargs = dict(
         model=cfg.model,
         dtype=resolve_dtype(cfg.dtype, cfg.model),
@@ -330,7 +336,12 @@ def _cache_partition(cfg: TeacherConfig, index: int, n_parts: int, samples: list
                         pairs.append(pair)
                         ready.append(s)
                 if pairs:
-                    outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], score_params,
+                    params = score_params
+                    if cfg.scoring == "response":  # the LM head from the first response position on
+                        params = [score_params.clone() for _ in pairs]
+                        for p, pair in zip(params, pairs):
+                            p.extra_args = {EXTRA_ARG: len(pair.prompt_ids)}
+                    outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], params,
                                         use_tqdm=False)  # fmt: skip
                     for s, pair, o in zip(ready, pairs, outs):
                         n = len(pair.response_ids)

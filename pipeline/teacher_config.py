@@ -44,6 +44,10 @@ class TeacherConfig:
     too_long: str = opt("reject", "a sample longer than the context: a reject, or its response cut",
                         ("reject", "truncate"))  # fmt: skip
     logprob_step: float = opt(1 / 32, "quantization step of the cached logprobs (nats; worst-case error step/2)")
+    scoring: str = opt("response", "where vLLM applies the LM head, log_softmax and top-k: response = from the "
+                                   "first response position on (pipeline/response_scoring.py, a vLLM plugin), full = "
+                                   "every prompt position, as vLLM does (the same numbers, more work)",
+                       ("response", "full"))  # fmt: skip
     # --- the engine (vLLM)
     kv_cache_gib: float = opt(2.0, "CPU: KV cache size (GPU: see --gpu-memory-utilization)")
     gpu_memory_utilization: float = opt(0.85, "GPU: fraction of GPU memory vLLM may use")

@@ -249,3 +249,68 @@ def test_duckdb_views_over_a_produced_cache(samples_dir, tiny_teacher, vllm_engi
     assert abs(entropy - float(-(p * np.log(p)).sum())) < 0.02
     joined = con.sql("SELECT count(*) FROM teacher_samples JOIN samples USING (sample_id)").fetchall()[0][0]
     assert joined == 12
+
+
+# --- response-only scoring (pipeline/response_scoring.py) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_response_only_scoring_skips_prompt_positions_and_caches_the_same_rows(samples_dir, tiny_teacher,
+                                                                              vllm_engine, tmp_path):  # fmt: skip
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from pipeline import response_scoring
+    from pipeline.chat import encode_pair
+
+    response_scoring.require()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    rows = pq.read_table(samples_dir / "samples.parquet").to_pylist()[:12]
+    pairs = [encode_pair(tok, r["prompt"], r["response"]) for r in rows]
+    full = SamplingParams(max_tokens=1, prompt_logprobs=8, detokenize=False, flat_logprobs=True)
+    starts = []
+    for pair in pairs:
+        p = full.clone()
+        p.extra_args = {response_scoring.EXTRA_ARG: len(pair.prompt_ids)}
+        starts.append(p)
+    prompts = [TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs]
+    outs_full = vllm_engine.generate(prompts, full, use_tqdm=False)
+    outs_resp = vllm_engine.generate(prompts, starts, use_tqdm=False)
+    for pair, a, b in zip(pairs, outs_full, outs_resp):
+        fa, fb = a.prompt_logprobs, b.prompt_logprobs
+        first = len(pair.prompt_ids) - 1  # the position that predicts the first response token
+        skipped = slice(fb.start_indices[1], fb.end_indices[first])  # positions 1..first-1 of the flat lists
+        assert all(v == 0.0 for v in fb.logprobs[skipped]), "prompt positions were scored"
+        kept = slice(fb.start_indices[first + 1], fb.end_indices[-1])
+        assert fa.token_ids[kept] == fb.token_ids[kept]
+        np.testing.assert_allclose(fa.logprobs[kept], fb.logprobs[kept], atol=1e-5)
+
+    # the cache stage: --scoring response (the default) and --scoring full give the same rows
+    a = cache_teacher_logits(_cfg(samples_dir, tmp_path / "response", tiny_teacher, top_k=8, limit=30), False,
+                             vllm_engine)  # fmt: skip
+    b = cache_teacher_logits(_cfg(samples_dir, tmp_path / "full", tiny_teacher, top_k=8, limit=30, scoring="full"),
+                             False, vllm_engine)  # fmt: skip
+    assert a["cached_now"] == b["cached_now"] == 30
+    ra, rb = _rows(tmp_path / "response"), _rows(tmp_path / "full")
+    assert ra.keys() == rb.keys()
+    for sid in ra:
+        assert ra[sid]["topk_ids"].tolist() == rb[sid]["topk_ids"].tolist()
+        np.testing.assert_allclose(ra[sid]["topk_logprobs"], rb[sid]["topk_logprobs"], atol=CacheEncoding(8, 2).max_error)
+        np.testing.assert_allclose(ra[sid]["token_logprobs"], rb[sid]["token_logprobs"], atol=1e-5)
+
+
+def test_response_scoring_refuses_a_vllm_whose_prompt_logprob_code_changed(monkeypatch):
+    from vllm.v1.worker import gpu_model_runner
+
+    from pipeline import response_scoring
+    from pipeline.errors import UserError
+
+    def changed(self, hidden_states, num_scheduled_tokens):  # a later vLLM's version of the function
+        return {}
+
+    monkeypatch.setattr(gpu_model_runner.GPUModelRunner, "_get_prompt_logprobs_dict", changed)
+    monkeypatch.setattr(response_scoring, "_state", {"applied": False, "problem": None})
+    with pytest.raises(UserError, match="not the one speechkd's response-only scoring was written for.*--scoring full"):
+        response_scoring.require()
+    assert gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict is changed  # left as it was, not patched

@@ -1,0 +1,150 @@
+"""Response-only prompt logprobs inside vLLM: the LM head, log_softmax and top-k from a request's first response
+position on, instead of at every prompt position.
+
+vLLM 0.32 scores every prompt position when a request asks for `prompt_logprobs` (its only start offset,
+`prompt_logprob_start`, works with fixed candidate ids only). The cache needs the response positions alone, and
+real KD data is prompt-heavy, so most of that work (and the vocab x positions memory peak) is waste. This module
+replaces the V1 model runner's `GPUModelRunner._get_prompt_logprobs_dict` (which vLLM's CPU runner inherits) with
+a copy that skips the positions before `SamplingParams.extra_args["speechkd_logprob_start"]` - 1 (the position
+that predicts the first response token); their rows stay zero and the cache never reads them. A request without
+the key is scored exactly as vLLM does.
+
+It is a vLLM general plugin (entry point `vllm.general_plugins` in pyproject.toml), so it is applied in every
+engine process; `require()` applies it in this one and raises when it cannot: the copy is only applied over the
+function it was written from (its source's sha256), so a vLLM whose internals changed fails at start-up instead of
+mis-scoring. vLLM's V2 model runner (the default on GPUs with Triton) has its own prompt-logprob code, not
+patched: `make_engine` selects the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) when scoring response positions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+EXTRA_ARG = "speechkd_logprob_start"
+# sha256 of inspect.getsource(GPUModelRunner._get_prompt_logprobs_dict) in vllm 0.32.0 (CPU and CUDA builds)
+PATCHED_SOURCE_SHA256 = "889fdb068dfc37ddf4827e8f3af2d99ff790fbd3c77ff4a05eec1e3d0f1f560f"
+_state: dict = {"applied": False, "problem": None}
+
+
+def first_scored_position(request) -> int:
+    """The first prompt position whose next-token logprobs are computed (0: all of them)."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    start = extra.get(EXTRA_ARG)
+    return max(int(start) - 1, 0) if start else 0
+
+
+def _make_patched(runner_module):
+    async_tensor_h2d = runner_module.async_tensor_h2d
+    LogprobsTensors = runner_module.LogprobsTensors
+
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        # vLLM 0.32.0's GPUModelRunner._get_prompt_logprobs_dict, with the marked lines added.
+        num_prompt_logprobs_dict = self.num_prompt_logprobs
+        if not num_prompt_logprobs_dict:
+            return {}
+        prompt_logprobs_dict = {}
+        completed_prefill_reqs = []
+        for req_id, num_prompt_logprobs in num_prompt_logprobs_dict.items():
+            num_tokens = num_scheduled_tokens.get(req_id)
+            if num_tokens is None:
+                continue
+            request = self.requests[req_id]
+            if request.prompt_token_ids is None:
+                continue
+            num_prompt_tokens = len(request.prompt_token_ids)
+            prompt_token_ids = async_tensor_h2d(request.prompt_token_ids, device=self.device)
+            logprobs_tensors = request.in_progress_prompt_logprobs_cpu
+            if logprobs_tensors is None:
+                logprobs_tensors = LogprobsTensors.empty_cpu(num_prompt_tokens - 1, num_prompt_logprobs + 1)
+                first = first_scored_position(request)  # speechkd: the skipped rows hold zeros, not garbage
+                if first:
+                    logprobs_tensors.logprob_token_ids[:first].zero_()
+                    logprobs_tensors.logprobs[:first].zero_()
+                    logprobs_tensors.selected_token_ranks[:first].zero_()
+                request.in_progress_prompt_logprobs_cpu = logprobs_tensors
+            start_idx = request.num_computed_tokens
+            start_tok = start_idx + 1
+            num_remaining_tokens = num_prompt_tokens - start_tok
+            if num_tokens <= num_remaining_tokens:
+                num_logits = num_tokens
+            else:
+                num_logits = num_remaining_tokens
+                completed_prefill_reqs.append(req_id)
+                prompt_logprobs_dict[req_id] = logprobs_tensors
+            if num_logits <= 0:
+                continue
+            req_idx = self.input_batch.req_id_to_index[req_id]
+            offset = self.query_start_loc.np[req_idx].item()
+            # speechkd: skip this chunk's positions before the first scored one
+            skip = min(max(first_scored_position(request) - start_idx, 0), num_logits)
+            if skip == num_logits:
+                continue
+            offset, start_idx, start_tok, num_logits = offset + skip, start_idx + skip, start_tok + skip, num_logits - skip
+            prompt_hidden_states = hidden_states[offset : offset + num_logits]
+            logits = self.model.compute_logits(prompt_hidden_states)
+            tgt_token_ids = prompt_token_ids[start_tok : start_tok + num_logits]
+            if self.model_config.logprobs_mode in ("raw_logits", "processed_logits"):
+                scores = logits.to(runner_module.torch.float32)
+            else:
+                scores = self.sampler.compute_logprobs(logits)
+            token_ids, logprobs, ranks, *_ = self.sampler.gather_logprobs(scores, num_prompt_logprobs, tgt_token_ids)
+            chunk_slice = slice(start_idx, start_idx + num_logits)
+            logprobs_tensors.logprob_token_ids[chunk_slice].copy_(token_ids, non_blocking=True)
+            logprobs_tensors.logprobs[chunk_slice].copy_(logprobs, non_blocking=True)
+            logprobs_tensors.selected_token_ranks[chunk_slice].copy_(ranks, non_blocking=True)
+        for req_id in completed_prefill_reqs:
+            del num_prompt_logprobs_dict[req_id]
+            self.requests[req_id].in_progress_prompt_logprobs_cpu = None
+        if prompt_logprobs_dict:
+            self._sync_device()
+        return prompt_logprobs_dict
+
+    _get_prompt_logprobs_dict.speechkd_response_scoring = True
+    return _get_prompt_logprobs_dict
+
+
+def register() -> None:
+    """The plugin's entry point (run by vLLM in every engine process): apply the patch if the function is the one
+    it was written from; otherwise leave vLLM as it is and record why (`require()` raises it)."""
+    if _state["applied"]:
+        return
+    try:
+        from vllm.v1.worker import gpu_model_runner
+    except Exception as exc:  # noqa: BLE001 - a vLLM without this module: nothing to patch
+        _state["problem"] = f"vllm.v1.worker.gpu_model_runner does not import ({exc})"
+        return
+    runner = gpu_model_runner.GPUModelRunner
+    current = runner._get_prompt_logprobs_dict
+    if getattr(current, "speechkd_response_scoring", False):
+        _state["applied"] = True
+        return
+    problem = source_problem(current)
+    if problem:
+        _state["problem"] = problem
+        return
+    runner._get_prompt_logprobs_dict = _make_patched(gpu_model_runner)
+    _state.update(applied=True, problem=None)
+
+
+def source_problem(function) -> str | None:
+    """Why `function` is not the one the patch replaces (its source's sha256 differs), or None."""
+    try:
+        digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+    except (OSError, TypeError) as exc:
+        return f"the source of GPUModelRunner._get_prompt_logprobs_dict cannot be read ({exc})"
+    if digest != PATCHED_SOURCE_SHA256:
+        return ("vLLM's GPUModelRunner._get_prompt_logprobs_dict is not the one speechkd's response-only scoring was "
+                f"written for (vllm 0.32.0; source sha256 {digest[:12]}, expected {PATCHED_SOURCE_SHA256[:12]})")
+    return None
+
+
+def require() -> None:
+    """Apply the patch in this process, or raise a UserError that says why it cannot and what to do."""
+    from pipeline.errors import UserError
+
+    register()
+    if not _state["applied"]:
+        raise UserError(f"--scoring response cannot run on this vLLM: {_state['problem']}. Use --scoring full (every "
+                        f"prompt position scored, the same numbers, slower) or vllm 0.32.0")  # fmt: skip
