@@ -109,6 +109,25 @@ def bench_vllm_default(llm, pairs, k: int) -> tuple[dict, list]:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}, exact
 
 
+def prompt_heavy_samples(src: Path, out: Path, context_facts: int) -> Path:
+    """The toy samples with `context_facts` other samples' question + answer before each question: a
+    prompt-heavy set (system prompt / retrieved context, then a short answer), as real KD data is."""
+    if (out / "samples.parquet").exists():
+        return out
+    rows = load_samples(src).to_pylist()
+    lines = []
+    for i, r in enumerate(rows):
+        ctx = " ".join(f"{c['prompt']} {c['response']}." for c in (rows[(i + j + 1) % len(rows)]
+                                                                   for j in range(context_facts)))  # fmt: skip
+        lines.append(json.dumps({"sample_id": r["sample_id"], "prompt": f"Context: {ctx} Question: {r['prompt']}",
+                                 "response": r["response"], "split": r["split"]}))  # fmt: skip
+    raw = out.parent / f"{out.name}.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("\n".join(lines) + "\n")
+    ingest(str(raw), out, progress=False)
+    return out
+
+
 def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dtype: str) -> dict:
     from transformers import AutoTokenizer
 
@@ -128,6 +147,9 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
                              progress=False, llm=llm)  # fmt: skip
     a_stats = {"tokens": a["tokens_scored"], "seconds": a["seconds"] - a["engine_start_seconds"],
                "tokens_per_s": a["tokens_per_second"]}  # fmt: skip
+    full_out = WORK / "cache" / f"{name}-{dtype}-full"
+    shutil.rmtree(full_out, ignore_errors=True)
+    a_full = cache_teacher_logits(replace(engine, out=str(full_out), limit=n, scoring="full"), progress=False, llm=llm)
     b, exact = bench_vllm_default(llm, pairs, k)
     del llm
     c = bench_transformers(model_dir, pairs, k, dtype)
@@ -146,7 +168,11 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         "k": k,
         "samples": n,
         "engine_start_s": round(engine_s, 1),
+        "prompt_to_response_tokens": round(sum(len(p.prompt_ids) for p in pairs) / sum(len(p.response_ids)
+                                                                                   for p in pairs), 2),
         "a_stage_tok_s": round(a_stats["tokens_per_s"], 1),
+        "a_full_scoring_tok_s": round(a_full["tokens_per_second"], 1),
+        "a_over_a_full": round(a_stats["tokens_per_s"] / a_full["tokens_per_second"], 2),
         "b_vllm_default_tok_s": round(b["tokens_per_s"], 1),
         "c_transformers_tok_s": round(c["tokens_per_s"], 1),
         "a_over_c": round(a_stats["tokens_per_s"] / c["tokens_per_s"], 2),
@@ -165,6 +191,9 @@ def main() -> int:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--models", default="llama50m-32k,toy-teacher")
+    parser.add_argument("--prompt-heavy", type=int, default=0, metavar="FACTS",
+                        help="put FACTS other question+answer pairs before each question (2 gives prompt:response "
+                             "tokens of ~4:1 on the toy world)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     samples_dir = WORK / "samples"
@@ -176,12 +205,15 @@ def main() -> int:
         from toy.teacher import TeacherConfig, build_teacher
 
         build_teacher(samples_dir, teacher, TeacherConfig())
+    if args.prompt_heavy:
+        samples_dir = prompt_heavy_samples(samples_dir, WORK / f"samples-context{args.prompt_heavy}", args.prompt_heavy)
     models = {"llama50m-32k": lambda: build_random_llama(WORK / "llama50m-32k", teacher), "toy-teacher": lambda: teacher}
     results = []
     for name in args.models.split(","):
         model_dir = models[name]()
         for dtype in args.dtypes.split(","):
-            r = run_model(name, model_dir, samples_dir, args.samples, args.top_k, dtype)
+            r = run_model(name + (f"+context{args.prompt_heavy}" if args.prompt_heavy else ""), model_dir,
+                          samples_dir, args.samples, args.top_k, dtype)  # fmt: skip
             print(json.dumps(r), flush=True)
             results.append(r)
     out = Path("bench/results/cache_throughput.json")
@@ -192,12 +224,15 @@ def main() -> int:
     mine = {key(r) for r in results}
     results = [r for r in earlier if key(r) not in mine] + results
     out.write_text(json.dumps(results, indent=2))
-    print("\n| model | dtype | (a) stage tok/s | (b) vLLM default tok/s | (c) transformers tok/s | a/c | a/b "
-          "| bytes/token (k=%d) | decode MAE (nats) | max err |" % args.top_k)
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | dtype | prompt:response | (a) stage tok/s | (a') stage, --scoring full | (b) vLLM default tok/s "
+          "| (c) transformers tok/s | a/a' | a/c | a/b | bytes/token (k=%d) | decode MAE (nats) | max err |" % args.top_k)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['dtype']} | {r['a_stage_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | "
-              f"{r['c_transformers_tok_s']:.0f} | {r['a_over_c']:.2f}x | {r['a_over_b']:.2f}x | "
+        if "a_full_scoring_tok_s" not in r:
+            continue  # a row of an earlier run, before --scoring
+        print(f"| {r['model']} | {r['dtype']} | {r['prompt_to_response_tokens']}:1 | {r['a_stage_tok_s']:.0f} | "
+              f"{r['a_full_scoring_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | {r['c_transformers_tok_s']:.0f} | "
+              f"{r['a_over_a_full']:.2f}x | {r['a_over_c']:.2f}x | {r['a_over_b']:.2f}x | "
               f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} |")  # fmt: skip
     return 0
 
