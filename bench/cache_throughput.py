@@ -171,6 +171,7 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         "prompt_to_response_tokens": round(sum(len(p.prompt_ids) for p in pairs) / sum(len(p.response_ids)
                                                                                    for p in pairs), 2),
         "a_stage_tok_s": round(a_stats["tokens_per_s"], 1),
+        "a_phase_seconds": a["phase_seconds"],
         "a_full_scoring_tok_s": round(a_full["tokens_per_second"], 1),
         "a_over_a_full": round(a_stats["tokens_per_s"] / a_full["tokens_per_second"], 2),
         "b_vllm_default_tok_s": round(b["tokens_per_s"], 1),

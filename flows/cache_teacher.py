@@ -48,7 +48,7 @@ from pipeline import speech as speech_stage
 from pipeline.cache import read_manifest
 from pipeline.config import ConfigError, build_parser, flow_parameters, listed, opt
 from pipeline.errors import UserError, cli
-from pipeline.teacher import cache_teacher_logits, combine_summaries, format_summary, prepare_cache
+from pipeline.teacher import cache_teacher_logits, combine_summaries, format_phases, format_summary, prepare_cache
 from pipeline.teacher_config import TeacherConfig
 from toy import encoder as toy_encoder
 from toy import teacher as toy_teacher
@@ -261,6 +261,7 @@ def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict, held
 | response tokens cached | {cache['tokens_cached']} |
 | tokens/s (scored, engine start excluded) | {cache['tokens_per_second']} |
 | bytes per cached token | {cache['bytes_per_cached_token']} |
+| seconds per phase (summed over workers; encode and write overlap scoring) | {format_phases(cache.get('phase_seconds')).removeprefix('; seconds: ') or '-'} |
 | cache | `{cache['cache_dir']}` ({cache['cache_rows']} rows, {cache['cache_bytes']} bytes, top-{cache['top_k']}) |
 {extra}
 Cache rejects by reason:

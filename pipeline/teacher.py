@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,7 +271,9 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
     samples = load_samples(cfg.samples_dir, cfg.split).to_pylist()
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
+    t_setup = time.monotonic()
     setup = CacheSetup.of(cfg)
+    fingerprint_s = time.monotonic() - t_setup
     for s in samples:
         s["content_sha256"] = content_sha256(s["prompt"], None if setup.generation else s["response"],
                                              setup.generation)  # fmt: skip
@@ -289,7 +292,8 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
     for p in parts:
         summary = _cache_partition(cfg, p, n_parts, shares[p], setup, engine, progress)
         summaries.append(summary)
-    summary = combine_summaries(summaries, cfg.out_dir, time.monotonic() - t_start, engine.start_seconds)
+    summary = combine_summaries(summaries, cfg.out_dir, time.monotonic() - t_start, engine.start_seconds,
+                                fingerprint_s=fingerprint_s)  # fmt: skip
     if len(parts) == n_parts:
         (cfg.out_dir / "last_run.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -298,17 +302,13 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
 def _cache_partition(cfg: TeacherConfig, index: int, n_parts: int, samples: list[dict], setup: "CacheSetup",
                      engine: LazyEngine, progress: bool) -> dict:  # fmt: skip
     """Append this partition's samples not cached yet (or changed since) to its directory; its summary."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    tokenizer, encoding = setup.tokenizer, setup.encoding
-
     t_start = time.monotonic()
     engine_before = engine.start_seconds
     out = partition_dir(cfg.out_dir, index, n_parts)
     rejected: list[dict] = []
     stats = Counter()
-    with CacheWriter(out, setup.fingerprint, encoding, cfg.rows_per_shard, cfg.overwrite and n_parts == 1,
+    phases = Counter()  # seconds: scoring (vLLM), encode (extract + encode), write (shards + manifest)
+    with CacheWriter(out, setup.fingerprint, setup.encoding, cfg.rows_per_shard, cfg.overwrite and n_parts == 1,
                      setup.inputs, verify=cfg.verify, partition=(index, n_parts)) as writer:  # fmt: skip
         # a cached sample whose content changed since (same id, edited prompt/response) is scored again
         stale = {s["sample_id"] for s in samples
@@ -317,54 +317,81 @@ def _cache_partition(cfg: TeacherConfig, index: int, n_parts: int, samples: list
         todo = [s for s in samples if s["sample_id"] not in writer.done]
         stats["skipped"] = len(samples) - len(todo)
         if todo:
-            llm = engine.get()
-            max_model_len = llm.llm_engine.model_config.max_model_len
-            max_len = max_model_len - 1  # vLLM must have room to generate one token after the scored ones
-            score_params = SamplingParams(max_tokens=1, prompt_logprobs=cfg.top_k, detokenize=False,
-                                          flat_logprobs=True)  # fmt: skip
             where = f" {index}/{n_parts}" if n_parts > 1 else ""
-            bar = tqdm(total=len(todo), desc=f"teacher cache{where}", unit="sample", disable=not progress)
-            for start in range(0, len(todo), cfg.group_size):
-                group = [dict(s) for s in todo[start : start + cfg.group_size]]
-                if cfg.responses == "teacher":
-                    for s, text in zip(group, _generate_responses(llm, tokenizer, group, cfg)):
-                        s["response"] = text
-                pairs, ready = [], []
-                for s in group:
-                    pair = _encode_or_reject(s, tokenizer, cfg, max_len, max_model_len, rejected, stats)
-                    if pair is not None:
-                        pairs.append(pair)
-                        ready.append(s)
-                if pairs:
-                    params = score_params
-                    if cfg.scoring == "response":  # the LM head from the first response position on
-                        params = [score_params.clone() for _ in pairs]
-                        for p, pair in zip(params, pairs):
-                            p.extra_args = {EXTRA_ARG: len(pair.prompt_ids)}
-                    outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], params,
-                                        use_tqdm=False)  # fmt: skip
-                    for s, pair, o in zip(ready, pairs, outs):
-                        n = len(pair.response_ids)
-                        token_lp, topk_ids, topk_lp = extract_response_logprobs(
-                            o.prompt_logprobs, len(pair.prompt_ids), n, cfg.top_k
-                        )
-                        writer.add(encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids),
-                                                       token_lp, topk_ids, topk_lp, s["content_sha256"]), encoding))  # fmt: skip
-                        stats["cached"] += 1
-                        stats["tokens"] += n
-                        stats["tokens_scored"] += len(pair.input_ids)
-                bar.update(len(group))
-                bar.set_postfix(tokens=stats["tokens"], rejects=len(rejected))
-            bar.close()
+            _score_and_store(todo, engine.get(), cfg, setup, writer, rejected, stats, phases,
+                             tqdm(total=len(todo), desc=f"teacher cache{where}", unit="sample", disable=not progress))
+        t = time.monotonic()
         writer.flush()
+        phases["write"] += time.monotonic() - t
         suffix = f"-partition-{index:04d}" if n_parts > 1 else ""
         write_table_atomic(rejects_table(rejected), rejects_path(cfg.out_dir, "cache", suffix))
         summary = _summary(cfg, len(samples), stats, rejected, writer, time.monotonic() - t_start,
                            engine.start_seconds - engine_before)  # fmt: skip
-    summary.update(partition=index, partitions=n_parts)
+    summary.update(partition=index, partitions=n_parts, phase_seconds={k: round(v, 2) for k, v in phases.items()})
     if n_parts > 1:
         (out / "last_run.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSetup", writer: CacheWriter,
+                     rejected: list, stats: Counter, phases: Counter, bar) -> None:  # fmt: skip
+    """Score the samples group by group; a group's encode + write runs on one thread, in order, while the next
+    group is scored. Leaving the executor waits for it, so the writer's lock is never released under a write."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    max_model_len = llm.llm_engine.model_config.max_model_len
+    max_len = max_model_len - 1  # vLLM must have room to generate one token after the scored ones
+    score_params = SamplingParams(max_tokens=1, prompt_logprobs=cfg.top_k, detokenize=False, flat_logprobs=True)
+    in_flight = None
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-write") as storing, bar:
+        for start in range(0, len(todo), cfg.group_size):
+            group = [dict(s) for s in todo[start : start + cfg.group_size]]
+            if cfg.responses == "teacher":
+                for s, text in zip(group, _generate_responses(llm, setup.tokenizer, group, cfg)):
+                    s["response"] = text
+            pairs, ready = [], []
+            for s in group:
+                pair = _encode_or_reject(s, setup.tokenizer, cfg, max_len, max_model_len, rejected, stats)
+                if pair is not None:
+                    pairs.append(pair)
+                    ready.append(s)
+            if pairs:
+                params = score_params
+                if cfg.scoring == "response":  # the LM head from the first response position on
+                    params = [score_params.clone() for _ in pairs]
+                    for p, pair in zip(params, pairs):
+                        p.extra_args = {EXTRA_ARG: len(pair.prompt_ids)}
+                t = time.monotonic()
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], params,
+                                    use_tqdm=False)  # fmt: skip
+                phases["scoring"] += time.monotonic() - t
+                if in_flight is not None:
+                    in_flight.result()  # at most one group being stored; its error surfaces here
+                in_flight = storing.submit(_store_group, writer, ready, pairs, outs, cfg.top_k, setup.encoding,
+                                           stats, phases)  # fmt: skip
+            bar.update(len(group))
+            bar.set_postfix(tokens=stats["tokens"], rejects=len(rejected))
+        if in_flight is not None:
+            in_flight.result()
+
+
+def _store_group(writer: CacheWriter, ready: list[dict], pairs: list, outs: list, top_k: int, encoding: CacheEncoding,
+                 stats: Counter, phases: Counter) -> None:  # fmt: skip
+    """A scored group's rows, encoded and appended (the writer flushes a shard when it is full)."""
+    for s, pair, o in zip(ready, pairs, outs):
+        t = time.monotonic()
+        n = len(pair.response_ids)
+        token_lp, topk_ids, topk_lp = extract_response_logprobs(o.prompt_logprobs, len(pair.prompt_ids), n, top_k)
+        row = encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids), token_lp, topk_ids,
+                                  topk_lp, s["content_sha256"]), encoding)  # fmt: skip
+        t2 = time.monotonic()
+        writer.add(row)
+        phases["encode"] += t2 - t
+        phases["write"] += time.monotonic() - t2
+        stats["cached"] += 1
+        stats["tokens"] += n
+        stats["tokens_scored"] += len(pair.input_ids)
 
 
 def _encode_or_reject(s: dict, tokenizer, cfg: TeacherConfig, max_len: int, max_model_len: int, rejected: list,
@@ -424,7 +451,7 @@ SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "reject
 
 
 def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine_s: float,
-                      parallel: bool = False) -> dict:  # fmt: skip
+                      parallel: bool = False, fingerprint_s: float = 0.0) -> dict:  # fmt: skip
     """One summary of partition summaries: counts summed; tokens/s over the scoring time (the partitions' sum
     when they ran one after the other, the slowest one's when they ran `parallel`; engine starts excluded);
     the cache's size now."""
@@ -432,6 +459,9 @@ def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine
     reasons = Counter()
     for p in parts:
         reasons.update(p["rejects_by_reason"])
+    phases = Counter({"setup": fingerprint_s})
+    for p in parts:
+        phases.update(p.get("phase_seconds", {}))
     times = [p["scoring_seconds"] for p in parts]
     scoring = (max(times) if parallel else sum(times)) if times else 0.0
     shards = cache_shards(cache_dir)
@@ -442,6 +472,7 @@ def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine
         cache_rows=sum(e["rows"] for _, e in shards), cache_bytes=sum(e["bytes"] for _, e in shards),
         bytes_per_cached_token=round(out["bytes_written"] / out["tokens_cached"], 1) if out["tokens_cached"] else None,
         top_k=parts[0]["top_k"] if parts else None, responses=parts[0]["responses"] if parts else None,
+        phase_seconds={"engine_start": out["engine_start_seconds"], **{k: round(v, 2) for k, v in phases.items()}},
         partitions=parts[0]["partitions"] if parts else 1, partitions_run=[i for p in parts for i in p.get("partitions_run", [p.get("partition")])],
     )  # fmt: skip
     return out
@@ -453,8 +484,17 @@ def format_summary(s: dict) -> str:
         f"teacher cache: {s['cached_now']} samples cached now ({s.get('rescored_changed', 0)} of them re-scored: "
         f"their content changed since cached), {s['already_cached']} already there, "
         f"{s['rejected']} rejected; {s['tokens_cached']} response tokens, {s['tokens_per_second']:.0f} tok/s scored"
-        f"{bpt} -> {s['cache_dir']} ({s['cache_rows']} rows)"
+        f"{bpt} -> {s['cache_dir']} ({s['cache_rows']} rows)" + format_phases(s.get("phase_seconds"))
     )
+
+
+def format_phases(phases: dict | None) -> str:
+    """Seconds per phase (summed over workers when they ran in parallel; encode + write overlap scoring). setup:
+    loading the tokenizer and config and hashing the teacher for the fingerprint (imports included)."""
+    if not phases or not any(phases.values()):
+        return ""
+    names = ("setup", "engine_start", "scoring", "encode", "write")
+    return "; seconds: " + ", ".join(f"{n.replace('_', ' ')} {phases[n]:.1f}" for n in names if n in phases)
 
 
 def build_teacher_parser() -> argparse.ArgumentParser:
