@@ -112,6 +112,21 @@ def test_two_ray_workers_one_killed_mid_run_give_the_one_worker_cache(tiny_teach
         assert con.sql(sql).fetchall() == con_ref.sql(sql).fetchall(), sql
     assert con.sql("SELECT count(*) FROM cache").fetchall()[0][0] == len(ids)
 
+    # the student's data path reads the partitioned cache as it reads a one-partition one: same examples, same targets
+    from transformers import AutoTokenizer
+
+    from student.data import StudentData
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    parted, single = StudentData(data / "cache", tok), StudentData(ref_dir, tok, features_dir=data / "features")
+    assert len(parted) == len(single) > 0
+    examples = {(e.sample_id, e.rendition): e for e in (parted.example(i) for i in range(len(parted)))}
+    for i in range(len(single)):
+        e = single.example(i)
+        p = examples[(e.sample_id, e.rendition)]
+        assert p.response_ids.tolist() == e.response_ids.tolist() and p.topk_ids.tolist() == e.topk_ids.tolist()
+        np.testing.assert_array_equal(p.speech, e.speech)
+
     # a rerun (one worker now, no Ray) finds everything cached: nothing scored twice
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
