@@ -97,11 +97,31 @@ def response_ce(student_logits: torch.Tensor, target_ids: torch.Tensor, mask: to
     return _masked_mean(ce, mask, normalizer)
 
 
+def sampled_ce(student_logits, sample_ids, sample_counts, mask, tau: float = 1.0, normalizer=None, **_) -> torch.Tensor:
+    """Random-sampling KD (RS-KD, arXiv 2503.16870) against ids drawn from the teacher's full distribution at
+    temperature tau: `sample_ids` (B, T, m) the distinct ids drawn at each position, `sample_counts` (B, T, m) how
+    often each was drawn (0 for padding slots). Per position -sum_i (c_i / N) log q_tau(i), with q the student's
+    full-vocabulary softmax at tau: an unbiased estimate of the cross-entropy H(p_tau, q_tau) = KL(p_tau || q_tau) +
+    H(p_tau), so its gradient is the forward KL's without the top-k truncation's bias (tested against the dense
+    value in expectation). Not yet fed by the cache: issue 12 item 3's sampled encoding is the next step."""
+    counts = sample_counts.float().masked_fill(~mask.bool().unsqueeze(-1), 0.0)
+    weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    logq = torch.log_softmax(student_logits.float() / tau, -1)
+    per_position = -(weights * torch.gather(logq, -1, sample_ids)).sum(-1)
+    return _masked_mean(per_position, mask, normalizer)
+
+
 # Dense references (full vocabulary), for tests.
 def dense_forward_kl(student_logits, teacher_logits, mask, tau: float = 1.0):
     t = torch.log_softmax(teacher_logits.float() / tau, -1)
     s = torch.log_softmax(student_logits.float() / tau, -1)
     return _masked_mean((t.exp() * (t - s)).sum(-1), mask)
+
+
+def dense_ce(student_logits, teacher_logits, mask, tau: float = 1.0):
+    t = torch.log_softmax(teacher_logits.float() / tau, -1)
+    s = torch.log_softmax(student_logits.float() / tau, -1)
+    return _masked_mean(-(t.exp() * s).sum(-1), mask)
 
 
 def dense_reverse_kl(student_logits, teacher_logits, mask, tau: float = 1.0):

@@ -488,3 +488,42 @@ def test_a_relative_cache_trains_from_another_directory_with_a_second_architectu
     result = json.loads((elsewhere / "run" / "result.json").read_text())
     assert result["steps"] == 3 and 0 <= result["student_speech_accuracy"] <= 1
     assert json.loads((elsewhere / "run" / "final" / "backbone" / "config.json").read_text())["model_type"] == "phi3"
+
+
+def _draws(teacher_logits: torch.Tensor, tau: float, n: int, gen: torch.Generator):
+    """n ids per position drawn from softmax(teacher / tau), as distinct ids + counts padded to one width."""
+    B, T, V = teacher_logits.shape
+    probs = torch.softmax(teacher_logits / tau, -1).reshape(-1, V)
+    drawn = torch.multinomial(probs, n, replacement=True, generator=gen)
+    counts = torch.zeros(B * T, V).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float))
+    m = int((counts > 0).sum(1).max())
+    top = counts.topk(m, dim=1)  # the drawn ids first; slots past them have count 0
+    return top.indices.reshape(B, T, m), top.values.reshape(B, T, m)
+
+
+def test_sampled_kd_is_an_unbiased_estimate_of_the_dense_cross_entropy():
+    from student import losses
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, V, tau = 2, 5, 40, 2.0
+    teacher = torch.randn(B, T, V, generator=gen) * 3
+    student = torch.randn(B, T, V, generator=gen, requires_grad=True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False  # padding: ignored
+    dense = losses.dense_ce(student, teacher, mask, tau)
+    (dense_grad,) = torch.autograd.grad(dense, student)
+    # few draws (RS-KD's ~12 per position), averaged over many independent caches: the mean converges to dense
+    estimates, grads = [], []
+    for _ in range(1000):
+        ids, counts = _draws(teacher, tau, 12, gen)
+        loss = losses.sampled_ce(student, ids, counts, mask, tau)
+        estimates.append(loss.item())
+        grads.append(torch.autograd.grad(loss, student)[0])
+    mean, sem = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))
+    assert abs(mean - dense.item()) < 4 * sem + 1e-3, (mean, dense.item(), sem)
+    mean_grad = torch.stack(grads).mean(0)
+    assert torch.allclose(mean_grad, dense_grad, atol=5e-3), (mean_grad - dense_grad).abs().max()
+    assert mean_grad[1, 3:].abs().max() == 0  # no gradient through padded positions
+    # one estimate with many draws is close to the dense value; the top-k renormalized target is not unbiased
+    ids, counts = _draws(teacher, tau, 20000, gen)
+    assert losses.sampled_ce(student, ids, counts, mask, tau).item() == pytest.approx(dense.item(), rel=0.01)
