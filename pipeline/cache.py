@@ -231,6 +231,7 @@ class FingerprintMismatch(InputMismatch):
 # --- partitions ------------------------------------------------------------------
 
 PARTITIONED = "partitioned"
+PARTITION_PREFIX = "partition-"
 
 
 def partition_of(sample_id: str, partitions: int) -> int:
@@ -242,13 +243,25 @@ def partition_of(sample_id: str, partitions: int) -> int:
 
 def partition_dir(cache_dir: Path | str, index: int, partitions: int) -> Path:
     """Where partition `index` is written: the cache directory itself when there is one partition."""
-    return Path(cache_dir) if partitions == 1 else Path(cache_dir) / f"partition-{index:04d}"
+    return Path(cache_dir) if partitions == 1 else Path(cache_dir) / f"{PARTITION_PREFIX}{index:04d}"
 
 
 def cache_partitions(cache_dir: Path | str, manifest: dict | None = None) -> int:
     """The cache's partition count (1 for a cache without the field: every cache before partitions)."""
     manifest = read_manifest(cache_dir) if manifest is None else manifest
     return int((manifest or {}).get("partitions", 1))
+
+
+def replaces_other_setup(cache_dir: Path, fingerprint: dict, recorded: dict, overwrite: bool,
+                         keys: list[str] = FINGERPRINT_KEYS) -> bool:  # fmt: skip
+    """Whether the cache's recorded fingerprint differs from this run's `fingerprint` in `keys` (then, with
+    `overwrite`, the caller empties it); without `overwrite` a difference is refused, every differing field listed."""
+    problems = diff(fingerprint, recorded, keys)
+    if problems and not overwrite:
+        raise FingerprintMismatch(f"the cache at {cache_dir} was made by a different teacher setup:\n  "
+                                  + "\n  ".join(problems)
+                                  + "\nuse another output directory, or pass --overwrite to replace this cache")
+    return bool(problems)
 
 
 class _Locks:
@@ -288,7 +301,7 @@ def _wipe(cache_dir: Path) -> None:
     """Remove a cache's rows and manifests (both layouts), keep the directory and its lock."""
     for p in shard_paths(cache_dir, SHARD_PREFIX):
         p.unlink()
-    for d in sorted(cache_dir.glob("partition-*")):
+    for d in sorted(cache_dir.glob(f"{PARTITION_PREFIX}*")):
         for p in d.iterdir():
             p.unlink()
         d.rmdir()
@@ -321,15 +334,10 @@ def open_cache_layout(cache_dir: Path | str, fingerprint: dict, partitions: int 
     if wanted == 1:
         return 1
     if manifest is not None:
-        problems = diff(fingerprint, manifest["fingerprint"], FINGERPRINT_KEYS)
-        if manifest.get("schema_version") != schemas.CACHE_VERSION:
-            problems.append(f"schema_version: cache {manifest.get('schema_version')}, this speechkd "
-                            f"{schemas.CACHE_VERSION}")  # fmt: skip
-        if problems and not overwrite:
-            raise FingerprintMismatch(f"the cache at {cache_dir} was made by a different teacher setup:\n  "
-                                      + "\n  ".join(problems)
-                                      + "\nuse another output directory, or pass --overwrite to replace this cache")
-        if problems:
+        # a manifest of another schema version is another setup too
+        recorded = {**manifest["fingerprint"], "schema_version": manifest.get("schema_version")}
+        if replaces_other_setup(cache_dir, {**fingerprint, "schema_version": schemas.CACHE_VERSION}, recorded,
+                                overwrite, FINGERPRINT_KEYS + ["schema_version"]):  # fmt: skip
             with _Locks([partition_dir(cache_dir, i, wanted) for i in range(wanted)], "--overwrite empties it"):
                 _wipe(cache_dir)
             manifest = None
@@ -391,7 +399,7 @@ def shard_fingerprint(path: Path) -> dict | None:
 def check_shard(path: Path, entry: dict | None, fingerprint: dict, verify: bool = True) -> None:
     """Refuse a shard that is unreadable, differs from its manifest checksum, or was written by another
     teacher setup than `fingerprint`: one CorruptData / FingerprintMismatch naming the shard and the fix."""
-    cache_dir = path.parent.parent if path.parent.name.startswith("partition-") else path.parent
+    cache_dir = path.parent.parent if path.parent.name.startswith(PARTITION_PREFIX) else path.parent
     if verify and entry is not None and _sha256(path) != entry["sha256"]:
         raise CorruptData(f"{path}: its sha256 differs from the one {MANIFEST} recorded when it was written "
                           f"(corrupted or truncated on disk). Move it away (mv {path} {path}.corrupt), then "
@@ -452,15 +460,8 @@ class CacheWriter:
                 raise InputMismatch(f"{self.dir}: cache schema version {manifest.get('schema_version')}, this "
                                     f"speechkd writes {schemas.CACHE_VERSION}; rebuild it with --overwrite")  # fmt: skip
             manifest = {"fingerprint": {}, "shards": dict.fromkeys(manifest.get("shards", {}))}
-        if manifest is not None:
-            problems = diff(self.fingerprint, manifest["fingerprint"], FINGERPRINT_KEYS)
-            if problems and not self.overwrite:
-                raise FingerprintMismatch(
-                    f"the cache at {self.dir} was made by a different teacher setup:\n  "
-                    + "\n  ".join(problems)
-                    + "\nuse another output directory, or pass --overwrite to replace this cache"
-                )
-            if problems:
+        if manifest is not None and replaces_other_setup(self.dir, self.fingerprint, manifest["fingerprint"],
+                                                         self.overwrite):  # fmt: skip
                 manifest = None
                 for p in shard_paths(self.dir, SHARD_PREFIX):
                     p.unlink()

@@ -273,7 +273,7 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
         samples = samples[: cfg.limit]
     t_setup = time.monotonic()
     setup = CacheSetup.of(cfg)
-    fingerprint_s = time.monotonic() - t_setup
+    setup_s = time.monotonic() - t_setup
     for s in samples:
         s["content_sha256"] = content_sha256(s["prompt"], None if setup.generation else s["response"],
                                              setup.generation)  # fmt: skip
@@ -293,7 +293,7 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
         summary = _cache_partition(cfg, p, n_parts, shares[p], setup, engine, progress)
         summaries.append(summary)
     summary = combine_summaries(summaries, cfg.out_dir, time.monotonic() - t_start, engine.start_seconds,
-                                fingerprint_s=fingerprint_s)  # fmt: skip
+                                setup_s=setup_s)  # fmt: skip
     if len(parts) == n_parts:
         (cfg.out_dir / "last_run.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -323,7 +323,7 @@ def _cache_partition(cfg: TeacherConfig, index: int, n_parts: int, samples: list
         t = time.monotonic()
         writer.flush()
         phases["write"] += time.monotonic() - t
-        suffix = f"-partition-{index:04d}" if n_parts > 1 else ""
+        suffix = f"-{out.name}" if n_parts > 1 else ""  # rejects/cache-partition-000i.parquet
         write_table_atomic(rejects_table(rejected), rejects_path(cfg.out_dir, "cache", suffix))
         summary = _summary(cfg, len(samples), stats, rejected, writer, time.monotonic() - t_start,
                            engine.start_seconds - engine_before)  # fmt: skip
@@ -451,7 +451,7 @@ SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "reject
 
 
 def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine_s: float,
-                      parallel: bool = False, fingerprint_s: float = 0.0) -> dict:  # fmt: skip
+                      parallel: bool = False, setup_s: float = 0.0) -> dict:  # fmt: skip
     """One summary of partition summaries: counts summed; tokens/s over the scoring time (the partitions' sum
     when they ran one after the other, the slowest one's when they ran `parallel`; engine starts excluded);
     the cache's size now."""
@@ -459,7 +459,7 @@ def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine
     reasons = Counter()
     for p in parts:
         reasons.update(p["rejects_by_reason"])
-    phases = Counter({"setup": fingerprint_s})
+    phases = Counter({"setup": setup_s})
     for p in parts:
         phases.update(p.get("phase_seconds", {}))
     times = [p["scoring_seconds"] for p in parts]
