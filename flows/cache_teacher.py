@@ -36,6 +36,9 @@ from pathlib import Path
 
 # The temporary server of a direct run otherwise races its own SQLite on telemetry.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A fresh Prefect home migrates its SQLite database before the temporary server answers: ~23 s on a 2-vCPU box,
+# past Prefect's 20 s default on a loaded one (the flow then dies before doing anything). Wait longer unless told.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
