@@ -265,7 +265,7 @@ def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict, held
 | tokens/s (scored, engine start excluded) | {cache['tokens_per_second']} |
 | bytes per cached token | {cache['bytes_per_cached_token']} |
 | seconds per phase (summed over workers; encode and write overlap scoring) | {format_phases(cache.get('phase_seconds')).removeprefix('; seconds: ') or '-'} |
-| cache | `{cache['cache_dir']}` ({cache['cache_rows']} rows, {cache['cache_bytes']} bytes, top-{cache['top_k']}) |
+| cache | `{cache['cache_dir']}` ({cache['cache_rows']} rows, {cache['cache_bytes']} bytes, {cache.get('targets') or 'top-' + str(cache['top_k'])}) |
 {extra}
 Cache rejects by reason:
 

@@ -4,7 +4,7 @@ Layout of a cache directory (one partition, the default):
 
     manifest.json        fingerprint (teacher weights/tokenizer/template hashes, k,
                          encoding), and per shard: rows, bytes, sha256
-    part-00000.parquet   rows (schema: pipeline.schemas.CACHE_SCHEMA)
+    part-00000.parquet   rows (schema: pipeline.schemas.cache_schema(targets))
     .lock                held by the one process writing
 
 With P > 1 partitions (`--partitions P`, fixed for the cache's life) a sample
@@ -62,6 +62,10 @@ FINGERPRINT_KEYS = [
     "tokenizer_sha256",
     "chat_template_sha256",
     "top_k",
+    "targets",
+    "draws",
+    "draw_temperature",
+    "draw_seed",
     "encoding_version",
     "logprob_step",
     "id_bits",
@@ -72,20 +76,35 @@ FINGERPRINT_KEYS = [
     "generation",
     "vllm",
 ]
-# The columns decode_row reads: always, and for the top-k targets.
+# The columns decode_row reads: always, and for the targets of each encoding.
 DECODED_COLUMNS = ("sample_id", "response", "n_tokens", "token_ids", "token_logprobs")
-TARGET_COLUMNS = ("topk_ids", "topk_codes", "top1_logprobs", "tail_logmass")
+TARGET_COLUMNS = {"topk": ("topk_ids", "topk_codes", "top1_logprobs", "tail_logmass"),
+                  "sampled": ("draw_ids", "draw_counts")}  # fmt: skip
 MAX_CODE_NATS = 1000.0  # logprobs further than this below the top-1 are clamped there
 
 
 @dataclass(frozen=True)
 class CacheEncoding:
-    """Physical encoding of the top-k (see schemas.CACHE_SCHEMA)."""
+    """Physical encoding of the targets (see schemas.cache_schema): top-k (`top_k` ids per position) or, with
+    `draws`, sampled (N ids drawn per position at `draw_temperature` from uniforms seeded by `draw_seed` and each
+    sample's content)."""
 
-    top_k: int
+    top_k: int | None
     vocab_size: int
     logprob_step: float = 1 / 32  # nats; worst-case error step/2, mean ~step/4
     version: int = schemas.CACHE_VERSION
+    draws: int | None = None
+    draw_temperature: float | None = None
+    draw_seed: int | None = None
+
+    @property
+    def targets(self) -> str:
+        return "sampled" if self.draws else "topk"
+
+    @property
+    def per_position(self) -> int:
+        """Ids vLLM returns per position besides the actual token: k, or N draws."""
+        return self.draws if self.draws else self.top_k
 
     @property
     def id_bits(self) -> int:
@@ -97,7 +116,11 @@ class CacheEncoding:
 
     def to_dict(self) -> dict:
         return {
+            "targets": self.targets,
             "top_k": self.top_k,
+            "draws": self.draws,
+            "draw_temperature": self.draw_temperature,
+            "draw_seed": self.draw_seed,
             "vocab_size": self.vocab_size,
             "logprob_step": self.logprob_step,
             "encoding_version": self.version,
@@ -106,7 +129,8 @@ class CacheEncoding:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheEncoding":
-        return cls(d["top_k"], d["vocab_size"], d["logprob_step"], d["encoding_version"])
+        return cls(d["top_k"], d["vocab_size"], d["logprob_step"], d["encoding_version"], d.get("draws"),
+                   d.get("draw_temperature"), d.get("draw_seed"))  # fmt: skip
 
 
 # --- encode / decode ---------------------------------------------------------
@@ -127,7 +151,8 @@ def unpack_ids(blob: bytes, bits: int, count: int) -> np.ndarray:
 
 @dataclass
 class ScoredSample:
-    """Teacher output for one sample, exact (float32), before encoding."""
+    """Teacher output for one sample, exact (float32), before encoding. With sampled targets `topk_ids` holds the
+    N draws per position (any order, repeats kept) and `topk_logprobs` their logprobs (not stored)."""
 
     sample_id: str
     response: str
@@ -138,7 +163,50 @@ class ScoredSample:
     content_sha256: str = ""  # what was scored (pipeline.fingerprint.content_sha256)
 
 
+def _common_columns(s: ScoredSample) -> dict:
+    return {
+        "sample_id": s.sample_id,
+        "content_sha256": s.content_sha256,
+        "response": s.response,
+        "n_tokens": len(s.token_ids),
+        "token_ids": s.token_ids.astype(np.int32),
+        "token_logprobs": s.token_logprobs.astype(np.float32),
+    }
+
+
 def encode(s: ScoredSample, enc: CacheEncoding) -> dict:
+    """One cache row of the encoding's targets (schemas.cache_schema(enc.targets))."""
+    return encode_sampled(s, enc) if enc.draws else encode_topk(s, enc)
+
+
+def encode_sampled(s: ScoredSample, enc: CacheEncoding) -> dict:
+    n, N = s.topk_ids.shape
+    if N != enc.draws:
+        raise ValueError(f"sample {s.sample_id}: got {N} draws per position from the teacher, the cache holds "
+                         f"{enc.draws}")  # fmt: skip
+    ids = np.sort(np.asarray(s.topk_ids, dtype=np.int64), axis=1)
+    first = np.ones(ids.shape, dtype=bool)  # the first of each run of equal ids (runs never cross positions)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = np.flatnonzero(first.reshape(-1))
+    counts = np.diff(np.append(starts, n * N))
+    return {**_common_columns(s), "draw_ids": pack_ids(ids.reshape(-1)[starts], enc.id_bits),
+            "draw_counts": counts.astype(np.uint8)}  # fmt: skip
+
+
+def decode_sampled(draw_ids: bytes, draw_counts: np.ndarray, n: int, enc: CacheEncoding) -> tuple[np.ndarray, ...]:
+    """(ids (n, m) int64, counts (n, m) int64) of one row: each position's distinct drawn ids, ascending, and their
+    counts (summing to N); m = the most distinct ids at a position, padding slots id 0 and count 0."""
+    counts = np.asarray(draw_counts, dtype=np.int64)
+    uniq = unpack_ids(draw_ids, enc.id_bits, len(counts))
+    position = (np.cumsum(counts) - counts) // enc.draws
+    slot = np.arange(len(counts)) - np.searchsorted(position, position)
+    m = int(slot.max()) + 1 if len(counts) else 0
+    ids, cnt = np.zeros((n, m), dtype=np.int64), np.zeros((n, m), dtype=np.int64)
+    ids[position, slot], cnt[position, slot] = uniq, counts
+    return ids, cnt
+
+
+def encode_topk(s: ScoredSample, enc: CacheEncoding) -> dict:
     n, k = s.topk_ids.shape
     if k != enc.top_k:
         raise ValueError(f"sample {s.sample_id}: got top-{k} from the teacher, the cache is top-{enc.top_k}")
@@ -155,12 +223,7 @@ def encode(s: ScoredSample, enc: CacheEncoding) -> dict:
     diffs = np.diff(q, axis=1, prepend=0)
     # A rank-to-rank gap over 65535 steps (> 2000 nats at 1/32) cannot happen below MAX_CODE_NATS.
     return {
-        "sample_id": s.sample_id,
-        "content_sha256": s.content_sha256,
-        "response": s.response,
-        "n_tokens": n,
-        "token_ids": s.token_ids.astype(np.int32),
-        "token_logprobs": s.token_logprobs.astype(np.float32),
+        **_common_columns(s),
         "top1_ids": s.topk_ids[:, 0].astype(np.int32),
         "top1_logprobs": top1.astype(np.float32),
         "entropy": entropy.astype(np.float16),
@@ -511,7 +574,7 @@ class CacheWriter:
 
     def _shard_schema(self) -> pa.Schema:
         fp = {k: self.fingerprint.get(k) for k in FINGERPRINT_KEYS}
-        return schemas.with_metadata(schemas.CACHE_SCHEMA, "cache", schemas.CACHE_VERSION,
+        return schemas.with_metadata(schemas.cache_schema(self.encoding.targets), "cache", schemas.CACHE_VERSION,
                                      {"encoding": json.dumps(self.encoding.to_dict()),
                                       "fingerprint": json.dumps(fp, sort_keys=True)})  # fmt: skip
 
@@ -659,16 +722,25 @@ class CacheReader:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
                 yield from batch.to_pylist()
 
+    @property
+    def targets(self) -> str:
+        """The cache's target encoding: topk | sampled."""
+        return self.encoding.targets
+
     def decode_row(self, row: dict, targets: bool = True) -> dict:
-        """A stored row (Python values or numpy arrays per column) as numpy arrays, with the top-k decoded
-        (unless targets=False)."""
+        """A stored row (Python values or numpy arrays per column) as numpy arrays, with the targets decoded
+        (unless targets=False): topk_ids, topk_logprobs (n, k), tail_logmass (n,) of a top-k cache; draw_ids,
+        draw_counts (n, m) of a sampled one."""
         out = {
             "sample_id": row["sample_id"],
             "response": row["response"],
             "token_ids": np.asarray(row["token_ids"], dtype=np.int64),
             "token_logprobs": np.asarray(row["token_logprobs"], dtype=np.float32),
         }
-        if targets:
+        if targets and self.encoding.draws:
+            ids, counts = decode_sampled(row["draw_ids"], row["draw_counts"], row["n_tokens"], self.encoding)
+            out.update(draw_ids=ids, draw_counts=counts)
+        elif targets:
             ids, lps = decode_topk(row["topk_ids"], row["topk_codes"], row["top1_logprobs"], row["n_tokens"],
                                    self.encoding)  # fmt: skip
             out.update(topk_ids=ids, topk_logprobs=lps, tail_logmass=np.asarray(row["tail_logmass"], dtype=np.float32))
@@ -732,7 +804,7 @@ class CacheReader:
         """Row i of an encoded table, decoded like decode_row, its list columns read as numpy arrays (no
         Python object per value)."""
         row = {}
-        for name in DECODED_COLUMNS + (TARGET_COLUMNS if targets else ()):
+        for name in DECODED_COLUMNS + (TARGET_COLUMNS[self.targets] if targets else ()):
             value = table[name][i]
             row[name] = value.values.to_numpy(zero_copy_only=False) if pa.types.is_list(value.type) else value.as_py()
         return self.decode_row(row, targets)

@@ -88,7 +88,7 @@ def check_choices(config) -> None:
     for f in fields(config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
-        if choices and value not in choices:
+        if choices and value not in choices and not (value is None and f.default is None):
             raise ConfigError(f"{flag(f.name)} {value!r} is not one of: {', '.join(map(str, choices))}")
 
 

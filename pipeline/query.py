@@ -15,8 +15,10 @@ Views (each only when its files exist):
   teacher_tokens   one row per sample and response position: position, token_id,
                    token_logprob, top1_id, top1_logprob, entropy (of the kept
                    top-k), tail_mass, tail_logmass
+                   (a sampled cache, --targets sampled: position, token_id, token_logprob)
   teacher_samples  per sample: n_tokens, mean_nll, mean_entropy, top1_agreement,
                    mean_tail_mass
+                   (a sampled cache: n_tokens, mean_nll, distinct_draws_per_token)
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ GROUP BY sample_id
 """
 
 
+SAMPLED_TOKENS = """
+SELECT sample_id,
+       unnest(range(n_tokens)) AS position,
+       unnest(token_ids) AS token_id,
+       unnest(token_logprobs) AS token_logprob
+FROM cache
+"""
+
+SAMPLED_SAMPLES = """
+SELECT sample_id,
+       n_tokens,
+       -list_avg(token_logprobs) AS mean_nll,
+       len(draw_counts) / n_tokens AS distinct_draws_per_token
+FROM cache
+"""
+
+
 def _glob(directory: Path, pattern: str) -> str | None:
     return str(directory / pattern) if any(directory.glob(pattern)) else None
 
@@ -90,8 +109,9 @@ def connect(data_dir: Path = schemas.DATA_DIR, cache_dir: Path | None = None) ->
         files = ", ".join(f"'{g}'" for g in sorted(reject_globs))
         con.sql(f"CREATE VIEW rejects AS SELECT * FROM read_parquet([{files}], union_by_name=true)")
     if sources["cache"]:
-        con.sql(f"CREATE VIEW teacher_tokens AS {TEACHER_TOKENS}")
-        con.sql(f"CREATE VIEW teacher_samples AS {TEACHER_SAMPLES}")
+        sampled = (read_manifest(cache_dir) or {}).get("fingerprint", {}).get("targets") == "sampled"
+        con.sql(f"CREATE VIEW teacher_tokens AS {SAMPLED_TOKENS if sampled else TEACHER_TOKENS}")
+        con.sql(f"CREATE VIEW teacher_samples AS {SAMPLED_SAMPLES if sampled else TEACHER_SAMPLES}")
     return con
 
 

@@ -14,6 +14,14 @@ engine process; `require()` applies it in this one and raises when it cannot: th
 function it was written from (its source's sha256), so a vLLM whose internals changed fails at start-up instead of
 mis-scoring. vLLM's V2 model runner (the default on GPUs with Triton) has its own prompt-logprob code, not
 patched: `make_engine` selects the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) when scoring response positions only.
+
+Sampled targets (`--targets sampled`, RS-KD) are drawn here too, where the full distribution is: a request whose
+`extra_args` hold `speechkd_draws` N (and `speechkd_draw_temperature` tau, `speechkd_draw_seed`) gets, per scored
+position, the actual token's logprob and rank as vLLM computes them, then N ids drawn with replacement from
+softmax(logits / tau) (ascending) with their logprobs, in place of the top-k: the request asks for
+`prompt_logprobs=N`, so vLLM's output holds them in the top-k's slots. The draws are inverse-CDF lookups of
+uniforms from numpy's generator seeded by the request's seed, one row per prompt position: the same sample gives the
+same draws whatever the batch, the chunking, the partition or the device (up to float rounding at the CDF's steps).
 """
 
 from __future__ import annotations
@@ -21,7 +29,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 
+import numpy as np
+
 EXTRA_ARG = "speechkd_logprob_start"
+DRAWS_ARG = "speechkd_draws"
+DRAW_TEMPERATURE_ARG = "speechkd_draw_temperature"
+DRAW_SEED_ARG = "speechkd_draw_seed"
 # sha256 of inspect.getsource(GPUModelRunner._get_prompt_logprobs_dict) in vllm 0.32.0 (CPU and CUDA builds)
 PATCHED_SOURCE_SHA256 = "889fdb068dfc37ddf4827e8f3af2d99ff790fbd3c77ff4a05eec1e3d0f1f560f"
 _state: dict = {"applied": False, "problem": None}
@@ -33,6 +46,38 @@ def first_scored_position(request) -> int:
     extra = getattr(params, "extra_args", None) or {}
     start = extra.get(EXTRA_ARG)
     return max(int(start) - 1, 0) if start else 0
+
+
+def draw_settings(request) -> tuple[int, float, int] | None:
+    """(draws N, temperature, seed) when the request asks for sampled targets, else None (top-k)."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    n = extra.get(DRAWS_ARG)
+    if not n:
+        return None
+    return int(n), float(extra.get(DRAW_TEMPERATURE_ARG, 1.0)), int(extra.get(DRAW_SEED_ARG, 0))
+
+
+def draw_uniforms(seed: int, n_positions: int, draws: int) -> np.ndarray:
+    """The uniforms of a request's draws, one row per prompt position: a function of the seed alone."""
+    return np.random.default_rng(seed).random((n_positions, draws))
+
+
+def draw_targets(logits, logprobs, token_ids, uniforms, temperature: float, gather_logprobs):
+    """The sampled-targets counterpart of vLLM's `gather_logprobs` for one chunk of positions: (ids (n, N+1),
+    logprobs (n, N+1), ranks (n,)), column 0 the actual token (its logprob and rank exactly as vLLM computes them),
+    then N ids drawn from softmax(logits / temperature) by inverse CDF at `uniforms` (n, N), ascending, with their
+    logprobs (temperature 1)."""
+    import torch
+
+    actual_ids, actual_logprobs, ranks, *_ = gather_logprobs(logprobs, 0, token_ids)
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+    u = torch.as_tensor(uniforms, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    # token i is drawn iff cdf[i-1] <= u < cdf[i]: an id of probability 0 (an empty step) never is
+    drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).sort(dim=-1).values
+    ids = torch.cat([actual_ids, drawn.to(actual_ids.dtype)], dim=1)
+    lps = torch.cat([actual_logprobs, logprobs.gather(-1, drawn)], dim=1)
+    return ids, lps, ranks
 
 
 def _make_patched(runner_module):
@@ -89,7 +134,15 @@ def _make_patched(runner_module):
                 scores = logits.to(runner_module.torch.float32)
             else:
                 scores = self.sampler.compute_logprobs(logits)
-            token_ids, logprobs, ranks, *_ = self.sampler.gather_logprobs(scores, num_prompt_logprobs, tgt_token_ids)
+            draws = draw_settings(request)  # speechkd: sampled targets in place of the top-k
+            if draws is None:
+                token_ids, logprobs, ranks, *_ = self.sampler.gather_logprobs(scores, num_prompt_logprobs,
+                                                                              tgt_token_ids)  # fmt: skip
+            else:
+                n_draws, temperature, seed = draws
+                uniforms = draw_uniforms(seed, num_prompt_tokens - 1, n_draws)[start_idx : start_idx + num_logits]
+                token_ids, logprobs, ranks = draw_targets(logits, scores, tgt_token_ids, uniforms, temperature,
+                                                          self.sampler.gather_logprobs)  # fmt: skip
             chunk_slice = slice(start_idx, start_idx + num_logits)
             logprobs_tensors.logprob_token_ids[chunk_slice].copy_(token_ids, non_blocking=True)
             logprobs_tensors.logprobs[chunk_slice].copy_(logprobs, non_blocking=True)

@@ -116,9 +116,14 @@ def check_artifact(schema: pa.Schema, path: Path | str, artifact: str, version: 
     return meta
 
 # --- teacher logit cache: <cache dir>/part-*.parquet + manifest.json
-# One row per sample. Per response position t (n_tokens of them):
+# One row per sample. Per response position t (n_tokens of them), in every cache:
 #   token_ids[t]        the response token at t (teacher-forced input)
-#   token_logprobs[t]   teacher log p(token_ids[t] | prefix)
+#   token_logprobs[t]   teacher log p(token_ids[t] | prefix), exact (float32)
+#   content_sha256      hash of what was scored (prompt + response, or prompt + generation settings for
+#                       teacher-written responses: pipeline.fingerprint.content_sha256); a row whose
+#                       sample has changed since is stale and is re-scored (teacher) or skipped (student)
+# then the targets, in one of two encodings (`targets` in the manifest's fingerprint):
+# top-k (`--targets topk`, CACHE_TOPK_FIELDS):
 #   top1_ids[t], top1_logprobs[t]   the teacher's most likely token there
 #   entropy[t]          entropy (nats) of the kept top-k, renormalized
 #   tail_logmass[t]     log of the probability outside the top-k
@@ -129,26 +134,42 @@ def check_artifact(schema: pa.Schema, path: Path | str, artifact: str, version: 
 #                       differences q_r - q_{r-1} (mostly 0..3: zstd shrinks
 #                       them to ~2 bits). Decoded: top1 - step * cumsum(diffs).
 #                       Worst-case decode error step/2 (top-1 itself: exact).
-#   content_sha256      hash of what was scored (prompt + response, or prompt + generation settings for
-#                       teacher-written responses: pipeline.fingerprint.content_sha256); a row whose
-#                       sample has changed since is stale and is re-scored (teacher) or skipped (student)
-# The encoding (k, id_bits, step) and the teacher fingerprint are in the manifest and in each shard's
-# metadata (speechkd.encoding, speechkd.fingerprint).
-# Version 2: content_sha256 added, fingerprint in each shard.
-CACHE_VERSION = 2
-CACHE_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("content_sha256", pa.string(), nullable=False),
-        pa.field("response", pa.string(), nullable=False),  # the text that was scored
-        pa.field("n_tokens", pa.int32(), nullable=False),
-        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),
-        pa.field("top1_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("top1_logprobs", pa.list_(pa.float32()), nullable=False),
-        pa.field("entropy", pa.list_(pa.float16()), nullable=False),
-        pa.field("tail_logmass", pa.list_(pa.float16()), nullable=False),
-        pa.field("topk_ids", pa.binary(), nullable=False),
-        pa.field("topk_codes", pa.list_(pa.uint16()), nullable=False),
-    ]
-)
+# sampled (`--targets sampled --draws N`, RS-KD; CACHE_SAMPLED_FIELDS): per position, N ids drawn with
+# replacement from the teacher's full distribution at the draw temperature, kept as its distinct ids + counts:
+#   draw_ids            the distinct drawn ids, ascending within a position, positions in order, bit-packed at
+#                       `id_bits` bits each like topk_ids
+#   draw_counts         how often each of them was drawn (1..N); a position's counts sum to N, so entry e
+#                       belongs to position (sum of the counts before it) // N: no per-position length is stored
+# The encoding (targets, k or N and the draw temperature and seed, id_bits, step) and the teacher fingerprint are
+# in the manifest and in each shard's metadata (speechkd.encoding, speechkd.fingerprint).
+# Version 2: content_sha256 added, fingerprint in each shard. Version 3: the targets' encoding is named
+# (`targets`: topk | sampled) and sampled targets exist.
+CACHE_VERSION = 3
+CACHE_COMMON_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("content_sha256", pa.string(), nullable=False),
+    pa.field("response", pa.string(), nullable=False),  # the text that was scored
+    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),
+]
+CACHE_TOPK_FIELDS = [
+    pa.field("top1_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("top1_logprobs", pa.list_(pa.float32()), nullable=False),
+    pa.field("entropy", pa.list_(pa.float16()), nullable=False),
+    pa.field("tail_logmass", pa.list_(pa.float16()), nullable=False),
+    pa.field("topk_ids", pa.binary(), nullable=False),
+    pa.field("topk_codes", pa.list_(pa.uint16()), nullable=False),
+]
+CACHE_SAMPLED_FIELDS = [
+    pa.field("draw_ids", pa.binary(), nullable=False),
+    pa.field("draw_counts", pa.list_(pa.uint8()), nullable=False),
+]
+CACHE_TARGETS = ("topk", "sampled")
+
+
+def cache_schema(targets: str = "topk") -> pa.Schema:
+    """The cache rows' schema for one target encoding (topk | sampled)."""
+    extra = {"topk": CACHE_TOPK_FIELDS, "sampled": CACHE_SAMPLED_FIELDS}[targets]
+    return pa.schema(CACHE_COMMON_FIELDS + extra)
+

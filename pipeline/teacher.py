@@ -1,6 +1,7 @@
-"""Teacher scoring through vLLM: top-k logprobs over every response token, into the cache.
+"""Teacher scoring through vLLM: top-k logprobs (or sampled targets) over every response token, into the cache.
 
     python -m pipeline.teacher                                  # toy teacher, top-64, data/cache
+    python -m pipeline.teacher --targets sampled --draws 12     # RS-KD: 12 ids drawn per position, ids + counts
     python -m pipeline.teacher --teacher Qwen/Qwen2.5-7B-Instruct --responses teacher --dtype bfloat16
     python -m pipeline.teacher --partitions 8 --partition 3     # one worker's share of an 8-partition cache
 
@@ -8,7 +9,8 @@ For each sample the prompt is rendered with the teacher's chat template; the
 response is the sample's own or, with `--responses teacher`, written by the
 teacher (greedy by default). Prompt + response are scored teacher-forced with
 `prompt_logprobs=k` and the response positions, the end-of-turn token included,
-are cached. Requests go to vLLM in large groups so its scheduler batches them;
+are cached. With `--targets sampled` vLLM returns, in place of the top-k, N ids
+drawn from the teacher's full distribution (pipeline.response_scoring). Requests go to vLLM in large groups so its scheduler batches them;
 the batched-token budget is capped because prompt logprobs cost about
 tokens x vocab x 6 bytes. Samples longer than the context are rejects (or, with
 `--too-long truncate`, their response is cut), never a crash.
@@ -17,6 +19,7 @@ tokens x vocab x 6 bytes. Samples longer than the context are rejects (or, with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -49,7 +52,7 @@ from pipeline.fingerprint import (
     tokenizer_sha256,
     weights_sha256,
 )
-from pipeline.response_scoring import EXTRA_ARG
+from pipeline.response_scoring import DRAW_SEED_ARG, DRAW_TEMPERATURE_ARG, DRAWS_ARG, EXTRA_ARG
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
 from pipeline.teacher_config import DTYPES, TeacherConfig
@@ -107,7 +110,7 @@ def max_batched_tokens(vocab_size: int, memory_gib: float, max_model_len: int) -
 
 def make_engine(cfg: TeacherConfig, top_k: int | None = None):
     """A vLLM engine for the teacher with cfg's settings; `top_k`: the most logprobs a request may ask for
-    (default cfg.top_k)."""
+    (default: cfg's k, or its draws with sampled targets)."""
     from transformers import AutoConfig
     from vllm import LLM
 
@@ -116,7 +119,7 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
     cpu = on_cpu()
     if cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if cfg.scoring == "response":
+    if cfg.scoring == "response" or cfg.targets == "sampled":
         from pipeline import response_scoring
 
         response_scoring.require()  # here; engine processes apply it through the vllm.general_plugins entry point
@@ -125,7 +128,7 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
         model=cfg.model,
         dtype=resolve_dtype(cfg.dtype, cfg.model),
         max_model_len=model_len,
-        max_logprobs=max(top_k or cfg.top_k, 1),
+        max_logprobs=max(top_k or cfg.logprobs_per_position, 1),
         max_num_batched_tokens=max_batched_tokens(hf_config.vocab_size, cfg.logprobs_memory_gib, model_len),
         max_num_seqs=cfg.max_num_seqs,
         tensor_parallel_size=cfg.tensor_parallel_size,
@@ -142,7 +145,7 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
     return LLM(**kwargs)
 
 
-def teacher_fingerprint(model: str, tokenizer, top_k: int, responses: str, **setup) -> dict:
+def teacher_fingerprint(model: str, tokenizer, top_k: int | None, responses: str, **setup) -> dict:
     """What produced the numbers: teacher weights, tokenizer, template, k, response mode, and `setup` (dtype,
     max_model_len, too_long, generation settings, vLLM version) — everything that changes a cached value."""
     model_dir = local_model_dir(model)
@@ -226,11 +229,17 @@ class CacheSetup:
         hf_config = AutoConfig.from_pretrained(cfg.model)
         generation = generation_settings(cfg)
         fingerprint = teacher_fingerprint(
-            cfg.model, tokenizer, cfg.top_k, cfg.responses, dtype=resolve_dtype(cfg.dtype, cfg.model),
+            cfg.model, tokenizer, cfg.top_k if cfg.targets == "topk" else None, cfg.responses,
+            dtype=resolve_dtype(cfg.dtype, cfg.model),
             max_model_len=resolve_max_model_len(cfg, hf_config), too_long=cfg.too_long, generation=generation,
             vllm=vllm_version(),
         )  # fmt: skip
-        encoding = CacheEncoding(cfg.top_k, max(hf_config.vocab_size, len(tokenizer)), cfg.logprob_step)
+        vocab = max(hf_config.vocab_size, len(tokenizer))
+        if cfg.targets == "sampled":
+            encoding = CacheEncoding(None, vocab, cfg.logprob_step, draws=cfg.draws,
+                                     draw_temperature=cfg.draw_temperature, draw_seed=cfg.seed)  # fmt: skip
+        else:
+            encoding = CacheEncoding(cfg.top_k, vocab, cfg.logprob_step)
         inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir), "teacher": cfg.model}
         return cls(tokenizer, generation, fingerprint, encoding, inputs)
 
@@ -342,7 +351,8 @@ def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSet
 
     max_model_len = llm.llm_engine.model_config.max_model_len
     max_len = max_model_len - 1  # vLLM must have room to generate one token after the scored ones
-    score_params = SamplingParams(max_tokens=1, prompt_logprobs=cfg.top_k, detokenize=False, flat_logprobs=True)
+    per_position = setup.encoding.per_position
+    score_params = SamplingParams(max_tokens=1, prompt_logprobs=per_position, detokenize=False, flat_logprobs=True)
     in_flight = None
     with ThreadPoolExecutor(1, thread_name_prefix="cache-write") as storing, bar:
         for start in range(0, len(todo), cfg.group_size):
@@ -358,22 +368,32 @@ def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSet
                     ready.append(s)
             if pairs:
                 params = score_params
-                if cfg.scoring == "response":  # the LM head from the first response position on
+                if cfg.scoring == "response" or setup.encoding.draws:
                     params = [score_params.clone() for _ in pairs]
-                    for p, pair in zip(params, pairs):
-                        p.extra_args = {EXTRA_ARG: len(pair.prompt_ids)}
+                    for p, pair, s in zip(params, pairs, ready):
+                        p.extra_args = request_args(cfg, setup.encoding, len(pair.prompt_ids), s["content_sha256"])
                 t = time.monotonic()
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], params,
                                     use_tqdm=False)  # fmt: skip
                 phases["scoring"] += time.monotonic() - t
                 if in_flight is not None:
                     in_flight.result()  # at most one group being stored; its error surfaces here
-                in_flight = storing.submit(_store_group, writer, ready, pairs, outs, cfg.top_k, setup.encoding,
+                in_flight = storing.submit(_store_group, writer, ready, pairs, outs, per_position, setup.encoding,
                                            stats, phases)  # fmt: skip
             bar.update(len(group))
             bar.set_postfix(tokens=stats["tokens"], rejects=len(rejected))
         if in_flight is not None:
             in_flight.result()
+
+
+def request_args(cfg: TeacherConfig, encoding: CacheEncoding, n_prompt: int, content: str) -> dict:
+    """A scoring request's `extra_args` for pipeline.response_scoring: where its scored positions start (response
+    scoring), and its draws (sampled targets), seeded by --seed and the sample's content alone."""
+    args = {EXTRA_ARG: n_prompt} if cfg.scoring == "response" else {}
+    if encoding.draws:
+        seed = int.from_bytes(hashlib.sha256(f"{encoding.draw_seed}|{content}".encode()).digest()[:8], "big") >> 1
+        args.update({DRAWS_ARG: encoding.draws, DRAW_TEMPERATURE_ARG: encoding.draw_temperature, DRAW_SEED_ARG: seed})
+    return args
 
 
 def _store_group(writer: CacheWriter, ready: list[dict], pairs: list, outs: list, top_k: int, encoding: CacheEncoding,
@@ -442,8 +462,14 @@ def _summary(cfg: TeacherConfig, n_samples: int, stats: Counter, rejected: list,
         "scoring_seconds": round(elapsed - engine_s, 2),
         "bytes_written": writer.bytes_written,
         "top_k": cfg.top_k,
+        "targets": targets_label(cfg),
         "responses": cfg.responses,
     }
+
+
+def targets_label(cfg: TeacherConfig) -> str:
+    """What the cache holds per position, in words: `top-64` or `sampled 12 @ T=1.0`."""
+    return f"top-{cfg.top_k}" if cfg.targets == "topk" else f"sampled {cfg.draws} @ T={cfg.draw_temperature:g}"
 
 
 SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "rejected", "truncated", "tokens_cached",
@@ -472,6 +498,7 @@ def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine
         cache_rows=sum(e["rows"] for _, e in shards), cache_bytes=sum(e["bytes"] for _, e in shards),
         bytes_per_cached_token=round(out["bytes_written"] / out["tokens_cached"], 1) if out["tokens_cached"] else None,
         top_k=parts[0]["top_k"] if parts else None, responses=parts[0]["responses"] if parts else None,
+        targets=parts[0].get("targets") if parts else None,
         phase_seconds={"engine_start": out["engine_start_seconds"], **{k: round(v, 2) for k, v in phases.items()}},
         partitions=parts[0]["partitions"] if parts else 1, partitions_run=[i for p in parts for i in p.get("partitions_run", [p.get("partition")])],
     )  # fmt: skip

@@ -34,9 +34,17 @@ class TeacherConfig:
                      DTYPES)  # fmt: skip
     max_model_len: int | None = opt(None, "context length (default: min(the model's, 4096)); longer samples are "
                                           "rejects or, with --too-long truncate, cut")  # fmt: skip
-    seed: int = opt(0, "engine seed (teacher-written responses with --temperature > 0)")
+    seed: int = opt(0, "engine seed (teacher-written responses with --temperature > 0) and, with --targets sampled, "
+                       "of the draws (with each sample's content: the same sample always gets the same draws)")  # fmt: skip
     # --- what is cached
-    top_k: int = opt(64, "logprobs kept per response position")
+    targets: str = opt("topk", "what is cached per response position: topk = the --top-k most likely ids and their "
+                                "logprobs; sampled = --draws ids drawn from the teacher's full distribution at "
+                                "--draw-temperature, kept as distinct ids + counts (RS-KD: unbiased, fewer bytes)",
+                       ("topk", "sampled"))  # fmt: skip
+    top_k: int = opt(64, "--targets topk: logprobs kept per response position")
+    draws: int = opt(12, "--targets sampled: ids drawn per response position (with replacement, at most 255)")
+    draw_temperature: float = opt(1.0, "--targets sampled: temperature of the distribution drawn from (the student "
+                                       "trains at this KD temperature)")  # fmt: skip
     responses: str = opt("dataset", "score the samples' responses, or have the teacher write them first (kept in "
                                     "the cache rows; samples.parquet is never changed)", ("dataset", "teacher"))  # fmt: skip
     max_new_tokens: int = opt(256, "--responses teacher: longest response written")
@@ -101,6 +109,10 @@ class TeacherConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{flag(name)} must be >= 1, got {value}")
+        if not 1 <= self.draws <= 255:
+            raise ConfigError(f"--draws must be in 1..255 (counts are stored as uint8), got {self.draws}")
+        if self.draw_temperature <= 0:
+            raise ConfigError(f"--draw-temperature must be > 0, got {self.draw_temperature}")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -127,6 +139,11 @@ class TeacherConfig:
                     f"CPU use 1 and scale out with --partitions and workers instead"
                 )
         return self
+
+    @property
+    def logprobs_per_position(self) -> int:
+        """What each scored position asks vLLM for besides the actual token: k top ids, or N draws."""
+        return self.draws if self.targets == "sampled" else self.top_k
 
     @property
     def gpus_per_engine(self) -> int:

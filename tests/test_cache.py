@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.cache import CacheEncoding, CacheReader, FingerprintMismatch, ScoredSample, decode_topk, encode
+from pipeline.cache import (CacheEncoding, CacheReader, FingerprintMismatch, ScoredSample, decode_sampled, decode_topk,
+                            encode)
 from pipeline.chat import encode_pair
 from pipeline.parquet_io import rejects_path
 from pipeline.query import connect
@@ -314,3 +315,104 @@ def test_response_scoring_refuses_a_vllm_whose_prompt_logprob_code_changed(monke
     with pytest.raises(UserError, match="not the one speechkd's response-only scoring was written for.*--scoring full"):
         response_scoring.require()
     assert gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict is changed  # left as it was, not patched
+
+
+# --- sampled targets (RS-KD) ------------------------------------------------------
+
+
+def test_sampled_encoding_roundtrip_keeps_every_draw():
+    rng = np.random.default_rng(1)
+    n, N, vocab = 23, 12, 32000
+    p = rng.dirichlet(np.full(40, 0.3), size=n)  # peaked distributions over 40 of the ids
+    support = rng.choice(vocab, 40, replace=False)
+    draws = np.stack([rng.choice(support, N, p=p[t]) for t in range(n)])
+    enc = CacheEncoding(None, vocab, draws=N, draw_temperature=1.0, draw_seed=0)
+    row = encode(ScoredSample("s", "r", draws[:, 0], np.zeros(n), draws, np.zeros((n, N))), enc)
+    ids, counts = decode_sampled(row["draw_ids"], row["draw_counts"], n, enc)
+    for t in range(n):
+        want_ids, want_counts = np.unique(draws[t], return_counts=True)
+        got = counts[t] > 0
+        assert ids[t][got].tolist() == want_ids.tolist() and counts[t][got].tolist() == want_counts.tolist()
+        assert (counts[t][~got] == 0).all() and counts[t].sum() == N
+    assert len(row["draw_counts"]) == sum(len(np.unique(d)) for d in draws)
+
+
+def _rank_histogram(ids, counts, logp, edges=(1, 2, 5, 20)):
+    """Draw counts by the drawn id's rank under the teacher (buckets [0,1), [1,2), [2,5), [5,20), [20,V))."""
+    rank = torch.argsort(torch.argsort(-logp, dim=-1), dim=-1)  # rank of every id at each position
+    r = torch.gather(rank, 1, torch.as_tensor(ids)).numpy()
+    bucket = np.searchsorted(np.array(edges), r, side="right")
+    return np.bincount(bucket[counts > 0], weights=counts[counts > 0], minlength=len(edges) + 1)
+
+
+def _expected_histogram(logp, tau, N, edges=(1, 2, 5, 20)):
+    """Expected draw counts per rank bucket (and their binomial standard deviations) when drawing N ids per position
+    from softmax(logp / tau)."""
+    p = torch.softmax(logp / tau, -1)
+    sorted_p = p.gather(1, torch.argsort(-logp, dim=-1))
+    bounds = [0, *edges, p.shape[1]]
+    mass = torch.stack([sorted_p[:, a:b].sum(1) for a, b in zip(bounds[:-1], bounds[1:])], 1).numpy()
+    return (N * mass).sum(0), np.sqrt((N * mass * (1 - mass)).sum(0))
+
+
+@pytest.mark.slow
+def test_sampled_targets_are_draws_from_the_teachers_tempered_distribution(samples_dir, tiny_teacher, vllm_engine,
+                                                                          tmp_path):  # fmt: skip
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    N, tau = 64, 2.0
+    cfg = _cfg(samples_dir, tmp_path / "sampled", tiny_teacher, targets="sampled", draws=N, draw_temperature=tau,
+               limit=40)  # fmt: skip
+    summary = cache_teacher_logits(cfg, False, vllm_engine)
+    assert summary["cached_now"] == 40 and summary["targets"] == f"sampled {N} @ T=2"
+    reader = CacheReader(tmp_path / "sampled")
+    assert reader.targets == "sampled" and reader.fingerprint["draws"] == N
+    rows = _rows(tmp_path / "sampled")
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    samples = {r["sample_id"]: r for r in pq.read_table(samples_dir / "samples.parquet").to_pylist()}
+    observed, expected, var, expected_t1 = 0, 0, 0, 0
+    for sid, row in rows.items():
+        pair = encode_pair(tok, samples[sid]["prompt"], samples[sid]["response"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([pair.input_ids])).logits[0].double(), -1)
+        p0 = len(pair.prompt_ids)
+        ref = logp[p0 - 1 : p0 - 1 + len(pair.response_ids)]
+        ids, counts = row["draw_ids"], row["draw_counts"]
+        assert (counts.sum(1) == N).all()
+        # distinct, ascending ids at each position
+        assert all(np.all(np.diff(ids[t][counts[t] > 0]) > 0) for t in range(len(ids)))
+        # the actual token's logprob: exact, as in a top-k cache
+        want = ref.gather(1, torch.tensor(pair.response_ids)[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(row["token_logprobs"], want, atol=1e-4)
+        observed = observed + _rank_histogram(ids, counts, ref)
+        e, sd = _expected_histogram(ref, tau, N)
+        expected, var = expected + e, var + sd**2
+        expected_t1 = expected_t1 + _expected_histogram(ref, 1.0, N)[0]
+    sd = np.sqrt(var)
+    print("draws by teacher rank bucket: observed", observed, "expected", expected.round(1), "sd", sd.round(1),
+          "at T=1", expected_t1.round(1))  # fmt: skip
+    # the draws follow softmax(logits / 2) rank bucket by rank bucket, within 5 standard deviations ...
+    assert np.all(np.abs(observed - expected) <= 5 * sd + 1), (observed, expected, sd)
+    # ... which the untempered distribution would fail by far (the check can tell the temperature)
+    assert np.max(np.abs(expected_t1 - expected) / (sd + 1)) > 20
+
+    # the same sample gets the same draws whatever the path (every prompt position scored, other batches)
+    full = _cfg(samples_dir, tmp_path / "full", tiny_teacher, targets="sampled", draws=N, draw_temperature=tau,
+                limit=40, scoring="full", group_size=7)  # fmt: skip
+    cache_teacher_logits(full, False, vllm_engine)
+    again = _rows(tmp_path / "full")
+    same = [np.array_equal(rows[s]["draw_ids"], again[s]["draw_ids"])
+            and np.array_equal(rows[s]["draw_counts"], again[s]["draw_counts"]) for s in rows]  # fmt: skip
+    assert np.mean(same) >= 0.95, np.mean(same)
+
+    # another seed draws other ids: appending it to this cache is refused, the difference named
+    with pytest.raises(FingerprintMismatch, match="draw_seed"):
+        cache_teacher_logits(_cfg(samples_dir, tmp_path / "sampled", tiny_teacher, targets="sampled", draws=N,
+                                  draw_temperature=tau, limit=41, seed=1), False, vllm_engine)  # fmt: skip
+
+    # DuckDB: the sampled views
+    con = connect(samples_dir.parent, tmp_path / "sampled")
+    n_tok, per_token = con.sql("SELECT sum(n_tokens), avg(distinct_draws_per_token) FROM teacher_samples").fetchall()[0]
+    assert n_tok == sum(len(r["token_ids"]) for r in rows.values()) and 1 < per_token < N
+    assert con.sql("SELECT count(*) FROM teacher_tokens").fetchall()[0][0] == n_tok
