@@ -17,7 +17,8 @@ from pathlib import Path
 from pipeline import config as stage_config
 from pipeline.config import ConfigError, opt  # noqa: F401 - ConfigError is this stage's error type too
 
-KD_CHOICES = ("forward_kl", "forward_kl_tail", "reverse_kl")
+KD_CHOICES = ("forward_kl", "forward_kl_tail", "reverse_kl", "sampled")
+TOPK_KD_DEFAULT, TOPK_TAU_DEFAULT = "forward_kl", 2.0
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 CHANNELS = ("T", "S")
@@ -68,8 +69,11 @@ class TrainConfig:
     warmup: int = opt(50, "linear warm-up steps, at the start of each phase")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     # --- losses: total = alpha*tau^2*KD(T->T) + beta*tau^2*KD(S->T) + gamma*sum(CE over --ce-channels)
-    kd: str = opt("forward_kl", "KD loss against the cached top-k", KD_CHOICES)
-    tau: float = opt(2.0, "KD temperature")
+    kd: str | None = opt(None, "KD loss: forward_kl, forward_kl_tail or reverse_kl against a top-k cache; sampled "
+                               "(RS-KD's unbiased estimator) against a sampled cache (--targets sampled); default: "
+                               "forward_kl, or sampled for a sampled cache", KD_CHOICES)  # fmt: skip
+    tau: float | None = opt(None, "KD temperature (default: 2.0 against a top-k cache; a sampled cache's draw "
+                                  "temperature, the only one its draws estimate)")  # fmt: skip
     alpha: float = opt(0.5, "T->T KD weight (lambda in the paper)")
     beta: float = opt(0.5, "S->T KD weight")
     gamma: float = opt(1.0, "CE weight")
@@ -115,7 +119,7 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.finetune_lr is not None and self.finetune_lr < 0:
             raise ConfigError(f"--finetune-lr must be >= 0, got {self.finetune_lr}")
-        if self.tau <= 0:
+        if self.tau is not None and self.tau <= 0:
             raise ConfigError(f"--tau must be > 0, got {self.tau}")
         if self.align == "ctc" and self.align_steps and self.ctc_weight <= 0:
             raise ConfigError("--align ctc aligns by token CTC alone: it needs --ctc-weight > 0")
@@ -152,6 +156,27 @@ class TrainConfig:
         if self.resume and not (Path(self.out) / "checkpoint.pt").exists():
             raise ConfigError(f"--resume: no checkpoint at {Path(self.out) / 'checkpoint.pt'}")
         return self
+
+    def for_targets(self, fingerprint: dict) -> "TrainConfig":
+        """This config with --kd and --tau resolved for the cache's targets (its manifest's fingerprint); a loss or
+        temperature the targets cannot serve is refused."""
+        from dataclasses import replace
+
+        if fingerprint.get("targets") == "sampled":
+            drawn_at = fingerprint["draw_temperature"]
+            if self.kd not in (None, "sampled"):
+                raise ConfigError(f"--kd {self.kd}: {self.logits} holds sampled targets (ids drawn from the teacher, "
+                                  f"with counts), not top-k logprobs; its loss is --kd sampled (the default for it)")  # fmt: skip
+            if self.tau is not None and abs(self.tau - drawn_at) > 1e-9:
+                raise ConfigError(f"--tau {self.tau:g}: the targets in {self.logits} were drawn at temperature "
+                                  f"{drawn_at:g}, and estimate the teacher's distribution at that temperature only; "
+                                  f"leave --tau out (or pass {drawn_at:g}), or re-cache with --draw-temperature "
+                                  f"{self.tau:g}")  # fmt: skip
+            return replace(self, kd="sampled", tau=drawn_at)
+        if self.kd == "sampled":
+            raise ConfigError(f"--kd sampled: {self.logits} holds top-k targets; sampled KD needs a cache made with "
+                              f"--targets sampled (or use --kd forward_kl)")  # fmt: skip
+        return replace(self, kd=self.kd or TOPK_KD_DEFAULT, tau=self.tau if self.tau is not None else TOPK_TAU_DEFAULT)
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)

@@ -69,6 +69,8 @@ class Example:
     topk_ids: np.ndarray | None = None  # (n, k); None when the targets were not decoded (alignment)
     topk_logprobs: np.ndarray | None = None  # (n, k)
     tail_logmass: np.ndarray | None = None  # (n,)
+    draw_ids: np.ndarray | None = None  # (n, m) a sampled cache's distinct drawn ids per position (instead of top-k)
+    draw_counts: np.ndarray | None = None  # (n, m) how often each was drawn (0: padding)
 
 
 @dataclass
@@ -195,7 +197,8 @@ class StudentData:
         speech = self.features.read(clip) if clip >= 0 and self.features is not None else None
         rendition = self.features.renditions[clip] if clip >= 0 and self.features is not None else None
         return Example(sid, rendition, prompt_ids, transcript_ids, speech, row["token_ids"], row.get("topk_ids"),
-                       row.get("topk_logprobs"), row.get("tail_logmass"))  # fmt: skip
+                       row.get("topk_logprobs"), row.get("tail_logmass"), row.get("draw_ids"),
+                       row.get("draw_counts"))  # fmt: skip
 
 
 def load_examples(
@@ -285,7 +288,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
     Padded response positions have mask False, response id `pad_id`, top-k ids 0, top-k logprobs 0 and tail
     log-mass 0 — finite values, so nothing downstream can turn them into NaN; every loss masks them out
-    before it multiplies (student.losses).
+    before it multiplies (student.losses). Sampled targets (draw_ids, draw_counts) are padded to the batch's most
+    distinct ids at a position with id 0 and count 0: a zero-count slot weighs nothing.
     """
     B = len(examples)
     n = max(len(e.response_ids) for e in examples)
@@ -298,6 +302,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         k = examples[0].topk_ids.shape[1]
         batch.update(topk_ids=torch.zeros(B, n, k, dtype=torch.long), topk_logprobs=torch.zeros(B, n, k),
                      tail_logmass=torch.zeros(B, n))  # fmt: skip
+    has_draws = examples[0].draw_ids is not None
+    if has_draws:
+        width = max(e.draw_ids.shape[1] for e in examples)
+        batch.update(draw_ids=torch.zeros(B, n, width, dtype=torch.long), draw_counts=torch.zeros(B, n, width))
     for b, e in enumerate(examples):
         m = len(e.response_ids)
         batch["response_ids"][b, :m] = torch.from_numpy(e.response_ids)
@@ -306,6 +314,9 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             batch["topk_ids"][b, :m] = torch.from_numpy(e.topk_ids)
             batch["topk_logprobs"][b, :m] = torch.from_numpy(e.topk_logprobs)
             batch["tail_logmass"][b, :m] = torch.from_numpy(e.tail_logmass)
+        if has_draws:
+            batch["draw_ids"][b, :m, : e.draw_ids.shape[1]] = torch.from_numpy(e.draw_ids)
+            batch["draw_counts"][b, :m, : e.draw_counts.shape[1]] = torch.from_numpy(e.draw_counts.astype(np.float32))
     # channel T: prompt + response, right-padded; response_pos[b, t] is where token t is predicted
     lens = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
     L = max(lens)

@@ -87,7 +87,8 @@ def forward_kl_tail(
     return _masked_mean(kl, mask, normalizer)
 
 
-KD_LOSSES = {"forward_kl": forward_kl_topk, "forward_kl_tail": forward_kl_tail, "reverse_kl": reverse_kl_topk}
+KD_LOSSES = {"forward_kl": forward_kl_topk, "forward_kl_tail": forward_kl_tail, "reverse_kl": reverse_kl_topk,
+             "sampled": None}  # sampled_ce, defined below: the loss of a sampled cache
 
 
 def response_ce(student_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor,
@@ -103,12 +104,15 @@ def sampled_ce(student_logits, sample_ids, sample_counts, mask, tau: float = 1.0
     often each was drawn (0 for padding slots). Per position -sum_i (c_i / N) log q_tau(i), with q the student's
     full-vocabulary softmax at tau: an unbiased estimate of the cross-entropy H(p_tau, q_tau) = KL(p_tau || q_tau) +
     H(p_tau), so its gradient is the forward KL's without the top-k truncation's bias (tested against the dense
-    value in expectation). Not yet fed by the cache: issue 12 item 3's sampled encoding is the next step."""
+    value in expectation). Fed by a `--targets sampled` cache (pipeline.cache.decode_sampled, student.data.collate)."""
     counts = sample_counts.float().masked_fill(~mask.bool().unsqueeze(-1), 0.0)
     weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     logq = torch.log_softmax(student_logits.float() / tau, -1)
     per_position = -(weights * torch.gather(logq, -1, sample_ids)).sum(-1)
     return _masked_mean(per_position, mask, normalizer)
+
+
+KD_LOSSES["sampled"] = sampled_ce
 
 
 # Dense references (full vocabulary), for tests.

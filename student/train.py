@@ -3,13 +3,15 @@
     python student/train.py --logits data/cache
     python student/train.py --logits data/cache --alpha 0 --beta 0 --ce-channels S   # CE-only baseline
     python student/train.py --logits data/cache --resume
+    python student/train.py --logits data/cache-sampled          # a --targets sampled cache: RS-KD's loss, its tau
     torchrun --nproc-per-node 8 student/train.py --logits data/cache --device cuda   # DDP, one GPU a rank
 
 First `--align-steps` steps align the speech encoder+adapter to the frozen
 backbone by transcription (from the speech alone, predict the prompt's tokens),
 as speech LLMs are built before their fine-tuning. Then the loss (the paper's
 recipe by default: forward KL, tau 2, both channels, CE on the cached responses
-of both channels):
+of both channels; against a sampled cache the KD is RS-KD's estimator at the
+temperature its ids were drawn at):
 
     total = alpha * tau^2 * KD(T->T) + beta * tau^2 * KD(S->T) + gamma * sum(CE over --ce-channels)
 
@@ -52,6 +54,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.cache import read_manifest
 from pipeline.errors import cli
 from pipeline.features import feature_config_of
 from pipeline.samples import load_samples
@@ -79,8 +82,12 @@ def channel_losses(model, template, batch, cfg: TrainConfig, norms: dict, encode
     kd = KD_LOSSES[cfg.kd]
     ce_channels = cfg.ce_set()
     out = {}
-    targets = dict(teacher_ids=batch["topk_ids"], teacher_logprobs=batch["topk_logprobs"], mask=batch["mask"],
-                   tau=cfg.tau, tail_logmass=batch["tail_logmass"], normalizer=norms["response"])  # fmt: skip
+    if "draw_ids" in batch:  # sampled targets
+        targets = dict(sample_ids=batch["draw_ids"], sample_counts=batch["draw_counts"], mask=batch["mask"],
+                       tau=cfg.tau, normalizer=norms["response"])  # fmt: skip
+    else:
+        targets = dict(teacher_ids=batch["topk_ids"], teacher_logprobs=batch["topk_logprobs"], mask=batch["mask"],
+                       tau=cfg.tau, tail_logmass=batch["tail_logmass"], normalizer=norms["response"])  # fmt: skip
     if cfg.alpha > 0 or "T" in ce_channels:
         logits = model.forward_embeds(model.embed(batch["text_ids"]), batch["text_attention"])
         logits = gather_positions(logits, batch["text_response_pos"])
@@ -339,6 +346,7 @@ def step_norms(micro: list[dict], ranks: Dist) -> dict:
 def train(cfg: TrainConfig, progress: bool = True, final_eval: bool | None = None) -> dict:
     """Run the recipe; `final_eval` (default: cfg.final_eval) evaluates at the end."""
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = cfg.for_targets(read_manifest(Path(cfg.logits))["fingerprint"])  # --kd / --tau for the cache's targets
     ranks = Dist(cfg.resolved_device())
     try:
         return _train(cfg, ranks, progress, cfg.final_eval if final_eval is None else final_eval)

@@ -305,6 +305,8 @@ def test_losses_are_finite_and_equal_with_inf_or_zero_padding():
         t_tail = tail.clone().masked_fill(~mask, pad)
         ids = lp.indices.masked_fill(~mask[..., None], 0)
         for name, fn in losses.KD_LOSSES.items():
+            if name == "sampled":  # takes ids + counts, not logprobs: its padding is tested with its estimator
+                continue
             student.grad = None
             value = fn(student, ids, t_lp, mask, tau=2.0, tail_logmass=t_tail)
             value.backward()
@@ -527,3 +529,55 @@ def test_sampled_kd_is_an_unbiased_estimate_of_the_dense_cross_entropy():
     # one estimate with many draws is close to the dense value; the top-k renormalized target is not unbiased
     ids, counts = _draws(teacher, tau, 20000, gen)
     assert losses.sampled_ce(student, ids, counts, mask, tau).item() == pytest.approx(dense.item(), rel=0.01)
+
+
+def test_a_sampled_cache_trains_with_rs_kd_at_its_draw_temperature(student_cache, samples_dir, tiny_teacher,
+                                                                  vllm_engine, tmp_path):  # fmt: skip
+    import csv
+
+    from transformers import AutoTokenizer
+
+    from pipeline.teacher import cache_teacher_logits
+    from student.config import ConfigError
+    from student.data import StudentData, collate
+    from student.train import train
+    from tests.conftest import tiny_teacher_config
+
+    cache = tmp_path / "cache-sampled"
+    cache_teacher_logits(tiny_teacher_config(tiny_teacher, samples=samples_dir, out=cache, targets="sampled", draws=12,
+                                             features=student_cache.parent / "features"), False, vllm_engine)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    data = StudentData(cache, tok)
+    batch = collate([data.example(i) for i in range(6)], tok.pad_token_id or 0)
+    assert "topk_ids" not in batch and batch["draw_ids"].shape[:2] == batch["mask"].shape
+    assert (batch["draw_counts"].sum(-1)[batch["mask"]] == 12).all()  # N draws at every real position
+    assert (batch["draw_counts"].sum(-1)[~batch["mask"]] == 0).all()  # none at padding
+
+    # a top-k loss, another temperature, or sampled KD against a top-k cache: refused, saying why
+    with pytest.raises(ConfigError, match="holds sampled targets"):
+        train(_cfg(cache, tmp_path / "bad", kd="forward_kl"), progress=False, final_eval=False)
+    with pytest.raises(ConfigError, match="drawn at temperature 1"):
+        train(_cfg(cache, tmp_path / "bad", tau=2.0), progress=False, final_eval=False)
+    with pytest.raises(ConfigError, match="needs a cache made with --targets sampled"):
+        train(_cfg(student_cache, tmp_path / "bad", kd="sampled"), progress=False, final_eval=False)
+
+    train(_cfg(cache, tmp_path / "run", steps=40, align_steps=0, lr=3e-3, backbone_lr=1e-3, batch_size=8),
+          progress=False, final_eval=False)  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    first = np.mean([float(r["kd_S"]) for r in rows[:5]])
+    last = np.mean([float(r["kd_S"]) for r in rows[-5:]])
+    # the loss estimates the cross-entropy H(p) + KL(p || q): the KL part is what training can remove. H(p): the
+    # teacher's mean entropy over the training responses' positions, from a transformers forward.
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    entropies = []
+    for i in range(len(data)):
+        e = data.example(i, targets=False)
+        ids = torch.tensor([e.prompt_ids + e.response_ids.tolist()])
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(ids).logits[0, len(e.prompt_ids) - 1 : -1].double(), -1)
+        entropies.extend((-(logp.exp() * logp).sum(-1)).tolist())
+    entropy = float(np.mean(entropies))
+    print(f"sampled KD (S channel): first 5 steps {first:.3f}, last 5 {last:.3f}, teacher entropy {entropy:.3f}")
+    assert entropy < last < first and last - entropy < 0.7 * (first - entropy), (first, last, entropy)
