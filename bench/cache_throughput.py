@@ -8,6 +8,7 @@ and the embedded toy teacher) and each dtype, on the same toy-world samples:
   (a) the whole caching stage: vLLM flat prompt logprobs + encode + Parquet write
   (b) vLLM with default (non-flat) prompt_logprobs, top-k taken out into arrays
   (c) transformers forward + log_softmax + topk, batched, same dtype
+  (s) the whole stage with sampled targets (--targets sampled --draws N, RS-KD) instead of the top-k
 Tokens/s count every scored token (prompt + response); engine start and model
 load are excluded (reported apart). Also: bytes per cached response token at k,
 and the error of the decoded logprobs against vLLM's exact float32 values.
@@ -128,7 +129,7 @@ def prompt_heavy_samples(src: Path, out: Path, context_facts: int) -> Path:
     return out
 
 
-def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dtype: str) -> dict:
+def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dtype: str, draws: int = 12) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -150,6 +151,12 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
     full_out = WORK / "cache" / f"{name}-{dtype}-full"
     shutil.rmtree(full_out, ignore_errors=True)
     a_full = cache_teacher_logits(replace(engine, out=str(full_out), limit=n, scoring="full"), progress=False, llm=llm)
+    sampled = None
+    if draws:
+        sampled_out = WORK / "cache" / f"{name}-{dtype}-sampled{draws}"
+        shutil.rmtree(sampled_out, ignore_errors=True)
+        sampled = cache_teacher_logits(replace(engine, out=str(sampled_out), limit=n, targets="sampled", draws=draws),
+                                       progress=False, llm=llm)  # fmt: skip
     b, exact = bench_vllm_default(llm, pairs, k)
     del llm
     c = bench_transformers(model_dir, pairs, k, dtype)
@@ -179,6 +186,9 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         "a_over_c": round(a_stats["tokens_per_s"] / c["tokens_per_s"], 2),
         "a_over_b": round(a_stats["tokens_per_s"] / b["tokens_per_s"], 2),
         "bytes_per_cached_token": a["bytes_per_cached_token"],
+        "draws": draws or None,
+        "s_sampled_tok_s": round(sampled["tokens_per_second"], 1) if sampled else None,
+        "s_bytes_per_cached_token": sampled["bytes_per_cached_token"] if sampled else None,
         "response_tokens": a["tokens_cached"],
         "decode_mae_nats": float(errs.mean()),
         "decode_max_err_nats": float(errs.max()),
@@ -190,6 +200,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=800, help="toy-world samples per measurement")
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--draws", type=int, default=12, help="(s): sampled targets with N draws (0: skip)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--models", default="llama50m-32k,toy-teacher")
     parser.add_argument("--prompt-heavy", type=int, default=0, metavar="FACTS",
@@ -214,7 +225,7 @@ def main() -> int:
         model_dir = models[name]()
         for dtype in args.dtypes.split(","):
             r = run_model(name + (f"+context{args.prompt_heavy}" if args.prompt_heavy else ""), model_dir,
-                          samples_dir, args.samples, args.top_k, dtype)  # fmt: skip
+                          samples_dir, args.samples, args.top_k, dtype, args.draws)  # fmt: skip
             print(json.dumps(r), flush=True)
             results.append(r)
     out = Path("bench/results/cache_throughput.json")
@@ -226,15 +237,18 @@ def main() -> int:
     results = [r for r in earlier if key(r) not in mine] + results
     out.write_text(json.dumps(results, indent=2))
     print("\n| model | dtype | prompt:response | (a) stage tok/s | (a') stage, --scoring full | (b) vLLM default tok/s "
-          "| (c) transformers tok/s | a/a' | a/c | a/b | bytes/token (k=%d) | decode MAE (nats) | max err |" % args.top_k)
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| (c) transformers tok/s | a/a' | a/c | a/b | bytes/token (k=%d) | decode MAE (nats) | max err "
+          "| (s) sampled N tok/s | bytes/token (sampled N) |" % args.top_k)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "a_full_scoring_tok_s" not in r:
             continue  # a row of an earlier run, before --scoring
         print(f"| {r['model']} | {r['dtype']} | {r['prompt_to_response_tokens']}:1 | {r['a_stage_tok_s']:.0f} | "
               f"{r['a_full_scoring_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | {r['c_transformers_tok_s']:.0f} | "
               f"{r['a_over_a_full']:.2f}x | {r['a_over_c']:.2f}x | {r['a_over_b']:.2f}x | "
-              f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} |")  # fmt: skip
+              f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} | "
+              f"{r.get('s_sampled_tok_s') or '-'} | {r.get('s_bytes_per_cached_token') or '-'}"
+              f"{' (N=%d)' % r['draws'] if r.get('draws') else ''} |")  # fmt: skip
     return 0
 
 
