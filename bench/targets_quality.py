@@ -1,0 +1,239 @@
+"""Quality at equal storage: dense vs top-k vs sampled (RS-KD) teacher targets, the same student budget for each.
+
+    .venv/bin/python bench/targets_quality.py --seeds 3        # after make demo; bench/results/targets_quality.{json,md}
+    .venv/bin/python bench/targets_quality.py --render bench/results/targets_quality.json
+
+1. Caches the embedded toy teacher's targets over data/samples (every split) once per variant, one vLLM engine for
+   all of them (data/bench/targets/<variant>): dense (top-k with k = the whole vocabulary: the full distribution,
+   quantized like any top-k), top-8, top-64, and sampled N = 8, 12, 24 (drawn at T = 1). Bytes per response token:
+   the cache's shards over its response tokens.
+2. Per seed: one speech alignment (bench/paper_table.py's: the toy encoder, ctc-embed, --align ctc, backbone
+   frozen), then, from it, the same fine-tuning per variant (paper_table's row 4: T->T and S->T KD + CE on the
+   spoken channel, half of the facts; same steps, batches, learning rates, seed), at tau = 1 for every variant (the
+   draws' temperature: all of them then target the same distribution), --kd forward_kl for dense and top-k,
+   --kd sampled (RS-KD's estimator) for sampled.
+3. Per student, on the eval split (held-out templates; the first --eval-limit questions): KL(teacher || student) per
+   response position at T = 1, the teacher's exact full distribution (a transformers forward of the teacher on
+   the typed prompt) against the student's on the typed prompt (text) and on the spoken one (speech); and exact
+   match of its greedy answers, typed and spoken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.paper_table
+
+import torch  # noqa: E402
+
+from bench.paper_table import BENCH_DEFAULTS  # noqa: E402
+from pipeline import schemas  # noqa: E402
+from pipeline.cache import CacheReader  # noqa: E402
+from student.config import build_parser, config_from_args  # noqa: E402
+
+WORK = Path("data/bench/targets")
+# name -> the teacher stage's settings (k = 0: the whole vocabulary)
+VARIANTS = {
+    "dense": dict(targets="topk", top_k=0),
+    "top-8": dict(targets="topk", top_k=8),
+    "top-64": dict(targets="topk", top_k=64),
+    "sampled-8": dict(targets="sampled", draws=8),
+    "sampled-12": dict(targets="sampled", draws=12),
+    "sampled-24": dict(targets="sampled", draws=24),
+}
+
+
+def vocab_size(teacher: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(teacher).vocab_size
+
+
+def build_caches(names: list[str], samples: Path, features: Path, teacher: str | None) -> dict[str, dict]:
+    """Each variant's cache (made once; a complete one is kept), with its bytes per response token."""
+    from pipeline.teacher import cache_teacher_logits, make_engine
+    from pipeline.teacher_config import TeacherConfig
+
+    base = TeacherConfig(samples=str(samples), features=str(features), teacher=teacher, draw_temperature=1.0)
+    vocab = vocab_size(base.model)
+    engine = None
+    info = {}
+    for name in names:
+        settings = dict(VARIANTS[name])
+        if settings.get("top_k") == 0:
+            settings["top_k"] = vocab
+        cfg = replace(base, out=str(WORK / name / "cache"), **settings).validate()
+        if not (cfg.out_dir / "last_run.json").exists():
+            if engine is None:
+                engine = make_engine(cfg, top_k=vocab)
+            t0 = time.monotonic()
+            summary = cache_teacher_logits(cfg, progress=False, llm=engine)
+            print(f"cached {name}: {summary['cached_now']} samples in {time.monotonic() - t0:.0f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        reader = CacheReader(cfg.out_dir)
+        tokens = sum(len(r["token_ids"]) for r in reader.iter_rows(columns=["token_ids"]))
+        size = sum(e["bytes"] for e in reader.shard_entries.values())
+        info[name] = {"cache": str(cfg.out_dir), "bytes_per_token": size / tokens, "tokens": tokens,
+                      "targets": reader.targets}  # fmt: skip
+    return info
+
+
+@torch.no_grad()
+def heldout_kl(model, teacher_model, data, template, limit: int, batch_size: int = 32) -> dict[str, float]:
+    """Mean KL(teacher || student) per response position at T = 1 over the first `limit` examples of `data`: the
+    student on the typed prompt (text) and on the spoken one (speech), the teacher on the typed prompt."""
+    from student.data import collate, gather_positions, speech_inputs
+
+    model.eval()
+    totals, positions = {"text": 0.0, "speech": 0.0}, 0
+    for start in range(0, min(limit, len(data)), batch_size):
+        idx = range(start, min(start + batch_size, limit, len(data)))
+        b = collate([data.example(i, targets=False) for i in idx], 0)
+        mask = b["mask"]
+        t = gather_positions(teacher_model(input_ids=b["text_ids"], attention_mask=b["text_attention"]).logits,
+                             b["text_response_pos"]).float().log_softmax(-1)  # fmt: skip
+        text = gather_positions(model.forward_embeds(model.embed(b["text_ids"]), b["text_attention"]),
+                                b["text_response_pos"])  # fmt: skip
+        embeds, attention, pos = speech_inputs(model, template, b)
+        speech = gather_positions(model.forward_embeds(embeds, attention), pos)
+        for key, logits in (("text", text), ("speech", speech)):
+            s = logits.float().log_softmax(-1)
+            totals[key] += (t.exp() * (t - s)).sum(-1)[mask].sum().item()
+        positions += int(mask.sum())
+    return {key: value / positions for key, value in totals.items()}
+
+
+def run_student(name: str, cache: str, base, aligned: Path, runs: Path, limit: int, teacher_model) -> dict:
+    """Fine-tune from the aligned checkpoint against `cache`'s targets; its held-out KL and exact match."""
+    from transformers import AutoTokenizer
+
+    from student.data import SpeechTemplate, StudentData
+    from student.evaluate import eval_set, evaluate_student
+    from student.model import SpeechLLM
+    from student.train import train
+
+    sampled = CacheReader(cache, verify=False).targets == "sampled"
+    cfg = replace(base, logits=cache, out=str(runs / name), resume=base.align_steps > 0,
+                  kd="sampled" if sampled else "forward_kl", tau=1.0)  # fmt: skip
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    if base.align_steps:
+        shutil.copytree(aligned, cfg.out)
+    t0 = time.monotonic()
+    train(cfg, progress=False, final_eval=False)
+    minutes = (time.monotonic() - t0) / 60
+    model = SpeechLLM.load(Path(cfg.out) / "final").eval()
+    tok = AutoTokenizer.from_pretrained(Path(cfg.out) / "final" / "backbone")
+    data = StudentData(cache, tok, split="eval")
+    kl = heldout_kl(model, teacher_model, data, SpeechTemplate.from_tokenizer(tok), limit)
+    match = evaluate_student(model, tok, eval_set(data.samples_dir, data.features_dir, limit=limit))
+    return {"kl_text": kl["text"], "kl_speech": kl["speech"], "text": match["student_text_accuracy"],
+            "speech": match["student_speech_accuracy"], "minutes": round(minutes, 2)}  # fmt: skip
+
+
+def _stat(values: list[float], fmt: str) -> str:
+    text = format(statistics.fmean(values), fmt)
+    return text + (f" ± {format(statistics.stdev(values), fmt.replace('+', ''))}" if len(values) > 1 else "")
+
+
+def render(report: dict) -> str:
+    head = ("| targets | bytes/token | held-out KL, text (nats/token) | held-out KL, speech (nats/token) | "
+            "KL text / speech minus top-64's, same seed | text exact match | speech exact match | "
+            "fine-tune minutes |")  # fmt: skip
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    ref = {r["seed"]: r for r in report["runs"] if r["variant"] == "top-64"}
+    for name, cache in report["caches"].items():
+        runs = [r for r in report["runs"] if r["variant"] == name]
+        if not runs:
+            continue
+        paired = [r for r in runs if r["seed"] in ref]
+        versus = "-" if name == "top-64" or not paired else " / ".join(
+            _stat([r[key] - ref[r["seed"]][key] for r in paired], '+.4f') for key in ("kl_text", "kl_speech"))
+        lines.append(f"| {name} | {cache['bytes_per_token']:.1f} | {_stat([r['kl_text'] for r in runs], '.4f')} | "
+                     f"{_stat([r['kl_speech'] for r in runs], '.4f')} | {versus} | "
+                     f"{_stat([r['text'] * 100 for r in runs], '.1f')}% | "
+                     f"{_stat([r['speech'] * 100 for r in runs], '.1f')}% | "
+                     f"{statistics.fmean(r['minutes'] for r in runs):.1f} |")  # fmt: skip
+    seeds = sorted({r["seed"] for r in report["runs"]})
+    lines.append("")
+    lines.append(f"seeds: {', '.join(map(str, seeds))} (mean ± sample std over {len(seeds)}); eval: the first "
+                 f"{report['eval_limit']} eval-split questions")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = {**BENCH_DEFAULTS, "steps": 550, "align_steps": 400, "alpha": 0.5, "beta": 0.5,
+                "out": str(WORK / "runs"), "heldout_features": ""}  # fmt: skip
+    build_parser(defaults=defaults, parser=parser, skip=("resume", "stop_after", "logits", "kd", "tau"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed+1, ... (alignment included)")
+    parser.add_argument("--eval-limit-kl", type=int, default=300, help="eval questions for the KL and exact match")
+    parser.add_argument("--teacher", default=None, help="the teacher (default: the embedded toy teacher)")
+    parser.add_argument("--render", type=Path, default=None, help="only print the table of a targets_quality.json")
+    parser.add_argument("--caches-only", action="store_true", help="build the caches, print their info as JSON")
+    args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    samples, features = Path(args.samples or schemas.SAMPLES_DIR), Path(args.features or schemas.FEATURES_DIR)
+    if args.caches_only:
+        print(json.dumps(build_caches(names, samples, features, args.teacher)))
+        return 0
+    # the caches in a child process: a process that ran a vLLM CPU engine cannot fork DataLoader workers (its
+    # OpenMP runtime hangs in the child)
+    cmd = [sys.executable, __file__, "--caches-only", "--variants", ",".join(names), "--samples", str(samples),
+           "--features", str(features)] + (["--teacher", args.teacher] if args.teacher else [])  # fmt: skip
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    caches = json.loads(done.stdout.strip().splitlines()[-1])
+    from transformers import AutoModelForCausalLM
+
+    teacher = args.teacher or str(schemas.TEACHER_DIR)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    out = Path("bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"caches": caches, "runs": [], "eval_limit": args.eval_limit_kl,
+              "setting": {k: v for k, v in vars(args).items() if k != "render"}}  # fmt: skip
+    for seed in range(args.seed, args.seed + args.seeds):
+        runs = Path(args.out) / f"seed{seed}"
+        # alignment reads no target values (--align ctc): any cache names its examples; the smallest decodes fastest
+        smallest = min(names, key=lambda n: caches[n]["bytes_per_token"])
+        base = config_from_args(args, logits=caches[smallest]["cache"], out=str(runs / "aligned"), seed=seed)
+        if base.align_steps:
+            t0 = time.monotonic()
+            train_aligned(replace(base, steps=base.align_steps))
+            print(f"seed {seed}: aligned in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
+        for name in names:
+            r = run_student(name, caches[name]["cache"], base, runs / "aligned", runs, args.eval_limit_kl,
+                            teacher_model)  # fmt: skip
+            r.update(variant=name, seed=seed)
+            report["runs"].append(r)
+            (out / "targets_quality.json").write_text(json.dumps(report, indent=2))
+            print(f"seed {seed} {name}: KL text {r['kl_text']:.4f}, speech {r['kl_speech']:.4f}; exact match text "
+                  f"{r['text']:.1%}, speech {r['speech']:.1%} ({r['minutes']:.1f} min)", flush=True)  # fmt: skip
+    table = render(report)
+    (out / "targets_quality.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def train_aligned(cfg) -> None:
+    """The shared alignment phase (the backbone frozen: it does not read the targets' values)."""
+    from student.train import train
+
+    train(cfg, progress=False, final_eval=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
