@@ -58,6 +58,8 @@ from pipeline.samples import load_samples
 from pipeline.teacher_config import DTYPES, TeacherConfig
 
 LOGPROB_BYTES_PER_VOCAB_ENTRY = 6  # what vLLM holds per (token, vocab entry) for prompt logprobs
+# sampled targets hold float32 logits, logprobs, probabilities and their CDF per (token, vocab entry) at once
+SAMPLED_BYTES_PER_VOCAB_ENTRY = 16
 
 
 def on_cpu() -> bool:
@@ -103,8 +105,9 @@ def vllm_version() -> str:
     return "unknown"
 
 
-def max_batched_tokens(vocab_size: int, memory_gib: float, max_model_len: int) -> int:
-    budget = int(memory_gib * (1 << 30) / (vocab_size * LOGPROB_BYTES_PER_VOCAB_ENTRY))
+def max_batched_tokens(vocab_size: int, memory_gib: float, max_model_len: int,
+                       bytes_per_entry: int = LOGPROB_BYTES_PER_VOCAB_ENTRY) -> int:  # fmt: skip
+    budget = int(memory_gib * (1 << 30) / (vocab_size * bytes_per_entry))
     return int(max(256, min(budget, 32768, max(max_model_len, 256) * 64)))
 
 
@@ -129,7 +132,9 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
         dtype=resolve_dtype(cfg.dtype, cfg.model),
         max_model_len=model_len,
         max_logprobs=max(top_k or cfg.logprobs_per_position, 1),
-        max_num_batched_tokens=max_batched_tokens(hf_config.vocab_size, cfg.logprobs_memory_gib, model_len),
+        max_num_batched_tokens=max_batched_tokens(hf_config.vocab_size, cfg.logprobs_memory_gib, model_len,
+                                                  SAMPLED_BYTES_PER_VOCAB_ENTRY if cfg.targets == "sampled"
+                                                  else LOGPROB_BYTES_PER_VOCAB_ENTRY),  # fmt: skip
         max_num_seqs=cfg.max_num_seqs,
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
