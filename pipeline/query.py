@@ -98,7 +98,8 @@ def connect(data_dir: Path = schemas.DATA_DIR, cache_dir: Path | None = None) ->
     if shards:
         files = ", ".join(f"'{p}'" for p in shards)
         con.sql(f"CREATE VIEW cache AS SELECT * FROM read_parquet([{files}])")
-        source = (read_manifest(cache_dir) or {}).get("fingerprint", {}).get("responses", "dataset")
+        fingerprint = (read_manifest(cache_dir) or {}).get("fingerprint", {})
+        source = fingerprint.get("responses", "dataset")
         dataset = "s.response" if sources["samples"] else "NULL"
         join = "LEFT JOIN samples s USING (sample_id)" if sources["samples"] else ""
         con.sql(f"CREATE VIEW responses AS SELECT c.sample_id, c.response, '{source}' AS response_source, "
@@ -109,7 +110,7 @@ def connect(data_dir: Path = schemas.DATA_DIR, cache_dir: Path | None = None) ->
         files = ", ".join(f"'{g}'" for g in sorted(reject_globs))
         con.sql(f"CREATE VIEW rejects AS SELECT * FROM read_parquet([{files}], union_by_name=true)")
     if sources["cache"]:
-        sampled = (read_manifest(cache_dir) or {}).get("fingerprint", {}).get("targets") == "sampled"
+        sampled = fingerprint.get("targets") == "sampled"
         con.sql(f"CREATE VIEW teacher_tokens AS {SAMPLED_TOKENS if sampled else TEACHER_TOKENS}")
         con.sql(f"CREATE VIEW teacher_samples AS {SAMPLED_SAMPLES if sampled else TEACHER_SAMPLES}")
     return con

@@ -401,13 +401,13 @@ def request_args(cfg: TeacherConfig, encoding: CacheEncoding, n_prompt: int, con
     return args
 
 
-def _store_group(writer: CacheWriter, ready: list[dict], pairs: list, outs: list, top_k: int, encoding: CacheEncoding,
-                 stats: Counter, phases: Counter) -> None:  # fmt: skip
+def _store_group(writer: CacheWriter, ready: list[dict], pairs: list, outs: list, per_position: int,
+                 encoding: CacheEncoding, stats: Counter, phases: Counter) -> None:  # fmt: skip
     """A scored group's rows, encoded and appended (the writer flushes a shard when it is full)."""
     for s, pair, o in zip(ready, pairs, outs):
         t = time.monotonic()
         n = len(pair.response_ids)
-        token_lp, topk_ids, topk_lp = extract_response_logprobs(o.prompt_logprobs, len(pair.prompt_ids), n, top_k)
+        token_lp, topk_ids, topk_lp = extract_response_logprobs(o.prompt_logprobs, len(pair.prompt_ids), n, per_position)
         row = encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids), token_lp, topk_ids,
                                   topk_lp, s["content_sha256"]), encoding)  # fmt: skip
         t2 = time.monotonic()

@@ -40,7 +40,7 @@ class TeacherConfig:
     targets: str = opt("topk", "what is cached per response position: topk = the --top-k most likely ids and their "
                                 "logprobs; sampled = --draws ids drawn from the teacher's full distribution at "
                                 "--draw-temperature, kept as distinct ids + counts (RS-KD: unbiased, fewer bytes)",
-                       ("topk", "sampled"))  # fmt: skip
+                       schemas.CACHE_TARGETS)  # fmt: skip
     top_k: int = opt(64, "--targets topk: logprobs kept per response position")
     draws: int = opt(12, "--targets sampled: ids drawn per response position (with replacement, at most 255)")
     draw_temperature: float = opt(1.0, "--targets sampled: temperature of the distribution drawn from (the student "

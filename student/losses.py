@@ -87,10 +87,6 @@ def forward_kl_tail(
     return _masked_mean(kl, mask, normalizer)
 
 
-KD_LOSSES = {"forward_kl": forward_kl_topk, "forward_kl_tail": forward_kl_tail, "reverse_kl": reverse_kl_topk,
-             "sampled": None}  # sampled_ce, defined below: the loss of a sampled cache
-
-
 def response_ce(student_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor,
                 normalizer=None) -> torch.Tensor:  # fmt: skip
     """Cross-entropy of the response tokens (the teacher-written or dataset response)."""
@@ -112,7 +108,9 @@ def sampled_ce(student_logits, sample_ids, sample_counts, mask, tau: float = 1.0
     return _masked_mean(per_position, mask, normalizer)
 
 
-KD_LOSSES["sampled"] = sampled_ce
+# --kd: the top-k losses, and sampled_ce for a sampled cache
+KD_LOSSES = {"forward_kl": forward_kl_topk, "forward_kl_tail": forward_kl_tail, "reverse_kl": reverse_kl_topk,
+             "sampled": sampled_ce}
 
 
 # Dense references (full vocabulary), for tests.
