@@ -263,6 +263,7 @@ def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict, held
 | teacher cache | {cache['cached_now']} cached now ({cache.get('rescored_changed', 0)} re-scored: changed since cached), {cache['already_cached']} already there, {cache['rejected']} rejected |
 | response tokens cached | {cache['tokens_cached']} |
 | tokens/s (scored, engine start excluded) | {cache['tokens_per_second']} |
+| prompt tokens taken from vLLM's prefix cache | {cache.get('prompt_tokens_from_prefix_cache', 0)} of {cache['tokens_scored']} scored |
 | bytes per cached token | {cache['bytes_per_cached_token']} |
 | seconds per phase (summed over workers; encode and write overlap scoring) | {format_phases(cache.get('phase_seconds')).removeprefix('; seconds: ') or '-'} |
 | cache | `{cache['cache_dir']}` ({cache['cache_rows']} rows, {cache['cache_bytes']} bytes, {cache.get('targets') or 'top-' + str(cache['top_k'])}) |

@@ -22,6 +22,17 @@ softmax(logits / tau) (ascending) with their logprobs, in place of the top-k: th
 `prompt_logprobs=N`, so vLLM's output holds them in the top-k's slots. The draws are inverse-CDF lookups of
 uniforms from numpy's generator seeded by the request's seed, one row per prompt position: the same sample gives the
 same draws whatever the batch, the chunking, the partition or the device (up to float rounding at the CDF's steps).
+
+Prefix caching. vLLM never reads its prefix cache for a request with prompt logprobs (`SamplingParams.
+skip_reading_prefix_cache` defaults to True then): a hit would leave the rows of the cached positions unscored. So a
+shared system prompt, chat template or context is recomputed for every sample. With response-only scoring the
+prompt's rows are not wanted, so a hit over them is harmless, but a hit that reached into the response (two samples
+with the same prompt and the same first response tokens) would leave scored rows empty. This module therefore also
+caps the prefix-cache lookup (`KVCacheManager.get_computed_blocks`, run by the scheduler) of every request with
+prompt logprobs at its first scored position: vLLM's own lookup, for a request shortened to that length. The
+caller opts in per request (`skip_reading_prefix_cache=False`, pipeline.teacher with `--prefix-cache on`, the
+default); the model runner refuses (raises) a request whose first chunk starts past its first scored position, and
+pipeline.teacher checks each output's `num_cached_tokens` against it, so a hit into the response fails loudly.
 """
 
 from __future__ import annotations
@@ -35,8 +46,9 @@ EXTRA_ARG = "speechkd_logprob_start"
 DRAWS_ARG = "speechkd_draws"
 DRAW_TEMPERATURE_ARG = "speechkd_draw_temperature"
 DRAW_SEED_ARG = "speechkd_draw_seed"
-# sha256 of inspect.getsource(GPUModelRunner._get_prompt_logprobs_dict) in vllm 0.32.0 (CPU and CUDA builds)
-PATCHED_SOURCE_SHA256 = "889fdb068dfc37ddf4827e8f3af2d99ff790fbd3c77ff4a05eec1e3d0f1f560f"
+# sha256 of inspect.getsource(...) in vllm 0.32.0 (the CPU and CUDA wheels hold the same files: compared)
+PATCHED_SOURCE_SHA256 = "889fdb068dfc37ddf4827e8f3af2d99ff790fbd3c77ff4a05eec1e3d0f1f560f"  # GPUModelRunner._get_prompt_logprobs_dict
+PATCHED_LOOKUP_SHA256 = "77f434d88d573bfe05905a20df26ff51a86156214cf297ff9bbe5d5f05f32d07"  # KVCacheManager.get_computed_blocks
 _state: dict = {"applied": False, "problem": None}
 
 
@@ -46,6 +58,37 @@ def first_scored_position(request) -> int:
     extra = getattr(params, "extra_args", None) or {}
     start = extra.get(EXTRA_ARG)
     return max(int(start) - 1, 0) if start else 0
+
+
+def prefix_hit_cap(request) -> int | None:
+    """The most prompt tokens a prefix-cache hit may cover for this request: its first scored position when it asks
+    for prompt logprobs (0 = no hit: every row is scored), None (vLLM's own limit) when it does not."""
+    params = getattr(request, "sampling_params", None)
+    if params is None or params.prompt_logprobs is None:
+        return None
+    return first_scored_position(request)
+
+
+class _HitCapped:
+    """A request as the prefix-cache lookup sees it: `num_tokens` cut so that vLLM's limit (num_tokens - 1) is the
+    cap; every other attribute is the request's own."""
+
+    def __init__(self, request, cap: int):
+        self._request = request
+        self.num_tokens = min(request.num_tokens, cap + 1)
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
+
+
+def _make_capped_lookup(original):
+    def get_computed_blocks(self, request):
+        # speechkd: vLLM's lookup, capped at the request's first scored position (see the module docstring)
+        cap = prefix_hit_cap(request)
+        return original(self, request if cap is None else _HitCapped(request, cap))
+
+    get_computed_blocks.speechkd_response_scoring = True
+    return get_computed_blocks
 
 
 def draw_settings(request) -> tuple[int, float, int] | None:
@@ -104,6 +147,11 @@ def _make_patched(runner_module):
             if logprobs_tensors is None:
                 logprobs_tensors = LogprobsTensors.empty_cpu(num_prompt_tokens - 1, num_prompt_logprobs + 1)
                 first = first_scored_position(request)  # speechkd: the skipped rows hold zeros, not garbage
+                if request.num_computed_tokens > first:  # speechkd: a prefix-cache hit reached scored rows
+                    raise RuntimeError(f"speechkd: request {req_id} starts at prompt position "
+                                       f"{request.num_computed_tokens} (a prefix-cache hit), past its first scored "
+                                       f"position {first}: its rows would be left unscored. The prefix-cache cap of "
+                                       "pipeline/response_scoring.py is not applied in the scheduler's process")  # fmt: skip
                 if first:
                     logprobs_tensors.logprob_token_ids[:first].zero_()
                     logprobs_tensors.logprobs[:first].zero_()
@@ -159,37 +207,46 @@ def _make_patched(runner_module):
 
 
 def register() -> None:
-    """The plugin's entry point (run by vLLM in every engine process): apply the patch if the function is the one
-    it was written from; otherwise leave vLLM as it is and record why (`require()` raises it)."""
+    """The plugin's entry point (run by vLLM in every engine process): apply both patches (the model runner's
+    prompt logprobs, the scheduler's prefix-cache lookup) if the functions are the ones they were written from;
+    otherwise leave vLLM as it is and record why (`require()` raises it). Both or neither."""
     if _state["applied"]:
         return
     try:
+        from vllm.v1.core import kv_cache_manager
         from vllm.v1.worker import gpu_model_runner
-    except Exception as exc:  # noqa: BLE001 - a vLLM without this module: nothing to patch
-        _state["problem"] = f"vllm.v1.worker.gpu_model_runner does not import ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a vLLM without these modules: nothing to patch
+        _state["problem"] = f"vllm.v1.worker.gpu_model_runner / vllm.v1.core.kv_cache_manager do not import ({exc})"
         return
-    runner = gpu_model_runner.GPUModelRunner
-    current = runner._get_prompt_logprobs_dict
-    if getattr(current, "speechkd_response_scoring", False):
+    runner, manager = gpu_model_runner.GPUModelRunner, kv_cache_manager.KVCacheManager
+    current, lookup = runner._get_prompt_logprobs_dict, manager.get_computed_blocks
+    if getattr(current, "speechkd_response_scoring", False) and getattr(lookup, "speechkd_response_scoring", False):
         _state["applied"] = True
         return
-    problem = source_problem(current)
+    problem = (source_problem(current, "GPUModelRunner._get_prompt_logprobs_dict", PATCHED_SOURCE_SHA256)
+               or source_problem(lookup, "KVCacheManager.get_computed_blocks", PATCHED_LOOKUP_SHA256))  # fmt: skip
     if problem:
         _state["problem"] = problem
         return
-    runner._get_prompt_logprobs_dict = _make_patched(gpu_model_runner)
+    if not getattr(current, "speechkd_response_scoring", False):
+        runner._get_prompt_logprobs_dict = _make_patched(gpu_model_runner)
+    if not getattr(lookup, "speechkd_response_scoring", False):
+        manager.get_computed_blocks = _make_capped_lookup(lookup)
     _state.update(applied=True, problem=None)
 
 
-def source_problem(function) -> str | None:
+def source_problem(function, name: str = "GPUModelRunner._get_prompt_logprobs_dict",
+                   expected: str = PATCHED_SOURCE_SHA256) -> str | None:  # fmt: skip
     """Why `function` is not the one the patch replaces (its source's sha256 differs), or None."""
+    if getattr(function, "speechkd_response_scoring", False):
+        return None  # patched already (by this module in this process)
     try:
         digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
     except (OSError, TypeError) as exc:
-        return f"the source of GPUModelRunner._get_prompt_logprobs_dict cannot be read ({exc})"
-    if digest != PATCHED_SOURCE_SHA256:
-        return ("vLLM's GPUModelRunner._get_prompt_logprobs_dict is not the one speechkd's response-only scoring was "
-                f"written for (vllm 0.32.0; source sha256 {digest[:12]}, expected {PATCHED_SOURCE_SHA256[:12]})")
+        return f"the source of {name} cannot be read ({exc})"
+    if digest != expected:
+        return (f"vLLM's {name} is not the one speechkd's response-only scoring was written for (vllm 0.32.0; "
+                f"source sha256 {digest[:12]}, expected {expected[:12]})")
     return None
 
 

@@ -143,6 +143,8 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
         distributed_executor_backend=cfg.executor_backend or ("uni" if cpu else None),
         seed=cfg.seed,
     )
+    if cfg.block_size:
+        kwargs["block_size"] = cfg.block_size
     if cpu:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
     else:
@@ -357,7 +359,11 @@ def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSet
     max_model_len = llm.llm_engine.model_config.max_model_len
     max_len = max_model_len - 1  # vLLM must have room to generate one token after the scored ones
     per_position = setup.encoding.per_position
-    score_params = SamplingParams(max_tokens=1, prompt_logprobs=per_position, detokenize=False, flat_logprobs=True)
+    # vLLM reads no prefix cache for a request with prompt logprobs unless told to; response scoring caps the hits at
+    # the first response position (pipeline/response_scoring.py), so it may
+    reads_prefix_cache = cfg.scoring == "response" and cfg.prefix_cache
+    score_params = SamplingParams(max_tokens=1, prompt_logprobs=per_position, detokenize=False, flat_logprobs=True,
+                                  skip_reading_prefix_cache=not reads_prefix_cache)  # fmt: skip
     in_flight = None
     with ThreadPoolExecutor(1, thread_name_prefix="cache-write") as storing, bar:
         for start in range(0, len(todo), cfg.group_size):
@@ -381,6 +387,7 @@ def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSet
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], params,
                                     use_tqdm=False)  # fmt: skip
                 phases["scoring"] += time.monotonic() - t
+                stats["prefix_cached"] += check_prefix_hits(outs, pairs, ready, reads_prefix_cache)
                 if in_flight is not None:
                     in_flight.result()  # at most one group being stored; its error surfaces here
                 in_flight = storing.submit(_store_group, writer, ready, pairs, outs, per_position, setup.encoding,
@@ -389,6 +396,23 @@ def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSet
             bar.set_postfix(tokens=stats["tokens"], rejects=len(rejected))
         if in_flight is not None:
             in_flight.result()
+
+
+def check_prefix_hits(outs: list, pairs: list, samples: list[dict], response_scoring: bool) -> int:
+    """The prompt tokens vLLM took from its prefix cache for these outputs; raises if a hit covered a scored
+    position (its row would be empty): past the position before the first response token with response scoring,
+    any hit without it."""
+    total = 0
+    for o, pair, s in zip(outs, pairs, samples):
+        hit = o.num_cached_tokens or 0
+        allowed = len(pair.prompt_ids) - 1 if response_scoring else 0
+        if hit > allowed:
+            raise RuntimeError(f"vLLM reused {hit} cached tokens of sample {s['sample_id']!r}, past its first scored "
+                               f"position {allowed}: its rows would not be scored. The prefix-cache cap of "
+                               f"pipeline/response_scoring.py is not in effect in the engine; rerun with "
+                               f"--no-prefix-cache")  # fmt: skip
+        total += hit
+    return total
 
 
 def request_args(cfg: TeacherConfig, encoding: CacheEncoding, n_prompt: int, content: str) -> dict:
@@ -462,6 +486,7 @@ def _summary(cfg: TeacherConfig, n_samples: int, stats: Counter, rejected: list,
         "truncated": stats["truncated"],
         "tokens_cached": stats["tokens"],
         "tokens_scored": stats["tokens_scored"],
+        "prompt_tokens_from_prefix_cache": stats["prefix_cached"],
         "seconds": round(elapsed, 2),
         "engine_start_seconds": round(engine_s, 2),
         "scoring_seconds": round(elapsed - engine_s, 2),
@@ -478,7 +503,7 @@ def targets_label(cfg: TeacherConfig) -> str:
 
 
 SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "rejected", "truncated", "tokens_cached",
-          "tokens_scored", "bytes_written", "engine_start_seconds")  # fmt: skip
+          "tokens_scored", "prompt_tokens_from_prefix_cache", "bytes_written", "engine_start_seconds")  # fmt: skip
 
 
 def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine_s: float,
@@ -486,7 +511,7 @@ def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine
     """One summary of partition summaries: counts summed; tokens/s over the scoring time (the partitions' sum
     when they ran one after the other, the slowest one's when they ran `parallel`; engine starts excluded);
     the cache's size now."""
-    out = {key: sum(p[key] for p in parts) for key in SUMMED}
+    out = {key: sum(p.get(key, 0) for p in parts) for key in SUMMED}
     reasons = Counter()
     for p in parts:
         reasons.update(p["rejects_by_reason"])
@@ -512,11 +537,13 @@ def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine
 
 def format_summary(s: dict) -> str:
     bpt = f", {s['bytes_per_cached_token']} B/token" if s["bytes_per_cached_token"] else ""
+    hits = s.get("prompt_tokens_from_prefix_cache") or 0
+    reused = f" ({hits} of {s['tokens_scored']} from the prefix cache)" if hits else ""
     return (
         f"teacher cache: {s['cached_now']} samples cached now ({s.get('rescored_changed', 0)} of them re-scored: "
         f"their content changed since cached), {s['already_cached']} already there, "
         f"{s['rejected']} rejected; {s['tokens_cached']} response tokens, {s['tokens_per_second']:.0f} tok/s scored"
-        f"{bpt} -> {s['cache_dir']} ({s['cache_rows']} rows)" + format_phases(s.get("phase_seconds"))
+        f"{reused}{bpt} -> {s['cache_dir']} ({s['cache_rows']} rows)" + format_phases(s.get("phase_seconds"))
     )
 
 

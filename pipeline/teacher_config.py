@@ -56,6 +56,10 @@ class TeacherConfig:
                                    "first response position on (pipeline/response_scoring.py, a vLLM plugin), full = "
                                    "every prompt position, as vLLM does (the same numbers, more work)",
                        ("response", "full"))  # fmt: skip
+    prefix_cache: bool = opt(True, "--scoring response: reuse vLLM's prefix cache over prompt positions (a shared "
+                                   "system prompt, chat template or context is computed once, not per sample); hits "
+                                   "are capped at the first response position, so every scored row is computed "
+                                   "(--no-prefix-cache: recompute every prompt, as vLLM does with prompt logprobs)")  # fmt: skip
     # --- the engine (vLLM)
     kv_cache_gib: float = opt(2.0, "CPU: KV cache size (GPU: see --gpu-memory-utilization)")
     gpu_memory_utilization: float = opt(0.85, "GPU: fraction of GPU memory vLLM may use")
@@ -64,6 +68,9 @@ class TeacherConfig:
     logprobs_memory_gib: float = opt(1.0, "caps the tokens batched per step: tokens x vocab x 6 B of prompt "
                                           "logprobs <= this")  # fmt: skip
     max_num_seqs: int = opt(256, "sequences the engine schedules at once")
+    block_size: int | None = opt(None, "KV cache block size in tokens; prefix-cache hits are whole blocks, so a "
+                                       "shared prefix shorter than a block is recomputed (default: vLLM's, 128 on "
+                                       "CPU, 16 on GPU)")  # fmt: skip
     enforce_eager: bool | None = opt(None, "no CUDA graphs / compilation (default: on CPU, where it starts faster)")
     executor_backend: str | None = opt(None, "vLLM's distributed executor: uni | mp | ray (default: uni on CPU, "
                                              "vLLM's choice on GPU)")  # fmt: skip
@@ -105,7 +112,7 @@ class TeacherConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("limit", "partitions", "max_model_len"):
+        for name in ("limit", "partitions", "max_model_len", "block_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{flag(name)} must be >= 1, got {value}")

@@ -51,11 +51,12 @@ def tiny_teacher(data_root, samples_dir) -> Path:
 
 
 def tiny_teacher_config(model: Path, **kw):
-    """The teacher stage's config for the tiny teacher (fp32, a short context, a small KV cache)."""
+    """The teacher stage's config for the tiny teacher (fp32, a short context, a small KV cache, KV blocks of 32
+    tokens: prefix-cache hits fit in the 128-token context)."""
     from pipeline.teacher_config import TeacherConfig
 
     return TeacherConfig(**{"teacher": str(model), "dtype": "float32", "max_model_len": 128, "kv_cache_gib": 0.25,
-                            **kw})  # fmt: skip
+                            "block_size": 32, **kw})  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -301,6 +301,66 @@ def test_response_only_scoring_skips_prompt_positions_and_caches_the_same_rows(s
         np.testing.assert_allclose(ra[sid]["token_logprobs"], rb[sid]["token_logprobs"], atol=1e-5)
 
 
+@pytest.mark.slow
+def test_prefix_cache_hits_stop_before_the_response_and_change_no_row(tiny_rows, tiny_teacher, vllm_engine,
+                                                                      tmp_path):  # fmt: skip
+    """Samples that share a long context (two 32-token KV blocks and more) and, in pairs, the same prompt and
+    response: with response scoring vLLM reuses the shared prompt blocks, never a block holding a scored position,
+    and the rows equal those of --scoring full (no cache reads at all)."""
+    import json
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from pipeline.chat import encode_pair
+    from pipeline.teacher import check_prefix_hits
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    context, i = "Context:", 0
+    while len(encode_pair(tok, context, "").prompt_ids) < 72:  # past two 32-token blocks
+        context += f" {tiny_rows[i]['prompt']} {tiny_rows[i]['response']}."
+        i += 1
+    lines = []
+    for j, r in enumerate(tiny_rows[10:30]):
+        prompt = f"{context} Question: {r['prompt']}"
+        assert len(encode_pair(tok, prompt, r["response"]).input_ids) < 127, "context too long for the test engine"
+        lines.append({"sample_id": f"q{j}", "prompt": prompt, "response": r["response"], "split": "train"})
+        if j % 2 == 0:  # the same prompt and response again: a hit could reach into the response
+            lines.append({**lines[-1], "sample_id": f"q{j}-again"})
+    src = tmp_path / "shared.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ingest(str(src), tmp_path / "samples", progress=False)
+
+    full = cache_teacher_logits(_cfg(tmp_path / "samples", tmp_path / "full", tiny_teacher, top_k=8, scoring="full"),
+                                False, vllm_engine)  # fmt: skip
+    resp = cache_teacher_logits(_cfg(tmp_path / "samples", tmp_path / "resp", tiny_teacher, top_k=8), False,
+                                vllm_engine)  # fmt: skip
+    assert full["cached_now"] == resp["cached_now"] == len(lines)
+    assert full["prompt_tokens_from_prefix_cache"] == 0  # vLLM's own rule for prompt logprobs: no reads
+    assert resp["prompt_tokens_from_prefix_cache"] >= 64 * (len(lines) - 1)  # the shared blocks, reused
+    ra, rb = _rows(tmp_path / "full"), _rows(tmp_path / "resp")
+    assert ra.keys() == rb.keys()
+    for sid in ra:
+        assert ra[sid]["topk_ids"].tolist() == rb[sid]["topk_ids"].tolist(), sid
+        np.testing.assert_allclose(ra[sid]["topk_logprobs"], rb[sid]["topk_logprobs"], atol=CacheEncoding(8, 2).max_error)
+        np.testing.assert_allclose(ra[sid]["token_logprobs"], rb[sid]["token_logprobs"], atol=1e-5)
+
+    # the engine itself: a repeated sample reuses whole blocks, up to its first scored position and not past it
+    pair = encode_pair(tok, lines[0]["prompt"], lines[0]["response"])
+    params = SamplingParams(max_tokens=1, prompt_logprobs=8, detokenize=False, flat_logprobs=True,
+                            skip_reading_prefix_cache=False,
+                            extra_args={"speechkd_logprob_start": len(pair.prompt_ids)})  # fmt: skip
+    out = vllm_engine.generate([TokensPrompt(prompt_token_ids=pair.input_ids)], params, use_tqdm=False)[0]
+    first = len(pair.prompt_ids) - 1
+    assert 64 <= out.num_cached_tokens <= first and out.num_cached_tokens % 32 == 0, (out.num_cached_tokens, first)
+    assert check_prefix_hits([out], [pair], [lines[0]], True) == out.num_cached_tokens
+    # a hit reported past the first scored position (an engine without the cap) stops the run, naming the sample
+    out.num_cached_tokens = first + 1
+    with pytest.raises(RuntimeError, match="q0.*past its first scored position"):
+        check_prefix_hits([out], [pair], [lines[0]], True)
+
+
 def test_response_scoring_refuses_a_vllm_whose_prompt_logprob_code_changed(monkeypatch):
     from vllm.v1.worker import gpu_model_runner
 
