@@ -361,6 +361,17 @@ def test_prefix_cache_hits_stop_before_the_response_and_change_no_row(tiny_rows,
         check_prefix_hits([out], [pair], [lines[0]], True)
 
 
+def test_scored_rows_are_batched_in_order_without_splitting_a_request():
+    from pipeline.response_scoring import row_batches
+
+    chunks = [(f"r{i}", n) for i, n in enumerate([3, 5, 2, 9, 1, 1, 4])]
+    batches = row_batches(chunks, max_rows=6)
+    assert [c for b in batches for c in b] == chunks  # every chunk once, in order
+    assert [[c[0] for c in b] for b in batches] == [["r0"], ["r1"], ["r2"], ["r3"], ["r4", "r5", "r6"]]
+    assert all(sum(c[1] for c in b) <= 6 or len(b) == 1 for b in batches)  # a longer request alone
+    assert row_batches(chunks, max_rows=100) == [chunks]
+
+
 def test_response_scoring_refuses_a_vllm_whose_prompt_logprob_code_changed(monkeypatch):
     from vllm.v1.worker import gpu_model_runner
 
