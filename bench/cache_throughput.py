@@ -9,6 +9,8 @@ and the embedded toy teacher) and each dtype, on the same toy-world samples:
   (b) vLLM with default (non-flat) prompt_logprobs, top-k taken out into arrays
   (c) transformers forward + log_softmax + topk, batched, same dtype
   (s) the whole stage with sampled targets (--targets sampled --draws N, RS-KD) instead of the top-k
+  (p) vLLM's forward alone: prefill with no prompt logprobs and no prefix-cache reads (max_tokens=1), the ceiling
+      of any scoring that recomputes every prompt
 Tokens/s count every scored token (prompt + response); engine start and model
 load are excluded (reported apart). Also: bytes per cached response token at k,
 and the error of the decoded logprobs against vLLM's exact float32 values.
@@ -110,15 +112,30 @@ def bench_vllm_default(llm, pairs, k: int) -> tuple[dict, list]:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}, exact
 
 
-def prompt_heavy_samples(src: Path, out: Path, context_facts: int) -> Path:
+def bench_vllm_forward(llm, pairs) -> dict:
+    """(p): the prefill alone (one token generated, no prompt logprobs, no prefix-cache reads)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, detokenize=False, skip_reading_prefix_cache=True)
+    t0 = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=p.input_ids) for p in pairs], params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(p.input_ids) for p in pairs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def prompt_heavy_samples(src: Path, out: Path, context_facts: int, shared: bool = False) -> Path:
     """The toy samples with `context_facts` other samples' question + answer before each question: a
-    prompt-heavy set (system prompt / retrieved context, then a short answer), as real KD data is."""
+    prompt-heavy set (system prompt / retrieved context, then a short answer), as real KD data is. `shared`: the
+    same facts (the first ones) before every question, as a system prompt or a fixed document is; else each
+    sample's own (the next samples')."""
     if (out / "samples.parquet").exists():
         return out
     rows = load_samples(src).to_pylist()
     lines = []
     for i, r in enumerate(rows):
-        ctx = " ".join(f"{c['prompt']} {c['response']}." for c in (rows[(i + j + 1) % len(rows)]
+        ctx = " ".join(f"{c['prompt']} {c['response']}." for c in (rows[(j if shared else i + j + 1) % len(rows)]
                                                                    for j in range(context_facts)))  # fmt: skip
         lines.append(json.dumps({"sample_id": r["sample_id"], "prompt": f"Context: {ctx} Question: {r['prompt']}",
                                  "response": r["response"], "split": r["split"]}))  # fmt: skip
@@ -129,35 +146,45 @@ def prompt_heavy_samples(src: Path, out: Path, context_facts: int) -> Path:
     return out
 
 
-def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dtype: str, draws: int = 12) -> dict:
+def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dtype: str, draws: int = 12,
+              block_size: int | None = None) -> dict:  # fmt: skip
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = load_samples(samples_dir).to_pylist()[:n]
     pairs = [encode_pair(tok, r["prompt"], r["response"]) for r in rows]
     t0 = time.perf_counter()
-    engine = TeacherConfig(teacher=str(model_dir), dtype=dtype, kv_cache_gib=1.0, samples=str(samples_dir), top_k=k)
+    engine = TeacherConfig(teacher=str(model_dir), dtype=dtype, kv_cache_gib=1.0, samples=str(samples_dir), top_k=k,
+                           block_size=block_size)  # fmt: skip
     llm = make_engine(engine)
     engine_s = time.perf_counter() - t0
     out = WORK / "cache" / f"{name}-{dtype}"
-    # warm-up, then (a) (b) alternating order is not needed: one engine, same inputs
-    cache_teacher_logits(replace(engine, out=str(WORK / "cache" / "warmup"), limit=32, overwrite=True), progress=False,
-                         llm=llm)  # fmt: skip
+    # warm-up (a fresh cache, or nothing would be scored): the first prompt-logprob call compiles vLLM's
+    # rank count with torch.compile (~2.3 s here), which must not land in the first measurement
+    shutil.rmtree(WORK / "cache" / "warmup", ignore_errors=True)
+    cache_teacher_logits(replace(engine, out=str(WORK / "cache" / "warmup"), limit=32), progress=False, llm=llm)
     shutil.rmtree(out, ignore_errors=True)
+    # each measurement starts from an empty prefix cache: reuse within a run counts, reuse of an earlier run's does not
+    llm.reset_prefix_cache()
     a = cache_teacher_logits(replace(engine, out=str(out), limit=n),
                              progress=False, llm=llm)  # fmt: skip
     a_stats = {"tokens": a["tokens_scored"], "seconds": a["seconds"] - a["engine_start_seconds"],
                "tokens_per_s": a["tokens_per_second"]}  # fmt: skip
     full_out = WORK / "cache" / f"{name}-{dtype}-full"
     shutil.rmtree(full_out, ignore_errors=True)
+    llm.reset_prefix_cache()
     a_full = cache_teacher_logits(replace(engine, out=str(full_out), limit=n, scoring="full"), progress=False, llm=llm)
     sampled = None
     if draws:
         sampled_out = WORK / "cache" / f"{name}-{dtype}-sampled{draws}"
         shutil.rmtree(sampled_out, ignore_errors=True)
+        llm.reset_prefix_cache()
         sampled = cache_teacher_logits(replace(engine, out=str(sampled_out), limit=n, targets="sampled", draws=draws),
                                        progress=False, llm=llm)  # fmt: skip
+    llm.reset_prefix_cache()
     b, exact = bench_vllm_default(llm, pairs, k)
+    llm.reset_prefix_cache()
+    f = bench_vllm_forward(llm, pairs)
     del llm
     c = bench_transformers(model_dir, pairs, k, dtype)
     # fidelity of what the cache decodes, against vLLM's exact values for the same tokens
@@ -178,6 +205,7 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         "prompt_to_response_tokens": round(sum(len(p.prompt_ids) for p in pairs) / sum(len(p.response_ids)
                                                                                    for p in pairs), 2),
         "a_stage_tok_s": round(a_stats["tokens_per_s"], 1),
+        "a_tokens_scored": a["tokens_scored"],
         "a_phase_seconds": a["phase_seconds"],
         "a_full_scoring_tok_s": round(a_full["tokens_per_second"], 1),
         "a_over_a_full": round(a_stats["tokens_per_s"] / a_full["tokens_per_second"], 2),
@@ -185,6 +213,10 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         "c_transformers_tok_s": round(c["tokens_per_s"], 1),
         "a_over_c": round(a_stats["tokens_per_s"] / c["tokens_per_s"], 2),
         "a_over_b": round(a_stats["tokens_per_s"] / b["tokens_per_s"], 2),
+        "p_forward_only_tok_s": round(f["tokens_per_s"], 1),
+        "p_over_b": round(f["tokens_per_s"] / b["tokens_per_s"], 2),
+        "prompt_tokens_from_prefix_cache": a["prompt_tokens_from_prefix_cache"],
+        "block_size": block_size,
         "bytes_per_cached_token": a["bytes_per_cached_token"],
         "draws": draws or None,
         "s_sampled_tok_s": round(sampled["tokens_per_second"], 1) if sampled else None,
@@ -206,6 +238,10 @@ def main() -> int:
     parser.add_argument("--prompt-heavy", type=int, default=0, metavar="FACTS",
                         help="put FACTS other question+answer pairs before each question (2 gives prompt:response "
                              "tokens of ~4:1 on the toy world)")  # fmt: skip
+    parser.add_argument("--shared-context", action="store_true",
+                        help="with --prompt-heavy: the same facts before every question (a system prompt or a fixed "
+                             "document, which vLLM's prefix cache can reuse), instead of each sample's own")  # fmt: skip
+    parser.add_argument("--block-size", type=int, default=None, help="vLLM's KV block size (default: vLLM's)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     samples_dir = WORK / "samples"
@@ -217,15 +253,19 @@ def main() -> int:
         from toy.teacher import TeacherConfig, build_teacher
 
         build_teacher(samples_dir, teacher, TeacherConfig())
+    context = ""
     if args.prompt_heavy:
-        samples_dir = prompt_heavy_samples(samples_dir, WORK / f"samples-context{args.prompt_heavy}", args.prompt_heavy)
+        context = f"+{'shared' if args.shared_context else ''}context{args.prompt_heavy}"
+        samples_dir = prompt_heavy_samples(samples_dir, WORK / f"samples{context[1:].replace('+', '-')}",
+                                           args.prompt_heavy, args.shared_context)  # fmt: skip
     models = {"llama50m-32k": lambda: build_random_llama(WORK / "llama50m-32k", teacher), "toy-teacher": lambda: teacher}
     results = []
     for name in args.models.split(","):
         model_dir = models[name]()
         for dtype in args.dtypes.split(","):
-            r = run_model(name + (f"+context{args.prompt_heavy}" if args.prompt_heavy else ""), model_dir,
-                          samples_dir, args.samples, args.top_k, dtype, args.draws)  # fmt: skip
+            label = name + context + (f"+block{args.block_size}" if args.block_size else "")
+            r = run_model(label, model_dir, samples_dir, args.samples, args.top_k, dtype, args.draws,
+                          args.block_size)  # fmt: skip
             print(json.dumps(r), flush=True)
             results.append(r)
     out = Path("bench/results/cache_throughput.json")
@@ -237,15 +277,18 @@ def main() -> int:
     results = [r for r in earlier if key(r) not in mine] + results
     out.write_text(json.dumps(results, indent=2))
     print("\n| model | dtype | prompt:response | (a) stage tok/s | (a') stage, --scoring full | (b) vLLM default tok/s "
-          "| (c) transformers tok/s | a/a' | a/c | a/b | bytes/token (k=%d) | decode MAE (nats) | max err "
-          "| (s) sampled N tok/s | bytes/token (sampled N) |" % args.top_k)
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| (c) transformers tok/s | (p) vLLM forward only | a/a' | a/c | a/b | p/b | prompt tokens reused "
+          "| bytes/token (k=%d) | decode MAE (nats) | max err | (s) sampled N tok/s | bytes/token (sampled N) |"
+          % args.top_k)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "a_full_scoring_tok_s" not in r:
             continue  # a row of an earlier run, before --scoring
         print(f"| {r['model']} | {r['dtype']} | {r['prompt_to_response_tokens']}:1 | {r['a_stage_tok_s']:.0f} | "
               f"{r['a_full_scoring_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | {r['c_transformers_tok_s']:.0f} | "
-              f"{r['a_over_a_full']:.2f}x | {r['a_over_c']:.2f}x | {r['a_over_b']:.2f}x | "
+              f"{r.get('p_forward_only_tok_s') or '-'} | "
+              f"{r['a_over_a_full']:.2f}x | {r['a_over_c']:.2f}x | {r['a_over_b']:.2f}x | {r.get('p_over_b') or '-'} | "
+              f"{r.get('prompt_tokens_from_prefix_cache', '-')} / {r.get('a_tokens_scored', '-')} | "
               f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} | "
               f"{r.get('s_sampled_tok_s') or '-'} | {r.get('s_bytes_per_cached_token') or '-'}"
               f"{' (N=%d)' % r['draws'] if r.get('draws') else ''} |")  # fmt: skip
