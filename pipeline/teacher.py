@@ -58,8 +58,9 @@ from pipeline.samples import load_samples
 from pipeline.teacher_config import DTYPES, TeacherConfig
 
 LOGPROB_BYTES_PER_VOCAB_ENTRY = 6  # what vLLM holds per (token, vocab entry) for prompt logprobs
-# sampled targets hold float32 logits, logprobs, probabilities and their CDF per (token, vocab entry) at once
-SAMPLED_BYTES_PER_VOCAB_ENTRY = 16
+# sampled targets hold float32 logits and logprobs, then float64 tempered logits and their softmax (turned into the
+# CDF in place) per (token, vocab entry) at once
+SAMPLED_BYTES_PER_VOCAB_ENTRY = 24
 
 
 def on_cpu() -> bool:
