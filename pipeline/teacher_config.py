@@ -70,7 +70,7 @@ class TeacherConfig:
     max_num_seqs: int = opt(256, "sequences the engine schedules at once")
     block_size: int | None = opt(None, "KV cache block size in tokens; prefix-cache hits are whole blocks, so a "
                                        "shared prefix shorter than a block is recomputed (default: vLLM's, 128 on "
-                                       "CPU, 16 on GPU)")  # fmt: skip
+                                       "CPU, 16 on GPU; CPU attention takes multiples of 32)")  # fmt: skip
     enforce_eager: bool | None = opt(None, "no CUDA graphs / compilation (default: on CPU, where it starts faster)")
     executor_backend: str | None = opt(None, "vLLM's distributed executor: uni | mp | ray (default: uni on CPU, "
                                              "vLLM's choice on GPU)")  # fmt: skip
