@@ -260,26 +260,28 @@ def register() -> None:
         return
     runner, manager = gpu_model_runner.GPUModelRunner, kv_cache_manager.KVCacheManager
     current, lookup = runner._get_prompt_logprobs_dict, manager.get_computed_blocks
-    if getattr(current, "speechkd_response_scoring", False) and getattr(lookup, "speechkd_response_scoring", False):
-        _state["applied"] = True
-        return
     problem = (source_problem(current, "GPUModelRunner._get_prompt_logprobs_dict", PATCHED_SOURCE_SHA256)
                or source_problem(lookup, "KVCacheManager.get_computed_blocks", PATCHED_LOOKUP_SHA256))  # fmt: skip
     if problem:
         _state["problem"] = problem
         return
-    if not getattr(current, "speechkd_response_scoring", False):
+    if not _is_patched(current):
         runner._get_prompt_logprobs_dict = _make_patched(gpu_model_runner)
-    if not getattr(lookup, "speechkd_response_scoring", False):
+    if not _is_patched(lookup):
         manager.get_computed_blocks = _make_capped_lookup(lookup)
     _state.update(applied=True, problem=None)
 
 
-def source_problem(function, name: str = "GPUModelRunner._get_prompt_logprobs_dict",
-                   expected: str = PATCHED_SOURCE_SHA256) -> str | None:  # fmt: skip
-    """Why `function` is not the one the patch replaces (its source's sha256 differs), or None."""
-    if getattr(function, "speechkd_response_scoring", False):
-        return None  # patched already (by this module in this process)
+def _is_patched(function) -> bool:
+    """Whether `function` is this module's replacement (applied earlier in this process)."""
+    return getattr(function, "speechkd_response_scoring", False)
+
+
+def source_problem(function, name: str, expected: str) -> str | None:
+    """Why `function` is not the one the patch replaces (its source's sha256 differs), or None (also when it is
+    this module's replacement already)."""
+    if _is_patched(function):
+        return None
     try:
         digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
     except (OSError, TypeError) as exc:

@@ -66,7 +66,7 @@ class TeacherConfig:
     tensor_parallel_size: int = opt(1, "GPUs one engine's layers are split over (GPU only; a worker claims this many)")
     pipeline_parallel_size: int = opt(1, "pipeline stages of one engine (GPU only)")
     logprobs_memory_gib: float = opt(1.0, "caps the tokens batched per step: tokens x vocab x 6 B of prompt "
-                                          "logprobs <= this")  # fmt: skip
+                                          "logprobs (24 B with --targets sampled) <= this")  # fmt: skip
     max_num_seqs: int = opt(256, "sequences the engine schedules at once")
     block_size: int | None = opt(None, "KV cache block size in tokens; prefix-cache hits are whole blocks, so a "
                                        "shared prefix shorter than a block is recomputed (default: vLLM's, 128 on "
