@@ -6,9 +6,12 @@ vLLM 0.32 scores every prompt position when a request asks for `prompt_logprobs`
 real KD data is prompt-heavy, so most of that work (and the vocab x positions memory peak) is waste. This module
 replaces the V1 model runner's `GPUModelRunner._get_prompt_logprobs_dict` (which vLLM's CPU runner inherits) with
 a copy that skips the positions before `SamplingParams.extra_args["speechkd_logprob_start"]` - 1 (the position
-that predicts the first response token); their rows stay zero and the cache never reads them. A request without
-the key is scored exactly as vLLM does. The scored rows of a step's requests go through the LM head together, in
-batches of BATCH_LOGIT_BYTES of logits (vLLM runs one small product per request).
+that predicts the first response token), and returns rows for those positions only: the output's prompt logprobs
+start there (vLLM's None, then one entry per scored position), since vLLM turns every returned row into Python
+lists of k+1 entries (400 samples at 21:1 prompt:response, k=64: 4.86M entries, ~276 MB more peak memory, before;
+0.22M after). A request without the key is scored and returned exactly as vLLM does. The scored rows of a step's
+requests go through the LM head together, in batches of BATCH_LOGIT_BYTES of logits (vLLM runs one small product
+per request).
 
 It is a vLLM general plugin (entry point `vllm.general_plugins` in pyproject.toml), so it is applied in every
 engine process; `require()` applies it in this one and raises when it cannot: the copy is only applied over the
@@ -60,6 +63,12 @@ def first_scored_position(request) -> int:
     extra = getattr(params, "extra_args", None) or {}
     start = extra.get(EXTRA_ARG)
     return max(int(start) - 1, 0) if start else 0
+
+
+def scored_rows(num_prompt_tokens: int, first: int) -> int:
+    """Rows of a request's prompt logprobs: one per scored position, `first` .. num_prompt_tokens - 2 (the last
+    position predicts nothing in the prompt). With `first` 0 (no start given), vLLM's own: num_prompt_tokens - 1."""
+    return max(num_prompt_tokens - 1 - first, 0)
 
 
 def prefix_hit_cap(request) -> int | None:
@@ -169,18 +178,17 @@ def _make_patched(runner_module):
             num_prompt_tokens = len(request.prompt_token_ids)
             prompt_token_ids = async_tensor_h2d(request.prompt_token_ids, device=self.device)
             logprobs_tensors = request.in_progress_prompt_logprobs_cpu
+            first = first_scored_position(request)  # speechkd
             if logprobs_tensors is None:
-                logprobs_tensors = LogprobsTensors.empty_cpu(num_prompt_tokens - 1, num_prompt_logprobs + 1)
-                first = first_scored_position(request)  # speechkd: the skipped rows hold zeros, not garbage
                 if request.num_computed_tokens > first:  # speechkd: a prefix-cache hit reached scored rows
                     raise RuntimeError(f"speechkd: request {req_id} starts at prompt position "
                                        f"{request.num_computed_tokens} (a prefix-cache hit), past its first scored "
                                        f"position {first}: its rows would be left unscored. The prefix-cache cap of "
                                        "pipeline/response_scoring.py is not applied in the scheduler's process")  # fmt: skip
-                if first:
-                    logprobs_tensors.logprob_token_ids[:first].zero_()
-                    logprobs_tensors.logprobs[:first].zero_()
-                    logprobs_tensors.selected_token_ranks[:first].zero_()
+                # speechkd: rows for the scored positions only (first .. the last prompt position), not one per prompt
+                # position: row i holds position first + i (see `scored_rows`)
+                logprobs_tensors = LogprobsTensors.empty_cpu(scored_rows(num_prompt_tokens, first),
+                                                             num_prompt_logprobs + 1)  # fmt: skip
                 request.in_progress_prompt_logprobs_cpu = logprobs_tensors
             start_idx = request.num_computed_tokens
             start_tok = start_idx + 1
@@ -196,7 +204,7 @@ def _make_patched(runner_module):
             req_idx = self.input_batch.req_id_to_index[req_id]
             offset = self.query_start_loc.np[req_idx].item()
             # speechkd: skip this chunk's positions before the first scored one
-            skip = min(max(first_scored_position(request) - start_idx, 0), num_logits)
+            skip = min(max(first - start_idx, 0), num_logits)
             if skip == num_logits:
                 continue
             offset, start_idx, start_tok, num_logits = offset + skip, start_idx + skip, start_tok + skip, num_logits - skip
@@ -207,7 +215,7 @@ def _make_patched(runner_module):
                 uniforms = draw_uniforms(draws[2], num_prompt_tokens - 1, draws[0])[start_idx : start_idx + num_logits]
             batches.setdefault((num_prompt_logprobs, draws and draws[1]), []).append(
                 (offset, num_logits, prompt_token_ids[start_tok : start_tok + num_logits], uniforms, logprobs_tensors,
-                 start_idx))  # fmt: skip
+                 start_idx - first))  # fmt: skip
         # speechkd: the LM head, log_softmax and top-k (or draws) over the rows of several requests at once (those
         # asking for the same k and draw temperature, BATCH_LOGIT_BYTES of logits at a time) instead of one small
         # product per request: the head's weights are read once per batch, not once per request.
@@ -229,8 +237,8 @@ def _make_patched(runner_module):
                     token_ids, logprobs, ranks = draw_targets(logits, scores, targets, uniforms, temperature,
                                                               self.sampler.gather_logprobs)  # fmt: skip
                 row = 0
-                for _, n, _, _, logprobs_tensors, start_idx in chunks:
-                    chunk_slice, mine = slice(start_idx, start_idx + n), slice(row, row + n)
+                for _, n, _, _, logprobs_tensors, first_row in chunks:
+                    chunk_slice, mine = slice(first_row, first_row + n), slice(row, row + n)
                     logprobs_tensors.logprob_token_ids[chunk_slice].copy_(token_ids[mine], non_blocking=True)
                     logprobs_tensors.logprobs[chunk_slice].copy_(logprobs[mine], non_blocking=True)
                     logprobs_tensors.selected_token_ranks[chunk_slice].copy_(ranks[mine], non_blocking=True)

@@ -191,13 +191,22 @@ def special_token_problem(tokenizer, sample: dict) -> tuple[str, str] | None:
     return None
 
 
-def extract_response_logprobs(flat, n_prompt: int, n_response: int, k: int) -> tuple[np.ndarray, ...]:
+def extract_response_logprobs(flat, n_prompt: int, n_response: int, k: int,
+                              first_row: int = 0) -> tuple[np.ndarray, ...]:  # fmt: skip
     """From vLLM flat prompt logprobs: (token_logprobs (n,), topk_ids (n,k), topk_logprobs (n,k)).
 
-    Position j holds [the actual token j, then the top-k], each with its logprob
-    given tokens < j. Response positions are n_prompt .. n_prompt+n_response-1.
+    Entry j holds [the actual token first_row + j, then the top-k], each with its logprob given the tokens before
+    it (entry 0 is vLLM's None). `first_row`: the prompt position of the output's first row - with response
+    scoring (pipeline.response_scoring) the rows start at the position that predicts the first response token,
+    n_prompt - 1; vLLM's own output has a row per position (0). The output's length is checked against it, so a
+    row is never read from another position. Response tokens are n_prompt .. n_prompt+n_response-1.
     """
-    first, last = n_prompt, n_prompt + n_response - 1
+    if len(flat) != n_prompt + n_response - first_row:
+        raise RuntimeError(f"vLLM returned prompt logprobs for {len(flat)} positions, expected "
+                           f"{n_prompt + n_response - first_row} ({n_prompt} prompt + {n_response} response tokens, "
+                           f"rows from position {first_row}): the engine does not score the way this stage asked; "
+                           "is the response-scoring plugin applied (pipeline/response_scoring.py)?")  # fmt: skip
+    first, last = n_prompt - first_row, n_prompt + n_response - 1 - first_row
     s, e = flat.start_indices[first], flat.end_indices[last]
     ids = np.asarray(flat.token_ids[s:e], dtype=np.int64).reshape(n_response, k + 1)
     lps = np.asarray(flat.logprobs[s:e], dtype=np.float32).reshape(n_response, k + 1)
@@ -392,7 +401,7 @@ def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSet
                 if in_flight is not None:
                     in_flight.result()  # at most one group being stored; its error surfaces here
                 in_flight = storing.submit(_store_group, writer, ready, pairs, outs, per_position, setup.encoding,
-                                           stats, phases)  # fmt: skip
+                                           stats, phases, cfg.scoring == "response")  # fmt: skip
             bar.update(len(group))
             bar.set_postfix(tokens=stats["tokens"], rejects=len(rejected))
         if in_flight is not None:
@@ -427,12 +436,14 @@ def request_args(cfg: TeacherConfig, encoding: CacheEncoding, n_prompt: int, con
 
 
 def _store_group(writer: CacheWriter, ready: list[dict], pairs: list, outs: list, per_position: int,
-                 encoding: CacheEncoding, stats: Counter, phases: Counter) -> None:  # fmt: skip
+                 encoding: CacheEncoding, stats: Counter, phases: Counter, response_scoring: bool) -> None:  # fmt: skip
     """A scored group's rows, encoded and appended (the writer flushes a shard when it is full)."""
     for s, pair, o in zip(ready, pairs, outs):
         t = time.monotonic()
-        n = len(pair.response_ids)
-        token_lp, topk_ids, topk_lp = extract_response_logprobs(o.prompt_logprobs, len(pair.prompt_ids), n, per_position)
+        n, n_prompt = len(pair.response_ids), len(pair.prompt_ids)
+        # with response scoring, vLLM's output starts at the position before the first response token
+        token_lp, topk_ids, topk_lp = extract_response_logprobs(o.prompt_logprobs, n_prompt, n, per_position,
+                                                                n_prompt - 1 if response_scoring else 0)  # fmt: skip
         row = encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids), token_lp, topk_ids,
                                   topk_lp, s["content_sha256"]), encoding)  # fmt: skip
         t2 = time.monotonic()

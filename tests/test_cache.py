@@ -19,7 +19,7 @@ from pipeline.chat import encode_pair
 from pipeline.parquet_io import rejects_path
 from pipeline.query import connect
 from pipeline.samples import ingest
-from pipeline.teacher import cache_teacher_logits
+from pipeline.teacher import cache_teacher_logits, extract_response_logprobs
 from tests.conftest import tiny_teacher_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,11 +281,18 @@ def test_response_only_scoring_skips_prompt_positions_and_caches_the_same_rows(s
     for pair, a, b in zip(pairs, outs_full, outs_resp):
         fa, fb = a.prompt_logprobs, b.prompt_logprobs
         first = len(pair.prompt_ids) - 1  # the position that predicts the first response token
-        skipped = slice(fb.start_indices[1], fb.end_indices[first])  # positions 1..first-1 of the flat lists
-        assert all(v == 0.0 for v in fb.logprobs[skipped]), "prompt positions were scored"
-        kept = slice(fb.start_indices[first + 1], fb.end_indices[-1])
-        assert fa.token_ids[kept] == fb.token_ids[kept]
-        np.testing.assert_allclose(fa.logprobs[kept], fb.logprobs[kept], atol=1e-5)
+        # vLLM's None, then a row per scored position (first .. the last but one): none for the prompt's positions
+        assert len(fa) == len(pair.input_ids) and len(fb) == len(pair.input_ids) - first
+        kept_a = slice(fa.start_indices[first + 1], fa.end_indices[-1])
+        kept_b = slice(fb.start_indices[1], fb.end_indices[-1])
+        assert fa.token_ids[kept_a] == fb.token_ids[kept_b]
+        np.testing.assert_allclose(fa.logprobs[kept_a], fb.logprobs[kept_b], atol=1e-5)
+        n = len(pair.response_ids)
+        for got, want in zip(extract_response_logprobs(fb, first + 1, n, 8, first),
+                             extract_response_logprobs(fa, first + 1, n, 8)):  # fmt: skip
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        with pytest.raises(RuntimeError, match="prompt logprobs for"):  # vLLM's full output read as response rows
+            extract_response_logprobs(fa, first + 1, n, 8, first)
 
     # the cache stage: --scoring response (the default) and --scoring full give the same rows
     a = cache_teacher_logits(_cfg(samples_dir, tmp_path / "response", tiny_teacher, top_k=8, limit=30), False,
