@@ -10,8 +10,10 @@ that predicts the first response token), and returns rows for those positions on
 start there (vLLM's None, then one entry per scored position), since vLLM turns every returned row into Python
 lists of k+1 entries (400 samples at 21:1 prompt:response, k=64: 4.86M entries, ~276 MB more peak memory, before;
 0.22M after). A request without the key is scored and returned exactly as vLLM does. The scored rows of a step's
-requests go through the LM head together, in batches of BATCH_LOGIT_BYTES of logits (vLLM runs one small product
-per request).
+requests go through the LM head together, in batches bounded by the requests' memory budget (`extra_args`
+MEMORY_ARG, from --logprobs-memory-gib) and on a CPU by BATCH_LOGIT_BYTES of logits (vLLM runs one small product per
+request). The prompt-logprob memory is therefore bounded here, not by the engine's tokens per step: the caller
+(pipeline.teacher) leaves the step size to vLLM's default for the device.
 
 It is a vLLM general plugin (entry point `vllm.general_plugins` in pyproject.toml), so it is applied in every
 engine process; `require()` applies it in this one and raises when it cannot: the copy is only applied over the
@@ -51,6 +53,7 @@ EXTRA_ARG = "speechkd_logprob_start"
 DRAWS_ARG = "speechkd_draws"
 DRAW_TEMPERATURE_ARG = "speechkd_draw_temperature"
 DRAW_SEED_ARG = "speechkd_draw_seed"
+MEMORY_ARG = "speechkd_logprobs_memory_bytes"  # the memory one LM-head batch of the hook may hold (--logprobs-memory-gib)
 # sha256 of inspect.getsource(...) in vllm 0.32.0 (the CPU and CUDA wheels hold the same files: compared)
 PATCHED_SOURCE_SHA256 = "889fdb068dfc37ddf4827e8f3af2d99ff790fbd3c77ff4a05eec1e3d0f1f560f"  # GPUModelRunner._get_prompt_logprobs_dict
 PATCHED_LOOKUP_SHA256 = "77f434d88d573bfe05905a20df26ff51a86156214cf297ff9bbe5d5f05f32d07"  # KVCacheManager.get_computed_blocks
@@ -136,11 +139,29 @@ def draw_targets(logits, logprobs, token_ids, uniforms, temperature: float, gath
     return ids, lps, ranks
 
 
-# The LM head and log_softmax of a step's scored rows run in batches of about this many bytes of float32 logits
-# (128 rows of a 32k vocabulary): measured on 2 CPU cores, 400 toy samples on the 50M/32k model, the hook took
+# Memory of the prompt-logprob path per (scored row, vocab entry): vLLM's own path holds the logits and float32
+# logprobs (6 B); sampled targets also hold float64 tempered logits and their softmax (turned into the CDF in place).
+LOGPROB_BYTES_PER_VOCAB_ENTRY = 6
+SAMPLED_BYTES_PER_VOCAB_ENTRY = 24
+# On a CPU the LM head and log_softmax of a step's scored rows run in batches of at most this many bytes of float32
+# logits (128 rows of a 32k vocabulary): measured on 2 CPU cores, 400 toy samples on the 50M/32k model, the hook took
 # 1.45-1.54 s one request at a time (vLLM's way: the head's weights read once per request), 0.82 s at 16 MiB, 0.90 s
-# at 32 MiB, 1.13 s at 64 MiB (the rows fall out of the caches), 1.0 s at 8 MiB. Not measured on a GPU.
+# at 32 MiB, 1.13 s at 64 MiB (the rows fall out of the caches), 1.0 s at 8 MiB. On a GPU a batch is as large as
+# the requests' memory budget allows (MEMORY_ARG): a small batch there reads the head's weights (1.2 GB for a 7B
+# teacher's 152k x 4096 head in bf16) once per few rows. Not measured on a GPU.
 BATCH_LOGIT_BYTES = 16 << 20
+
+
+def batch_rows(vocab: int, memory_bytes: int | None, sampled: bool, on_cpu: bool) -> int | None:
+    """Scored rows per LM-head batch: as many as `memory_bytes` holds (None: no budget given), on a CPU at most
+    BATCH_LOGIT_BYTES of float32 logits; None: the whole step at once (a GPU request without a budget, whose step
+    size vLLM's caller capped: --scoring full)."""
+    rows = None
+    if memory_bytes is not None:
+        rows = memory_bytes // (vocab * (SAMPLED_BYTES_PER_VOCAB_ENTRY if sampled else LOGPROB_BYTES_PER_VOCAB_ENTRY))
+    if on_cpu:
+        rows = min(rows if rows is not None else BATCH_LOGIT_BYTES, BATCH_LOGIT_BYTES // (4 * vocab))
+    return None if rows is None else max(1, int(rows))
 
 
 def row_batches(chunks: list, max_rows: int) -> list[list]:
@@ -168,6 +189,7 @@ def _make_patched(runner_module):
         prompt_logprobs_dict = {}
         completed_prefill_reqs = []
         batches: dict = {}  # speechkd: (k, draw temperature or None) -> this step's chunks to score
+        budgets: dict = {}  # speechkd: the same key -> the smallest memory budget (MEMORY_ARG) of its requests
         for req_id, num_prompt_logprobs in num_prompt_logprobs_dict.items():
             num_tokens = num_scheduled_tokens.get(req_id)
             if num_tokens is None:
@@ -213,16 +235,21 @@ def _make_patched(runner_module):
             uniforms = None
             if draws is not None:
                 uniforms = draw_uniforms(draws[2], num_prompt_tokens - 1, draws[0])[start_idx : start_idx + num_logits]
-            batches.setdefault((num_prompt_logprobs, draws and draws[1]), []).append(
+            key = (num_prompt_logprobs, draws and draws[1])
+            budget = (getattr(request.sampling_params, "extra_args", None) or {}).get(MEMORY_ARG)
+            if budget is not None:
+                budgets[key] = min(int(budget), budgets.get(key, int(budget)))
+            batches.setdefault(key, []).append(
                 (offset, num_logits, prompt_token_ids[start_tok : start_tok + num_logits], uniforms, logprobs_tensors,
                  start_idx - first))  # fmt: skip
         # speechkd: the LM head, log_softmax and top-k (or draws) over the rows of several requests at once (those
-        # asking for the same k and draw temperature, BATCH_LOGIT_BYTES of logits at a time) instead of one small
-        # product per request: the head's weights are read once per batch, not once per request.
+        # asking for the same k and draw temperature, `batch_rows` at a time) instead of one small product per
+        # request: the head's weights are read once per batch, not once per request.
         torch = runner_module.torch
-        max_rows = max(1, BATCH_LOGIT_BYTES // (4 * self.model_config.get_vocab_size()))
+        vocab, on_cpu = self.model_config.get_vocab_size(), self.device.type == "cpu"
         for (k, temperature), group in batches.items():
-            for chunks in row_batches(group, max_rows):
+            max_rows = batch_rows(vocab, budgets.get((k, temperature)), temperature is not None, on_cpu)
+            for chunks in row_batches(group, max_rows or sum(c[1] for c in group)):
                 rows = [hidden_states[offset : offset + n] for offset, n, *_ in chunks]
                 logits = self.model.compute_logits(rows[0] if len(rows) == 1 else torch.cat(rows))
                 targets = torch.cat([c[2] for c in chunks]) if len(chunks) > 1 else chunks[0][2]

@@ -52,15 +52,19 @@ from pipeline.fingerprint import (
     tokenizer_sha256,
     weights_sha256,
 )
-from pipeline.response_scoring import DRAW_SEED_ARG, DRAW_TEMPERATURE_ARG, DRAWS_ARG, EXTRA_ARG
+from pipeline.response_scoring import (
+    DRAW_SEED_ARG,
+    DRAW_TEMPERATURE_ARG,
+    DRAWS_ARG,
+    EXTRA_ARG,
+    LOGPROB_BYTES_PER_VOCAB_ENTRY,
+    MEMORY_ARG,
+    SAMPLED_BYTES_PER_VOCAB_ENTRY,
+)
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
 from pipeline.teacher_config import DTYPES, TeacherConfig
 
-LOGPROB_BYTES_PER_VOCAB_ENTRY = 6  # what vLLM holds per (token, vocab entry) for prompt logprobs
-# sampled targets hold float32 logits and logprobs, then float64 tempered logits and their softmax (turned into the
-# CDF in place) per (token, vocab entry) at once
-SAMPLED_BYTES_PER_VOCAB_ENTRY = 24
 
 
 def on_cpu() -> bool:
@@ -112,6 +116,22 @@ def max_batched_tokens(vocab_size: int, memory_gib: float, max_model_len: int,
     return int(max(256, min(budget, 32768, max(max_model_len, 256) * 64)))
 
 
+def engine_step_tokens(cfg: TeacherConfig, vocab_size: int, max_model_len: int) -> int | None:
+    """Tokens the engine computes per step: --max-batched-tokens; else with --scoring full (vLLM's prompt logprobs
+    over every token of a step at once) as many as --logprobs-memory-gib holds; else None, vLLM's default for the
+    device (16384 on an H100/H200, 4096 on a CPU): pipeline.response_scoring bounds that memory per LM-head batch
+    itself. The cap was 1177 tokens a step for a 152k-vocabulary teacher at 1 GiB (294 with sampled targets), a
+    fraction of what a GPU's prefill wants; on this CPU the step size hardly matters (50M/32k, toy prompts, (a) in
+    tok/s, medians of 4, two runs each: 4096 tokens 1847/1891, 5592 1802/1837, 16384 1809/1738)."""
+    if cfg.max_batched_tokens is not None:
+        return cfg.max_batched_tokens
+    if cfg.scoring == "full":
+        return max_batched_tokens(vocab_size, cfg.logprobs_memory_gib, max_model_len,
+                                  SAMPLED_BYTES_PER_VOCAB_ENTRY if cfg.targets == "sampled"
+                                  else LOGPROB_BYTES_PER_VOCAB_ENTRY)  # fmt: skip
+    return None
+
+
 def make_engine(cfg: TeacherConfig, top_k: int | None = None):
     """A vLLM engine for the teacher with cfg's settings; `top_k`: the most logprobs a request may ask for
     (default: cfg's k, or its draws with sampled targets)."""
@@ -133,9 +153,6 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
         dtype=resolve_dtype(cfg.dtype, cfg.model),
         max_model_len=model_len,
         max_logprobs=max(top_k or cfg.logprobs_per_position, 1),
-        max_num_batched_tokens=max_batched_tokens(hf_config.vocab_size, cfg.logprobs_memory_gib, model_len,
-                                                  SAMPLED_BYTES_PER_VOCAB_ENTRY if cfg.targets == "sampled"
-                                                  else LOGPROB_BYTES_PER_VOCAB_ENTRY),  # fmt: skip
         max_num_seqs=cfg.max_num_seqs,
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
@@ -146,6 +163,9 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
     )
     if cfg.block_size:
         kwargs["block_size"] = cfg.block_size
+    step = engine_step_tokens(cfg, hf_config.vocab_size, model_len)
+    if step is not None:
+        kwargs["max_num_batched_tokens"] = step
     if cpu:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
     else:
@@ -426,9 +446,12 @@ def check_prefix_hits(outs: list, pairs: list, samples: list[dict], response_sco
 
 
 def request_args(cfg: TeacherConfig, encoding: CacheEncoding, n_prompt: int, content: str) -> dict:
-    """A scoring request's `extra_args` for pipeline.response_scoring: where its scored positions start (response
-    scoring), and its draws (sampled targets), seeded by --seed and the sample's content alone."""
-    args = {EXTRA_ARG: n_prompt} if cfg.scoring == "response" else {}
+    """A scoring request's `extra_args` for pipeline.response_scoring: the memory an LM-head batch may hold, where
+    its scored positions start (response scoring), and its draws (sampled targets), seeded by --seed and the
+    sample's content alone."""
+    args = {MEMORY_ARG: int(cfg.logprobs_memory_gib * (1 << 30))}
+    if cfg.scoring == "response":
+        args[EXTRA_ARG] = n_prompt
     if encoding.draws:
         seed = int.from_bytes(hashlib.sha256(f"{encoding.draw_seed}|{content}".encode()).digest()[:8], "big") >> 1
         args.update({DRAWS_ARG: encoding.draws, DRAW_TEMPERATURE_ARG: encoding.draw_temperature, DRAW_SEED_ARG: seed})

@@ -65,8 +65,14 @@ class TeacherConfig:
     gpu_memory_utilization: float = opt(0.85, "GPU: fraction of GPU memory vLLM may use")
     tensor_parallel_size: int = opt(1, "GPUs one engine's layers are split over (GPU only; a worker claims this many)")
     pipeline_parallel_size: int = opt(1, "pipeline stages of one engine (GPU only)")
-    logprobs_memory_gib: float = opt(1.0, "caps the tokens batched per step: tokens x vocab x 6 B of prompt "
-                                          "logprobs (24 B with --targets sampled) <= this")  # fmt: skip
+    logprobs_memory_gib: float = opt(1.0, "memory of the prompt-logprob path at once: rows x vocab x 6 B (24 B with "
+                                          "--targets sampled) <= this; with --scoring response it bounds each "
+                                          "LM-head batch (on CPU also <= 16 MiB of logits, faster there), with "
+                                          "--scoring full the tokens per step")  # fmt: skip
+    max_batched_tokens: int | None = opt(None, "tokens the engine computes per step (default: with --scoring "
+                                               "response, vLLM's default for the device, e.g. 16384 on an H100, "
+                                               "4096 on CPU; with --scoring full, what --logprobs-memory-gib "
+                                               "holds)")  # fmt: skip
     max_num_seqs: int = opt(256, "sequences the engine schedules at once")
     block_size: int | None = opt(None, "KV cache block size in tokens; prefix-cache hits are whole blocks, so a "
                                        "shared prefix shorter than a block is recomputed (default: vLLM's, 128 on "
@@ -112,7 +118,7 @@ class TeacherConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("limit", "partitions", "max_model_len", "block_size"):
+        for name in ("limit", "partitions", "max_model_len", "block_size", "max_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{flag(name)} must be >= 1, got {value}")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,33 @@ def test_response_only_scoring_skips_prompt_positions_and_caches_the_same_rows(s
         assert ra[sid]["topk_ids"].tolist() == rb[sid]["topk_ids"].tolist()
         np.testing.assert_allclose(ra[sid]["topk_logprobs"], rb[sid]["topk_logprobs"], atol=CacheEncoding(8, 2).max_error)
         np.testing.assert_allclose(ra[sid]["token_logprobs"], rb[sid]["token_logprobs"], atol=1e-5)
+
+    # a memory budget of one row per LM-head batch (each request's rows scored apart, row by row): the same rows
+    c = cache_teacher_logits(_cfg(samples_dir, tmp_path / "one-row", tiny_teacher, top_k=8, limit=30,
+                                  logprobs_memory_gib=1e-9), False, vllm_engine)  # fmt: skip
+    assert c["cached_now"] == 30
+    rc = _rows(tmp_path / "one-row")
+    for sid in ra:
+        assert ra[sid]["topk_ids"].tolist() == rc[sid]["topk_ids"].tolist()
+        np.testing.assert_allclose(ra[sid]["topk_logprobs"], rc[sid]["topk_logprobs"], atol=CacheEncoding(8, 2).max_error)
+
+
+def test_lm_head_batches_follow_the_memory_budget_and_the_engine_step_is_left_to_vllm():
+    from pipeline.response_scoring import BATCH_LOGIT_BYTES, batch_rows
+    from pipeline.teacher import engine_step_tokens
+
+    gib = 1 << 30
+    assert batch_rows(151936, gib, sampled=False, on_cpu=False) == gib // (151936 * 6) == 1177
+    assert batch_rows(151936, gib, sampled=True, on_cpu=False) == 294
+    assert batch_rows(151936, None, sampled=False, on_cpu=False) is None  # a GPU step without a budget: one batch
+    assert batch_rows(32000, gib, sampled=False, on_cpu=True) == BATCH_LOGIT_BYTES // (4 * 32000) == 131
+    assert batch_rows(32000, None, sampled=False, on_cpu=True) == 131
+    assert batch_rows(151936, 10, sampled=True, on_cpu=True) == 1  # never 0
+    cfg = tiny_teacher_config(Path("teacher"))
+    assert engine_step_tokens(cfg, 151936, 4096) is None  # --scoring response: vLLM's default for the device
+    assert engine_step_tokens(replace(cfg, scoring="full"), 151936, 4096) == 1177  # capped by the memory budget
+    assert engine_step_tokens(replace(cfg, scoring="full", targets="sampled"), 151936, 4096) == 294
+    assert engine_step_tokens(replace(cfg, max_batched_tokens=2048), 151936, 4096) == 2048
 
 
 @pytest.mark.slow
