@@ -12,7 +12,10 @@ and the embedded toy teacher) and each dtype, on the same toy-world samples:
   (p) vLLM's forward alone: prefill with no prompt logprobs and no prefix-cache reads (max_tokens=1), the ceiling
       of any scoring that recomputes every prompt
 Tokens/s count every scored token (prompt + response); engine start and model
-load are excluded (reported apart). Also: bytes per cached response token at k,
+load are excluded (reported apart). Each round runs every measurement once, in
+turn, with the transformers model loaded beside the engine; the first round is
+a warm-up, the others give each column's median and each ratio's median and
+range (a ratio within one round, so the machine's drift between minutes cancels). Also: bytes per cached response token at k,
 and the error of the decoded logprobs against vLLM's exact float32 values.
 Writes bench/results/cache_throughput.json and prints a Markdown table.
 """
@@ -38,6 +41,7 @@ from pipeline.teacher import cache_teacher_logits, make_engine
 from pipeline.teacher_config import TeacherConfig
 
 WORK = Path("data/bench")
+RATIOS = (("a", "a_full"), ("a", "c"), ("a", "b"), ("p", "b"))  # reported as <x>_over_<y>: a median and a range
 
 
 def build_random_llama(out: Path, tokenizer_dir: Path, vocab: int = 32000) -> Path:
@@ -58,11 +62,14 @@ def build_random_llama(out: Path, tokenizer_dir: Path, vocab: int = 32000) -> Pa
     return out
 
 
-def bench_transformers(model_dir: Path, pairs, k: int, dtype: str, batch_size: int = 32) -> dict:
+def load_transformers(model_dir: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+
+
+def bench_transformers(model, pairs, k: int, batch_size: int = 32) -> dict:
     pad = 0
     tokens = 0
     t0 = time.perf_counter()
@@ -154,7 +161,7 @@ def fresh(llm, path: Path | None = None) -> None:
 
 
 def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dtype: str, draws: int = 12,
-              block_size: int | None = None, rounds: int = 2) -> dict:  # fmt: skip
+              block_size: int | None = None, rounds: int = 4, max_batched_tokens: int | None = None) -> dict:  # fmt: skip
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -162,41 +169,58 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
     pairs = [encode_pair(tok, r["prompt"], r["response"]) for r in rows]
     t0 = time.perf_counter()
     engine = TeacherConfig(teacher=str(model_dir), dtype=dtype, kv_cache_gib=1.0, samples=str(samples_dir), top_k=k,
-                           block_size=block_size)  # fmt: skip
+                           block_size=block_size, max_batched_tokens=max_batched_tokens)  # fmt: skip
     llm = make_engine(engine)
+    step = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     engine_s = time.perf_counter() - t0
     out = WORK / "cache" / f"{name}-{dtype}"
     # warm-up (a fresh cache, or nothing would be scored): the first prompt-logprob call compiles vLLM's
     # rank count with torch.compile (~2.3 s here), which must not land in the first measurement
     shutil.rmtree(WORK / "cache" / "warmup", ignore_errors=True)
     cache_teacher_logits(replace(engine, out=str(WORK / "cache" / "warmup"), limit=32), progress=False, llm=llm)
-    # Every measurement runs `rounds` times in turn and the last round is reported: the first pass over the samples
-    # runs slower in this process whatever is measured (allocator, page faults, oneDNN's primitives; (a) three times
-    # in a row here: 1541, 1666, 1794 tok/s). Each starts from an empty prefix cache (reuse within a run counts,
-    # reuse of an earlier run's does not).
+    # Every measurement runs once per round, all of them in turn (see `measured` below); each starts from an empty
+    # prefix cache (reuse within a run counts, reuse of an earlier run's does not).
     full_out = WORK / "cache" / f"{name}-{dtype}-full"
     sampled_out = WORK / "cache" / f"{name}-{dtype}-sampled{draws}"
-
+    model = load_transformers(model_dir, dtype)  # (c) beside the engine, so that its runs interleave with vLLM's
+    per_round = []  # tokens/s of each measurement, one dict per round
     for _ in range(rounds):
+        m = {}
         fresh(llm, out)
         a = cache_teacher_logits(replace(engine, out=str(out), limit=n), progress=False, llm=llm)
+        m["a"] = a["tokens_per_second"]
         fresh(llm, full_out)
-        a_full = cache_teacher_logits(replace(engine, out=str(full_out), limit=n, scoring="full"), progress=False,
-                                      llm=llm)  # fmt: skip
+        m["a_full"] = cache_teacher_logits(replace(engine, out=str(full_out), limit=n, scoring="full"),
+                                           progress=False, llm=llm)["tokens_per_second"]  # fmt: skip
         sampled = None
         if draws:
             fresh(llm, sampled_out)
             sampled = cache_teacher_logits(replace(engine, out=str(sampled_out), limit=n, targets="sampled",
                                                    draws=draws), progress=False, llm=llm)  # fmt: skip
+            m["s"] = sampled["tokens_per_second"]
         fresh(llm)
         b, exact = bench_vllm_default(llm, pairs, k)
+        m["b"] = b["tokens_per_s"]
         fresh(llm)
-        f = bench_vllm_forward(llm, pairs)
-    a_stats = {"tokens": a["tokens_scored"], "seconds": a["seconds"] - a["engine_start_seconds"],
-               "tokens_per_s": a["tokens_per_second"]}  # fmt: skip
-    del llm
-    for _ in range(rounds):  # the same warm-up rule as the vLLM measurements: the last round is reported
-        c = bench_transformers(model_dir, pairs, k, dtype)
+        m["p"] = bench_vllm_forward(llm, pairs)["tokens_per_s"]
+        m["c"] = bench_transformers(model, pairs, k)["tokens_per_s"]
+        print(f"  round {len(per_round) + 1}/{rounds}: " + ", ".join(f"{key} {v:.0f}" for key, v in m.items()),
+              flush=True)  # fmt: skip
+        per_round.append(m)
+    del llm, model
+    # The first round is a warm-up when there are more: the first pass over the samples runs slower in a process
+    # whatever is measured (allocator, page faults, oneDNN's primitives; (a) three times in a row here: 1541, 1666,
+    # 1794 tok/s). Reported: each column's median over the other rounds, and each ratio's median and range over them
+    # (a ratio of two measurements of the same round: this machine drifts by +-10-15% between minutes).
+    measured = per_round[1:] if rounds > 1 else per_round
+
+    def median(key: str) -> float:
+        return round(float(np.median([m[key] for m in measured])), 1)
+
+    def ratio(x: str, y: str) -> tuple[float, list[float]]:
+        r = [m[x] / m[y] for m in measured]
+        return round(float(np.median(r)), 2), [round(min(r), 2), round(max(r), 2)]
+
     # fidelity of what the cache decodes, against vLLM's exact values for the same tokens
     reader = CacheReader(out)
     decoded = {sid: r for sid, r in ((r["sample_id"], reader.decode_row(r)) for r in reader.iter_rows())}
@@ -214,29 +238,38 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         "engine_start_s": round(engine_s, 1),
         "prompt_to_response_tokens": round(sum(len(p.prompt_ids) for p in pairs) / sum(len(p.response_ids)
                                                                                    for p in pairs), 2),
-        "a_stage_tok_s": round(a_stats["tokens_per_s"], 1),
+        "a_stage_tok_s": median("a"),
         "a_tokens_scored": a["tokens_scored"],
         "a_phase_seconds": a["phase_seconds"],
-        "a_full_scoring_tok_s": round(a_full["tokens_per_second"], 1),
-        "a_over_a_full": round(a_stats["tokens_per_s"] / a_full["tokens_per_second"], 2),
-        "b_vllm_default_tok_s": round(b["tokens_per_s"], 1),
-        "c_transformers_tok_s": round(c["tokens_per_s"], 1),
-        "a_over_c": round(a_stats["tokens_per_s"] / c["tokens_per_s"], 2),
-        "a_over_b": round(a_stats["tokens_per_s"] / b["tokens_per_s"], 2),
-        "p_forward_only_tok_s": round(f["tokens_per_s"], 1),
-        "p_over_b": round(f["tokens_per_s"] / b["tokens_per_s"], 2),
+        "a_full_scoring_tok_s": median("a_full"),
+        "b_vllm_default_tok_s": median("b"),
+        "c_transformers_tok_s": median("c"),
+        "p_forward_only_tok_s": median("p"),
+        **{f"{x}_over_{y}": r[0] for x, y in RATIOS for r in [ratio(x, y)]},
+        **{f"{x}_over_{y}_range": r[1] for x, y in RATIOS for r in [ratio(x, y)]},
         "prompt_tokens_from_prefix_cache": a["prompt_tokens_from_prefix_cache"],
         "block_size": block_size,
+        "engine_step_tokens": step,
         "rounds": rounds,
+        "rounds_measured": len(measured),
+        "per_round_tok_s": per_round,
         "bytes_per_cached_token": a["bytes_per_cached_token"],
         "draws": draws or None,
-        "s_sampled_tok_s": round(sampled["tokens_per_second"], 1) if sampled else None,
+        "s_sampled_tok_s": median("s") if sampled else None,
         "s_bytes_per_cached_token": sampled["bytes_per_cached_token"] if sampled else None,
         "response_tokens": a["tokens_cached"],
         "decode_mae_nats": float(errs.mean()),
         "decode_max_err_nats": float(errs.max()),
         "topk_id_agreement": float(np.mean(id_match)),
     }
+
+
+def format_ratio(r: dict, key: str) -> str:
+    """'1.48x (1.41-1.52)': a ratio's median and range over the measured rounds (rows of older runs: the value)."""
+    if r.get(key) is None:
+        return "-"
+    spread = r.get(f"{key}_range")
+    return f"{r[key]:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
 
 
 def main() -> int:
@@ -253,7 +286,13 @@ def main() -> int:
                         help="with --prompt-heavy: the same facts before every question (a system prompt or a fixed "
                              "document, which vLLM's prefix cache can reuse), instead of each sample's own")  # fmt: skip
     parser.add_argument("--block-size", type=int, default=None, help="vLLM's KV block size (default: vLLM's)")
-    parser.add_argument("--rounds", type=int, default=2, help="passes over each measurement; the last is reported")
+    parser.add_argument("--max-batched-tokens", type=int, default=None,
+                        help="the engine's tokens per step (default: the stage's, vLLM's default for the device). "
+                             "(b) computes prompt logprobs over a whole step at once: on a GPU with a 152k "
+                             "vocabulary a 16384-token step needs ~15 GB for them, so cap it there (e.g. 2048)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds of all the measurements in turn; the first is a warm-up, the others give each "
+                             "column's median and each ratio's median and range")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     samples_dir = WORK / "samples"
@@ -277,7 +316,7 @@ def main() -> int:
         for dtype in args.dtypes.split(","):
             label = name + context + (f"+block{args.block_size}" if args.block_size else "")
             r = run_model(label, model_dir, samples_dir, args.samples, args.top_k, dtype, args.draws,
-                          args.block_size, args.rounds)  # fmt: skip
+                          args.block_size, args.rounds, args.max_batched_tokens)  # fmt: skip
             print(json.dumps(r), flush=True)
             results.append(r)
     out = Path("bench/results/cache_throughput.json")
@@ -299,11 +338,12 @@ def main() -> int:
         print(f"| {r['model']} | {r['dtype']} | {r['prompt_to_response_tokens']}:1 | {r['a_stage_tok_s']:.0f} | "
               f"{r['a_full_scoring_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | {r['c_transformers_tok_s']:.0f} | "
               f"{r.get('p_forward_only_tok_s') or '-'} | "
-              f"{r['a_over_a_full']:.2f}x | {r['a_over_c']:.2f}x | {r['a_over_b']:.2f}x | {r.get('p_over_b') or '-'} | "
+              + " | ".join(format_ratio(r, f"{x}_over_{y}") for x, y in RATIOS) + " | "
               f"{r.get('prompt_tokens_from_prefix_cache', '-')} / {r.get('a_tokens_scored', '-')} | "
               f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} | "
               f"{r.get('s_sampled_tok_s') or '-'} | {r.get('s_bytes_per_cached_token') or '-'}"
               f"{' (N=%d)' % r['draws'] if r.get('draws') else ''} |")  # fmt: skip
+    print(f"ratios: the median over the rounds after the first (a warm-up), range in brackets; {args.rounds} rounds")
     return 0
 
 
