@@ -15,8 +15,9 @@ Tokens/s count every scored token (prompt + response); engine start and model
 load are excluded (reported apart). Each round runs every measurement once, in
 turn, with the transformers model loaded beside the engine; the first round is
 a warm-up, the others give each column's median and each ratio's median and
-range (a ratio within one round, so the machine's drift between minutes cancels). Also: bytes per cached response token at k,
-and the error of the decoded logprobs against vLLM's exact float32 values.
+range (a ratio within one round, so the machine's drift between minutes
+cancels). Also: bytes per cached response token at k, and the error of the
+decoded logprobs against vLLM's exact float32 values.
 Writes bench/results/cache_throughput.json and prints a Markdown table.
 """
 
@@ -217,9 +218,11 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
     def median(key: str) -> float:
         return round(float(np.median([m[key] for m in measured])), 1)
 
-    def ratio(x: str, y: str) -> tuple[float, list[float]]:
+    ratios = {}  # <x>_over_<y>: the median of the per-round ratios; <x>_over_<y>_range: [min, max]
+    for x, y in RATIOS:
         r = [m[x] / m[y] for m in measured]
-        return round(float(np.median(r)), 2), [round(min(r), 2), round(max(r), 2)]
+        ratios[f"{x}_over_{y}"] = round(float(np.median(r)), 2)
+        ratios[f"{x}_over_{y}_range"] = [round(min(r), 2), round(max(r), 2)]
 
     # fidelity of what the cache decodes, against vLLM's exact values for the same tokens
     reader = CacheReader(out)
@@ -245,8 +248,7 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         "b_vllm_default_tok_s": median("b"),
         "c_transformers_tok_s": median("c"),
         "p_forward_only_tok_s": median("p"),
-        **{f"{x}_over_{y}": r[0] for x, y in RATIOS for r in [ratio(x, y)]},
-        **{f"{x}_over_{y}_range": r[1] for x, y in RATIOS for r in [ratio(x, y)]},
+        **ratios,
         "prompt_tokens_from_prefix_cache": a["prompt_tokens_from_prefix_cache"],
         "block_size": block_size,
         "engine_step_tokens": step,

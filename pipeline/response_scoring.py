@@ -60,11 +60,14 @@ PATCHED_LOOKUP_SHA256 = "77f434d88d573bfe05905a20df26ff51a86156214cf297ff9bbe5d5
 _state: dict = {"applied": False, "problem": None}
 
 
+def _extra_args(request) -> dict:
+    """The request's `SamplingParams.extra_args` ({} when it has none)."""
+    return getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+
+
 def first_scored_position(request) -> int:
     """The first prompt position whose next-token logprobs are computed (0: all of them)."""
-    params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    start = extra.get(EXTRA_ARG)
+    start = _extra_args(request).get(EXTRA_ARG)
     return max(int(start) - 1, 0) if start else 0
 
 
@@ -107,8 +110,7 @@ def _make_capped_lookup(original):
 
 def draw_settings(request) -> tuple[int, float, int] | None:
     """(draws N, temperature, seed) when the request asks for sampled targets, else None (top-k)."""
-    params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
+    extra = _extra_args(request)
     n = extra.get(DRAWS_ARG)
     if not n:
         return None
@@ -236,7 +238,7 @@ def _make_patched(runner_module):
             if draws is not None:
                 uniforms = draw_uniforms(draws[2], num_prompt_tokens - 1, draws[0])[start_idx : start_idx + num_logits]
             key = (num_prompt_logprobs, draws and draws[1])
-            budget = (getattr(request.sampling_params, "extra_args", None) or {}).get(MEMORY_ARG)
+            budget = _extra_args(request).get(MEMORY_ARG)
             if budget is not None:
                 budgets[key] = min(int(budget), budgets.get(key, int(budget)))
             batches.setdefault(key, []).append(

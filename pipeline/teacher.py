@@ -66,7 +66,6 @@ from pipeline.samples import load_samples
 from pipeline.teacher_config import DTYPES, TeacherConfig
 
 
-
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -428,6 +427,13 @@ def _score_and_store(todo: list[dict], llm, cfg: TeacherConfig, setup: "CacheSet
             in_flight.result()
 
 
+def first_scored_row(pair, response_scoring: bool) -> int:
+    """The first prompt position this stage has vLLM score: with response scoring the one that predicts the first
+    response token (request_args asks for it; vLLM's output starts there), else 0. Worked out from the sample, not
+    read back from the plugin, so the engine's output is checked against what was asked."""
+    return len(pair.prompt_ids) - 1 if response_scoring else 0
+
+
 def check_prefix_hits(outs: list, pairs: list, samples: list[dict], response_scoring: bool) -> int:
     """The prompt tokens vLLM took from its prefix cache for these outputs; raises if a hit covered a scored
     position (its row would be empty): past the position before the first response token with response scoring,
@@ -435,7 +441,7 @@ def check_prefix_hits(outs: list, pairs: list, samples: list[dict], response_sco
     total = 0
     for o, pair, s in zip(outs, pairs, samples):
         hit = o.num_cached_tokens or 0
-        allowed = len(pair.prompt_ids) - 1 if response_scoring else 0
+        allowed = first_scored_row(pair, response_scoring)
         if hit > allowed:
             raise RuntimeError(f"vLLM reused {hit} cached tokens of sample {s['sample_id']!r}, past its first scored "
                                f"position {allowed}: its rows would not be scored. The prefix-cache cap of "
@@ -463,10 +469,9 @@ def _store_group(writer: CacheWriter, ready: list[dict], pairs: list, outs: list
     """A scored group's rows, encoded and appended (the writer flushes a shard when it is full)."""
     for s, pair, o in zip(ready, pairs, outs):
         t = time.monotonic()
-        n, n_prompt = len(pair.response_ids), len(pair.prompt_ids)
-        # with response scoring, vLLM's output starts at the position before the first response token
-        token_lp, topk_ids, topk_lp = extract_response_logprobs(o.prompt_logprobs, n_prompt, n, per_position,
-                                                                n_prompt - 1 if response_scoring else 0)  # fmt: skip
+        n = len(pair.response_ids)
+        token_lp, topk_ids, topk_lp = extract_response_logprobs(o.prompt_logprobs, len(pair.prompt_ids), n,
+                                                                per_position, first_scored_row(pair, response_scoring))  # fmt: skip
         row = encode(ScoredSample(s["sample_id"], s["response"], np.asarray(pair.response_ids), token_lp, topk_ids,
                                   topk_lp, s["content_sha256"]), encoding)  # fmt: skip
         t2 = time.monotonic()
