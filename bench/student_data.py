@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/student_data.py                  # after `make demo`; ~3 min here
     .venv/bin/python bench/student_data.py --scale 10 --steps 300 --workers 1
+    .venv/bin/python bench/student_data.py --compare-dictionary    # also the features stored as before (dictionary)
 
 Builds, from the demo's cache + features + samples (data/), a copy at 1x and a
 copy at `--scale`x (every sample repeated under new ids: same rows, same
@@ -15,7 +16,11 @@ then measures each in a fresh process:
               `load_examples` helper; what the student did before it streamed)
 
 and reports peak RSS (the process, and its DataLoader workers: the largest one)
-and examples/s. Writes bench/results/student_data.{json,md}.
+and examples/s. The copies' features are written as pipeline.features writes
+them (WRITE_OPTIONS: no dictionary for the features); `--compare-dictionary`
+also measures the streaming path at `--scale`x over features stored with
+pyarrow's default dictionary encoding (how pipeline.features wrote them
+before). Writes bench/results/student_data.{json,md}.
 """
 
 from __future__ import annotations
@@ -36,11 +41,12 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 
 
-def replicate(src_data: Path, out: Path, scale: int) -> Path:
-    """A copy of samples/features/cache with every sample repeated `scale` times under new ids."""
+def replicate(src_data: Path, out: Path, scale: int, dictionary: bool = False) -> Path:
+    """A copy of samples/features/cache with every sample repeated `scale` times under new ids (features written
+    as pipeline.features writes them, or with every column dictionary-encoded)."""
     from pipeline import schemas
     from pipeline.cache import MANIFEST, _sha256, read_manifest
-    from pipeline.features import ROW_GROUP_ROWS
+    from pipeline.features import WRITE_OPTIONS
     from pipeline.parquet_io import write_table_atomic
     from pipeline.samples import SAMPLES_FILE
 
@@ -61,7 +67,7 @@ def replicate(src_data: Path, out: Path, scale: int) -> Path:
         table = pq.read_table(path)
         for rep in range(scale):
             write_table_atomic(renamed(table, rep), out / "features" / f"part-{n:05d}.parquet",
-                               row_group_size=ROW_GROUP_ROWS)  # fmt: skip
+                               **{**WRITE_OPTIONS, **({"use_dictionary": True} if dictionary else {})})  # fmt: skip
             n += 1
     manifest = read_manifest(src_data / "cache")
     shards, n = {}, 0
@@ -126,6 +132,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--skip-in-memory", action="store_true", help="measure the streaming path only")
+    parser.add_argument("--compare-dictionary", action="store_true",
+                        help="also stream at --scale x from features stored dictionary-encoded (as before)")
     parser.add_argument("--measure", nargs=2, metavar=("CACHE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -133,26 +141,36 @@ def main() -> int:
         return 0
     root = args.data / "bench" / "student_data"
     results = []
-    for scale in (1, args.scale):
-        cache = replicate(args.data, root / f"x{scale}", scale)
-        for mode in ("streaming", *(() if args.skip_in_memory else ("in-memory",))):
+    runs = [(1, False, ("streaming", *(() if args.skip_in_memory else ("in-memory",)))),
+            (args.scale, False, ("streaming", *(() if args.skip_in_memory else ("in-memory",))))]
+    if args.compare_dictionary:
+        runs.append((args.scale, True, ("streaming",)))
+    for scale, dictionary, modes in runs:
+        encoding = "dictionary" if dictionary else "plain"
+        cache = replicate(args.data, root / f"x{scale}-{encoding}", scale, dictionary)
+        for mode in modes:
             r = subprocess.run([sys.executable, __file__, "--measure", str(cache), mode, "--steps", str(args.steps),
                                 "--batch-size", str(args.batch_size), "--workers", str(args.workers)],
                                capture_output=True, text=True, cwd=REPO)  # fmt: skip
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1
-            results.append({"scale": f"{scale}x", **json.loads(r.stdout.strip().splitlines()[-1])})
+            results.append({"scale": f"{scale}x", "features": encoding,
+                            **json.loads(r.stdout.strip().splitlines()[-1])})  # fmt: skip
             print(results[-1], flush=True)
-    lines = ["| scale | data path | examples | setup s | examples/s | peak RSS MiB (process) | peak RSS MiB (worker) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| scale | data path | features stored | examples | setup s | examples/s | peak RSS MiB (process) | "
+             "peak RSS MiB (worker) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        lines.append(f"| {r['scale']} | {r['mode']} | {r['examples']} | {r['setup_s']} | {r['examples_per_s']} | "
-                     f"{r['peak_rss_mib']} | {r['worker_peak_rss_mib'] or '-'} |")  # fmt: skip
-    stream = [r for r in results if r["mode"] == "streaming"]
+        lines.append(f"| {r['scale']} | {r['mode']} | {r['features']} | {r['examples']} | {r['setup_s']} | "
+                     f"{r['examples_per_s']} | {r['peak_rss_mib']} | {r['worker_peak_rss_mib'] or '-'} |")  # fmt: skip
+    stream = [r for r in results if r["mode"] == "streaming" and r["features"] == "plain"]
     ratio = (stream[1]["peak_rss_mib"] + stream[1]["worker_peak_rss_mib"]) / (
         stream[0]["peak_rss_mib"] + stream[0]["worker_peak_rss_mib"])  # fmt: skip
     lines.append(f"\nstreaming peak RSS (process + worker) at {args.scale}x / 1x: {ratio:.2f}x (target <= 1.3x)")
+    if args.compare_dictionary:
+        dictionary = next(r for r in results if r["features"] == "dictionary")
+        lines.append(f"streaming examples/s at {args.scale}x, features plain / dictionary-encoded: "
+                     f"{stream[1]['examples_per_s'] / dictionary['examples_per_s']:.2f}x")
     table = "\n".join(lines)
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
