@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/student_data.py                  # after `make demo`; ~3 min here
     .venv/bin/python bench/student_data.py --scale 10 --steps 300 --workers 1
-    .venv/bin/python bench/student_data.py --compare-dictionary    # also the features stored as before (dictionary)
+    .venv/bin/python bench/student_data.py --compare-formats    # also the features stored as versions before
 
 Builds, from the demo's cache + features + samples (data/), a copy at 1x and a
 copy at `--scale`x (every sample repeated under new ids: same rows, same
@@ -17,10 +17,11 @@ then measures each in a fresh process:
 
 and reports peak RSS (the process, and its DataLoader workers: the largest one)
 and examples/s. The copies' features are written as pipeline.features writes
-them (WRITE_OPTIONS: no dictionary for the features); `--compare-dictionary`
-also measures the streaming path at `--scale`x over features stored with
-pyarrow's default dictionary encoding (how pipeline.features wrote them
-before). Writes bench/results/student_data.{json,md}.
+them (version 2: one float16 blob per clip, WRITE_OPTIONS); `--compare-formats`
+also measures the streaming path at `--scale`x over the features stored as
+version 1 (list<halffloat>), plain and with pyarrow's default dictionary
+encoding (how pipeline.features wrote them before). Writes
+bench/results/student_data.{json,md}.
 """
 
 from __future__ import annotations
@@ -41,12 +42,33 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 
 
-def replicate(src_data: Path, out: Path, scale: int, dictionary: bool = False) -> Path:
-    """A copy of samples/features/cache with every sample repeated `scale` times under new ids (features written
-    as pipeline.features writes them, or with every column dictionary-encoded)."""
+FORMATS = ("v2", "v1-plain", "v1-dictionary")  # features as written now; version 1 without / with a dictionary
+
+
+def features_as(table: pa.Table, fmt: str) -> tuple[pa.Table, dict]:
+    """A features shard's table in the format `fmt`, and the write options it was written with."""
+    import numpy as np
+
+    from pipeline import schemas
+    from pipeline.features import WRITE_OPTIONS
+
+    version = 2 if fmt == "v2" else 1
+    column = table["fbank"].combine_chunks()
+    if version == 2 and column.type != pa.binary():
+        column = pa.array([v.values.to_numpy(zero_copy_only=False).astype("<f2").tobytes() for v in column], pa.binary())
+    elif version == 1 and column.type == pa.binary():
+        column = pa.array([np.frombuffer(b, "<f2") for b in column.to_pylist()], pa.list_(pa.float16()))
+    field = pa.field("fbank", column.type, nullable=False)
+    meta = {**table.schema.metadata, schemas.VERSION_KEY: str(version).encode()}
+    table = table.set_column(table.schema.get_field_index("fbank"), field, column).replace_schema_metadata(meta)
+    return table, {**WRITE_OPTIONS, **({"use_dictionary": True} if fmt == "v1-dictionary" else {})}
+
+
+def replicate(src_data: Path, out: Path, scale: int, fmt: str = "v2") -> Path:
+    """A copy of samples/features/cache with every sample repeated `scale` times under new ids (features in the
+    format `fmt`, see FORMATS)."""
     from pipeline import schemas
     from pipeline.cache import MANIFEST, _sha256, read_manifest
-    from pipeline.features import WRITE_OPTIONS
     from pipeline.parquet_io import write_table_atomic
     from pipeline.samples import SAMPLES_FILE
 
@@ -64,10 +86,9 @@ def replicate(src_data: Path, out: Path, scale: int, dictionary: bool = False) -
     write_table_atomic(pa.concat_tables([renamed(samples, r) for r in range(scale)]), out / "samples" / SAMPLES_FILE)
     n = 0
     for path in sorted((src_data / "features").glob("part-*.parquet")):
-        table = pq.read_table(path)
+        table, options = features_as(pq.read_table(path), fmt)
         for rep in range(scale):
-            write_table_atomic(renamed(table, rep), out / "features" / f"part-{n:05d}.parquet",
-                               **{**WRITE_OPTIONS, **({"use_dictionary": True} if dictionary else {})})  # fmt: skip
+            write_table_atomic(renamed(table, rep), out / "features" / f"part-{n:05d}.parquet", **options)
             n += 1
     manifest = read_manifest(src_data / "cache")
     shards, n = {}, 0
@@ -132,8 +153,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--skip-in-memory", action="store_true", help="measure the streaming path only")
-    parser.add_argument("--compare-dictionary", action="store_true",
-                        help="also stream at --scale x from features stored dictionary-encoded (as before)")
+    parser.add_argument("--compare-formats", action="store_true",
+                        help="also stream at --scale x from features stored as version 1, plain and dictionary-encoded")
     parser.add_argument("--measure", nargs=2, metavar=("CACHE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -141,13 +162,12 @@ def main() -> int:
         return 0
     root = args.data / "bench" / "student_data"
     results = []
-    runs = [(1, False, ("streaming", *(() if args.skip_in_memory else ("in-memory",)))),
-            (args.scale, False, ("streaming", *(() if args.skip_in_memory else ("in-memory",))))]
-    if args.compare_dictionary:
-        runs.append((args.scale, True, ("streaming",)))
-    for scale, dictionary, modes in runs:
-        encoding = "dictionary" if dictionary else "plain"
-        cache = replicate(args.data, root / f"x{scale}-{encoding}", scale, dictionary)
+    modes = ("streaming", *(() if args.skip_in_memory else ("in-memory",)))
+    runs = [(1, "v2", modes), (args.scale, "v2", modes)]
+    if args.compare_formats:
+        runs += [(args.scale, fmt, ("streaming",)) for fmt in FORMATS[1:]]
+    for scale, fmt, modes in runs:
+        cache = replicate(args.data, root / f"x{scale}-{fmt}", scale, fmt)
         for mode in modes:
             r = subprocess.run([sys.executable, __file__, "--measure", str(cache), mode, "--steps", str(args.steps),
                                 "--batch-size", str(args.batch_size), "--workers", str(args.workers)],
@@ -155,7 +175,7 @@ def main() -> int:
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1
-            results.append({"scale": f"{scale}x", "features": encoding,
+            results.append({"scale": f"{scale}x", "features": fmt,
                             **json.loads(r.stdout.strip().splitlines()[-1])})  # fmt: skip
             print(results[-1], flush=True)
     lines = ["| scale | data path | features stored | examples | setup s | examples/s | peak RSS MiB (process) | "
@@ -163,14 +183,13 @@ def main() -> int:
     for r in results:
         lines.append(f"| {r['scale']} | {r['mode']} | {r['features']} | {r['examples']} | {r['setup_s']} | "
                      f"{r['examples_per_s']} | {r['peak_rss_mib']} | {r['worker_peak_rss_mib'] or '-'} |")  # fmt: skip
-    stream = [r for r in results if r["mode"] == "streaming" and r["features"] == "plain"]
+    stream = [r for r in results if r["mode"] == "streaming" and r["features"] == "v2"]
     ratio = (stream[1]["peak_rss_mib"] + stream[1]["worker_peak_rss_mib"]) / (
         stream[0]["peak_rss_mib"] + stream[0]["worker_peak_rss_mib"])  # fmt: skip
     lines.append(f"\nstreaming peak RSS (process + worker) at {args.scale}x / 1x: {ratio:.2f}x (target <= 1.3x)")
-    if args.compare_dictionary:
-        dictionary = next(r for r in results if r["features"] == "dictionary")
-        lines.append(f"streaming examples/s at {args.scale}x, features plain / dictionary-encoded: "
-                     f"{stream[1]['examples_per_s'] / dictionary['examples_per_s']:.2f}x")
+    for r in results[len(runs[0][2]) + len(runs[1][2]):]:
+        lines.append(f"streaming examples/s at {args.scale}x, features v2 / {r['features']}: "
+                     f"{stream[1]['examples_per_s'] / r['examples_per_s']:.2f}x")
     table = "\n".join(lines)
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
-from pipeline.errors import MissingInput, cli
+from pipeline.errors import CorruptData, MissingInput, cli
 from pipeline.parquet_io import (
     next_shard_path,
     reject,
@@ -54,8 +54,9 @@ SHARD_PREFIX = "part-"
 ROW_GROUP_ROWS = 64  # clips per Parquet row group: the unit a random read decodes
 # How a features shard is written: small row groups (the student reads clips by key, a row group at a time, see
 # FeatureStore), and no dictionary encoding for the features themselves. pyarrow dictionary-encodes every column by
-# default; for float16 features that made a 64-clip row group take 31.5 ms to decode against 7.8 ms plain, and the
-# file 2.5% larger (the demo's fbank, zstd 6; bench/student_data.py --compare-dictionary measures the data path).
+# default; for version 1's list<halffloat> features that made a 64-clip row group take 31.5 ms to decode against 7.8
+# ms plain, and the file 2.5% larger (the demo's fbank, zstd 6; bench/student_data.py --compare-formats measures the
+# data path over every format).
 WRITE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "use_dictionary": ["sample_id", "rendition"]}
 FEATURE_KINDS = ("fbank", "whisper")
 WHISPER_WINDOW_S = 30.0  # Whisper encoders see at most 30 s
@@ -156,11 +157,22 @@ def _feature_schema(cfg: FeatureConfig) -> pa.Schema:
     )
 
 
+def check_shard(schema: pa.Schema, path: Path) -> dict[str, str]:
+    """A features shard's speechkd metadata; refuses anything but a features shard of a readable version."""
+    return schemas.check_artifact(schema, path, "features", schemas.FEATURES_VERSION,
+                                  schemas.FEATURES_READABLE_VERSIONS)  # fmt: skip
+
+
+def encode_clip(feats: torch.Tensor) -> bytes:
+    """A clip's (n_frames, n_mels) features as stored: float16, frame-major, little-endian."""
+    return feats.to(torch.float16).numpy().astype(schemas.FEATURES_DTYPE, copy=False).tobytes()
+
+
 def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = False) -> set[tuple[str, str]]:
     """Keys already stored; refuses shards made with another feature config."""
     keys: set[tuple[str, str]] = set()
     for path in shard_paths(features_dir, SHARD_PREFIX):
-        meta = schemas.check_artifact(pq.read_schema(path), path, "features", schemas.FEATURES_VERSION)
+        meta = check_shard(pq.read_schema(path), path)
         stored = meta.get("feature_config")
         if stored is None or FeatureConfig.from_json(stored) != cfg:
             if overwrite:
@@ -230,7 +242,7 @@ def extract_all(
         buffer["sample_id"].append(r["sample_id"])
         buffer["rendition"].append(r["rendition"])
         buffer["n_frames"].append(feats.shape[0])
-        buffer["fbank"].append(feats.to(torch.float16).numpy().reshape(-1))
+        buffer["fbank"].append(encode_clip(feats))
         written += 1
         if len(buffer["sample_id"]) >= rows_per_shard:
             flush()
@@ -244,7 +256,7 @@ def feature_config_of(features_dir: Path) -> FeatureConfig:
     shards = shard_paths(features_dir, SHARD_PREFIX)
     if not shards:
         raise MissingInput(f"no feature shards in {features_dir}: run `python -m pipeline.features` first")
-    meta = schemas.check_artifact(pq.read_schema(shards[0]), shards[0], "features", schemas.FEATURES_VERSION)
+    meta = check_shard(pq.read_schema(shards[0]), shards[0])
     return FeatureConfig.from_json(meta["feature_config"])
 
 
@@ -269,9 +281,11 @@ class FeatureStore:
         self.shards = shard_paths(self.dir, SHARD_PREFIX)
         self._groups = RowGroupReader(self.shards, keep=keep_row_groups)
         sids, rends, shard_of, group_of, row_of, frames = [], [], [], [], [], []
+        self._as_list: list[bool] = []  # per shard: version 1 (features as list<halffloat>)
         for s, path in enumerate(self.shards):
             pf = self._groups.file(s)
-            meta = schemas.check_artifact(pf.schema_arrow, path, "features", schemas.FEATURES_VERSION)
+            meta = check_shard(pf.schema_arrow, path)
+            self._as_list.append(meta["version"] == "1")
             if FeatureConfig.from_json(meta["feature_config"]) != self.cfg:
                 raise ValueError(f"{path} holds features of another config than {self.shards[0]}; re-extract them")
             for g in range(pf.num_row_groups):
@@ -296,9 +310,18 @@ class FeatureStore:
 
     def read(self, i: int) -> np.ndarray:
         """Clip at index position i: (n_frames, n_mels) float16."""
-        col = self._groups.read(int(self.shard[i]), int(self.group[i]), ["fbank"])["fbank"]
-        values = col[int(self.row[i])].values.to_numpy(zero_copy_only=False)
-        return values.reshape(int(self.n_frames[i]), self.cfg.n_mels)
+        shard = int(self.shard[i])
+        value = self._groups.read(shard, int(self.group[i]), ["fbank"])["fbank"][int(self.row[i])]
+        if self._as_list[shard]:
+            values = value.values.to_numpy(zero_copy_only=False)
+        else:
+            values = np.frombuffer(value.as_buffer(), dtype=schemas.FEATURES_DTYPE)
+        if values.size != int(self.n_frames[i]) * self.cfg.n_mels:
+            raise CorruptData(f"{self.shards[shard]}: clip {self.sample_ids[i]!r} ({self.renditions[i]}) holds "
+                                  f"{values.size} values, not n_frames {self.n_frames[i]} x {self.cfg.n_mels} mels; "
+                                  "delete the shard and run `python -m pipeline.features` again: it re-extracts "
+                                  "the clips that are missing")  # fmt: skip
+        return values.reshape(int(self.n_frames[i]), self.cfg.n_mels).astype(np.float16, copy=False)
 
     def get(self, keys) -> dict[tuple[str, str], np.ndarray]:
         """{(sample_id, rendition): features} for the keys, read in storage order."""

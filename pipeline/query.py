@@ -7,7 +7,7 @@ Views (each only when its files exist):
   samples          sample_id, prompt, response, split, meta
   rejects          every stage's rejects: stage, sample_id, rendition, source_position, field, reason
   audio            the speech index: sample_id, rendition, voice, rate_wpm, path, duration_s
-  features         sample_id, rendition, n_frames, fbank
+  features         sample_id, rendition, n_frames, fbank (the clip's float16 features as bytes; version 1 shards: a list)
   cache            the raw cache rows (packed top-k columns included), every partition's
   responses        per cached sample: the response the teacher was scored on (and, with
                    --responses teacher, wrote), response_source (dataset | teacher) and

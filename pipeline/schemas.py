@@ -69,16 +69,20 @@ AUDIO_INDEX_SCHEMA = pa.schema(
 )
 
 # --- speech features: data/features/part-*.parquet
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
+FEATURES_READABLE_VERSIONS = (1, 2)  # a store may hold shards of both (shards written since are version 2)
 FEATURES_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("rendition", pa.string(), nullable=False),
         pa.field("n_frames", pa.int32(), nullable=False),
-        # n_frames * n_mels values, frame-major, float16.
-        pa.field("fbank", pa.list_(pa.float16()), nullable=False),
+        # the clip's n_frames * n_mels features, frame-major, as little-endian float16 bytes (numpy "<f2").
+        # Version 1 stored them as list<halffloat>: a 64-clip row group decoded ~3x slower (one Parquet value
+        # per feature with its list levels, against one per clip), the file 9% larger.
+        pa.field("fbank", pa.binary(), nullable=False),
     ]
 )
+FEATURES_DTYPE = "<f2"
 
 
 def artifact_metadata(artifact: str, version: int, extra: dict[str, str] | None = None) -> dict[bytes, bytes]:
@@ -101,11 +105,13 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
     return out
 
 
-def check_artifact(schema: pa.Schema, path: Path | str, artifact: str, version: int) -> dict[str, str]:
-    """Refuse a file that is not the expected artifact at the expected version."""
+def check_artifact(
+    schema: pa.Schema, path: Path | str, artifact: str, version: int, readable: tuple[int, ...] = ()
+) -> dict[str, str]:
+    """Refuse a file that is not the expected artifact at the expected version (or one of `readable`)."""
     meta = read_metadata(schema)
     found = (meta.get("artifact"), meta.get("version"))
-    if found != (artifact, str(version)):
+    if found[0] != artifact or found[1] not in {str(v) for v in (version, *readable)}:
         from pipeline.errors import InputMismatch
 
         raise InputMismatch(

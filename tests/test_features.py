@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import duckdb
@@ -8,7 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.features import FeatureConfig, extract_all, feature_config_of, load_features
+from pipeline.errors import CorruptData
+from pipeline.features import FeatureConfig, FeatureStore, extract_all, feature_config_of, load_features
 from pipeline.parquet_io import rejects_path
 from pipeline.speech import synthesize_all
 
@@ -39,13 +41,48 @@ def test_features_shape_and_determinism(audio_index, tmp_path):
     assert feature_config_of(tmp_path / "a") == cfg
     count, frames = duckdb.sql(f"SELECT count(*), sum(n_frames) FROM '{tmp_path / 'a'}/*.parquet'").fetchall()[0]
     assert count == len(index) and frames == sum(f.shape[0] for f in fa.values())
-    # the features are stored plain (a dictionary made a row group 4x slower to decode), in 64-clip row groups
+    # one value per clip (version 2), not dictionary-encoded (4x slower to decode), in 64-clip row groups
     for path in a.shards:
         meta = pq.ParquetFile(path).metadata
-        fbank = [meta.schema.column(i).path for i in range(meta.num_columns)].index("fbank.list.element")
+        fbank = [meta.schema.column(i).path for i in range(meta.num_columns)].index("fbank")
         for g in range(meta.num_row_groups):
+            assert meta.row_group(g).column(fbank).physical_type == "BYTE_ARRAY"
             assert "RLE_DICTIONARY" not in meta.row_group(g).column(fbank).encodings
             assert meta.row_group(g).num_rows <= 64
+
+
+def as_version_1(path: Path, out: Path) -> None:
+    """A version 2 features shard rewritten as version 1 wrote it: list<halffloat> features, every column
+    dictionary-encoded (pyarrow's default)."""
+    table = pq.read_table(path)
+    lists = pa.array([np.frombuffer(b, "<f2") for b in table["fbank"].to_pylist()], pa.list_(pa.float16()))
+    meta = {**table.schema.metadata, b"speechkd.version": b"1"}
+    table = table.set_column(3, pa.field("fbank", pa.list_(pa.float16()), nullable=False), lists)
+    pq.write_table(table.replace_schema_metadata(meta), out, compression="zstd")
+
+
+def test_version_1_shards_read_beside_version_2_and_a_short_clip_is_refused(audio_index, tmp_path):
+    cfg = FeatureConfig(n_mels=40)
+    a = extract_all(audio_index, tmp_path / "a", cfg, rows_per_shard=7, progress=False)
+    expected = load_features(tmp_path / "a")
+    as_version_1(a.shards[0], tmp_path / "v1.parquet")
+    os.replace(tmp_path / "v1.parquet", a.shards[0])  # a store made before version 2, then appended to
+    assert pq.read_schema(a.shards[0]).field("fbank").type == pa.list_(pa.float16())
+    mixed = load_features(tmp_path / "a")
+    assert mixed.keys() == expected.keys()
+    for key, feats in expected.items():
+        assert mixed[key].dtype == np.float16
+        np.testing.assert_array_equal(mixed[key], feats)
+    assert extract_all(audio_index, tmp_path / "a", cfg, progress=False).written == 0  # resumes over both
+    # a clip whose bytes do not hold n_frames x n_mels values is corrupt data, named, never reshaped
+    table = pq.read_table(a.shards[1])
+    clipped = pa.array([b[:-2] if i == 0 else b for i, b in enumerate(table["fbank"].to_pylist())], pa.binary())
+    pq.write_table(table.set_column(3, table.schema.field("fbank"), clipped), a.shards[1])
+    store = FeatureStore(tmp_path / "a")
+    first = int(np.flatnonzero((store.shard == 1) & (store.row == 0))[0])
+    assert store.sample_ids[first] == table["sample_id"][0].as_py()
+    with pytest.raises(CorruptData, match=r"part-00001.parquet: clip .* holds \d+ values, not n_frames \d+ x 40 mels"):
+        store.read(first)
 
 
 def test_corrupt_empty_and_missing_audio_are_rejected_with_reasons(audio_index, tmp_path):
