@@ -318,9 +318,9 @@ class FeatureStore:
             values = np.frombuffer(value.as_buffer(), dtype=schemas.FEATURES_DTYPE)
         if values.size != int(self.n_frames[i]) * self.cfg.n_mels:
             raise CorruptData(f"{self.shards[shard]}: clip {self.sample_ids[i]!r} ({self.renditions[i]}) holds "
-                                  f"{values.size} values, not n_frames {self.n_frames[i]} x {self.cfg.n_mels} mels; "
-                                  "delete the shard and run `python -m pipeline.features` again: it re-extracts "
-                                  "the clips that are missing")  # fmt: skip
+                              f"{values.size} values, not n_frames {self.n_frames[i]} x {self.cfg.n_mels} mels; "
+                              "delete the shard and run `python -m pipeline.features` again: it re-extracts "
+                              "the clips that are missing")  # fmt: skip
         return values.reshape(int(self.n_frames[i]), self.cfg.n_mels).astype(np.float16, copy=False)
 
     def get(self, keys) -> dict[tuple[str, str], np.ndarray]:
