@@ -290,18 +290,37 @@ def prepare_cache(cfg: TeacherConfig) -> int:
     return CacheSetup.of(cfg.validate()).open_layout(cfg)
 
 
+def shutdown_engine(llm) -> None:
+    """Release an engine's resources now (its engine-core process and GPU memory on a GPU, where vLLM runs the
+    core in its own process), whoever still holds the Python object: a failed run's traceback does (its frames
+    hold the engine), and a Prefect retry runs in the same worker process, where the next engine would find the
+    GPU memory still taken. vLLM 0.32's LLM has no shutdown of its own; its engine-core client's is idempotent."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+
+
 class LazyEngine:
-    """The teacher's vLLM engine, started the first time a partition has work (`get`), or one given."""
+    """The teacher's vLLM engine, started the first time a partition has work (`get`), or one given. As a context
+    manager it shuts down, on the way out (an error's included), the engine it started; one given is the giver's."""
 
     def __init__(self, cfg: TeacherConfig, llm=None):
-        self.cfg, self.llm, self.start_seconds = cfg, llm, 0.0
+        self.cfg, self.llm, self.start_seconds, self._started = cfg, llm, 0.0, False
 
     def get(self):
         if self.llm is None:
             t = time.monotonic()
             self.llm = make_engine(self.cfg)
-            self.start_seconds = time.monotonic() - t
+            self.start_seconds, self._started = time.monotonic() - t, True
         return self.llm
+
+    def __enter__(self) -> "LazyEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            llm, self.llm, self._started = self.llm, None, False
+            shutdown_engine(llm)
 
 
 def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) -> dict:
@@ -332,11 +351,10 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
         share = shares.get(partition_of(s["sample_id"], n_parts))
         if share is not None:
             share.append(s)
-    engine = LazyEngine(cfg, llm)
     summaries = []
-    for p in parts:
-        summary = _cache_partition(cfg, p, n_parts, shares[p], setup, engine, progress)
-        summaries.append(summary)
+    with LazyEngine(cfg, llm) as engine:
+        for p in parts:
+            summaries.append(_cache_partition(cfg, p, n_parts, shares[p], setup, engine, progress))
     summary = combine_summaries(summaries, cfg.out_dir, time.monotonic() - t_start, engine.start_seconds,
                                 setup_s=setup_s)  # fmt: skip
     if len(parts) == n_parts:

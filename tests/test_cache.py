@@ -522,3 +522,38 @@ def test_sampled_targets_are_draws_from_the_teachers_tempered_distribution(sampl
     n_tok, per_token = con.sql("SELECT sum(n_tokens), avg(distinct_draws_per_token) FROM teacher_samples").fetchall()[0]
     assert n_tok == sum(len(r["token_ids"]) for r in rows.values()) and 1 < per_token < N
     assert con.sql("SELECT count(*) FROM teacher_tokens").fetchall()[0][0] == n_tok
+
+
+RETRY_IN_ONE_PROCESS = """
+import sys
+from pathlib import Path
+from pipeline.teacher import LazyEngine, cache_teacher_logits
+from tests.conftest import tiny_teacher_config
+
+teacher, samples, out = map(Path, sys.argv[1:4])
+cfg = tiny_teacher_config(teacher, samples=samples, out=out, top_k=8, limit=12)
+engine = LazyEngine(cfg)
+try:
+    with engine:
+        llm = engine.get()
+        raise RuntimeError("a failure after the engine started")
+except RuntimeError:
+    pass
+# shut down although this frame still holds the engine (as a failed task's traceback does)
+assert engine.llm is None and not llm.llm_engine.engine_core._finalizer.alive, "engine not shut down"
+summary = cache_teacher_logits(cfg, progress=False)  # the retry: a new engine in the same process
+assert summary["cached_now"] == 12 and summary["rejected"] == 0, summary
+print("retry ok")
+"""
+
+
+@pytest.mark.slow
+def test_an_engine_is_shut_down_when_its_run_fails_and_a_retry_starts_another_in_the_same_process(
+        samples_dir, tiny_teacher, tmp_path):  # fmt: skip
+    # a Prefect retry runs in the same (Ray worker) process; on a GPU, an engine left running by the failed try
+    # would hold the memory the retry's engine needs. Its own process: vLLM's teardown resets process-wide state
+    # that the session's shared engine uses.
+    r = subprocess.run([sys.executable, "-c", RETRY_IN_ONE_PROCESS, str(tiny_teacher), str(samples_dir),
+                        str(tmp_path / "cache")], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0 and "retry ok" in r.stdout, r.stderr[-3000:]
+    assert CacheReader(tmp_path / "cache").num_rows == 12
