@@ -32,14 +32,34 @@ class CorruptData(UserError, ValueError):
     exit_code = 5
 
 
+def user_message(exc: UserError) -> str:
+    """The error's message on one line. One raised in a torch DataLoader worker comes back re-raised with the
+    worker's traceback as its message ("Caught X in DataLoader worker process 0. Original Traceback ...
+    module.X: message"): its own message is kept, and where it came from."""
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
+        where = text.split(".", 1)[0].split(" in ", 1)[-1]  # "DataLoader worker process 0"
+        text = f"{text.rsplit(marker, 1)[1].strip()} (in {where})"
+    return " ".join(text.split())
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars still open (the error stopped their loop): each ends its line, so the error that
+    follows has a line of its own instead of being written after a bar and under its last redraw."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", None) or ()):
+        bar.close()
+
+
 def run_cli(main: Callable[[], int | None], prog: str | None = None) -> int:
     """Run a CLI entry point; a UserError becomes `prog: error: message` and its exit code."""
     try:
         return int(main() or 0)
     except UserError as exc:
+        close_progress_bars()
         name = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "speechkd")
-        message = " ".join(str(exc).split())  # one line, whatever the message's own layout
-        print(f"{name}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {user_message(exc)}", file=sys.stderr)
         return exc.exit_code
 
 

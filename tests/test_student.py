@@ -1,6 +1,7 @@
 """The student: KD losses against dense references, the data join, resume, and the no-teacher rule."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -443,6 +444,27 @@ def test_bad_options_fail_before_any_model_or_data_is_loaded(student_cache, tmp_
         assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
         assert "student data" not in r.stdout  # nothing was loaded
         assert len(r.stderr.strip().splitlines()[-1]) > 20
+
+
+def test_a_corrupt_feature_clip_read_in_a_dataloader_worker_is_one_line_naming_it(student_cache, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = tmp_path / "features"
+    shutil.copytree(student_cache.parent / "features", features)
+    for shard in features.glob("part-*.parquet"):  # every clip one float16 short: the first batch meets one
+        t = pq.read_table(shard)
+        short = pa.array([b[:-2] for b in t["fbank"].to_pylist()], pa.binary())
+        pq.write_table(t.set_column(t.schema.get_field_index("fbank"), t.schema.field("fbank"), short), shard)
+    r = subprocess.run([sys.executable, str(REPO / "student" / "train.py"), "--logits", str(student_cache),
+                        "--features", str(features), "--out", str(tmp_path / "run"), "--steps", "2",
+                        "--align-steps", "1", "--batch-size", "4", "--eval-every", "0", "--num-workers", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 5, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: ") or last.startswith("student.train: error: "), last
+    assert "part-0000" in last and "clip '" in last and "mels" in last and "(in DataLoader worker process" in last
 
 
 def test_a_relative_cache_trains_from_another_directory_with_a_second_architecture(
