@@ -158,12 +158,11 @@ def batch_rows(vocab: int, memory_bytes: int | None, sampled: bool, on_cpu: bool
     """Scored rows per LM-head batch: as many as `memory_bytes` holds (None: no budget given), on a CPU at most
     BATCH_LOGIT_BYTES of float32 logits; None: the whole step at once (a GPU request without a budget, whose step
     size vLLM's caller capped: --scoring full)."""
-    rows = None
-    if memory_bytes is not None:
-        rows = memory_bytes // (vocab * (SAMPLED_BYTES_PER_VOCAB_ENTRY if sampled else LOGPROB_BYTES_PER_VOCAB_ENTRY))
+    per_row = vocab * (SAMPLED_BYTES_PER_VOCAB_ENTRY if sampled else LOGPROB_BYTES_PER_VOCAB_ENTRY)
+    bounds = [memory_bytes // per_row] if memory_bytes is not None else []
     if on_cpu:
-        rows = min(rows if rows is not None else BATCH_LOGIT_BYTES, BATCH_LOGIT_BYTES // (4 * vocab))
-    return None if rows is None else max(1, int(rows))
+        bounds.append(BATCH_LOGIT_BYTES // (4 * vocab))
+    return max(1, int(min(bounds))) if bounds else None
 
 
 def row_batches(chunks: list, max_rows: int) -> list[list]:
