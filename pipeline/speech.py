@@ -38,6 +38,17 @@ from pipeline.samples import load_samples
 
 SAMPLE_RATE = 16_000
 INDEX_FILE = "index.parquet"
+# espeak-ng's English accents, and its voice variants: other speakers' timbre (+m1..+m7, +f1..+f5, +klatt).
+# British English is "en": espeak-ng 1.51 ignores a variant after "en-gb" ("en-gb+f2" is "en-gb"), silently.
+ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
+VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5", "+klatt")
+
+
+def voice_grid(accents: tuple[str, ...] = ACCENTS, variants: tuple[str, ...] = VARIANTS) -> tuple[str, ...]:
+    """Every accent in every variant: espeak-ng voice names such as `en-gb-x-rp+f2`."""
+    return tuple(a + v for a in accents for v in variants)
+
+
 DEFAULT_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland")
 DEFAULT_RATES = (150, 175)
 
@@ -222,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")
     parser.add_argument("--out", type=Path, default=schemas.AUDIO_DIR, help="audio directory")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="espeak-ng")
-    parser.add_argument("--voices", type=_csv(str), default=DEFAULT_VOICES, help="comma-separated voices")
+    parser.add_argument("--voices", type=_csv(str), default=DEFAULT_VOICES,
+                        help="comma-separated voices")
     parser.add_argument("--rates", type=_csv(int), default=DEFAULT_RATES, help="comma-separated words/minute")
     parser.add_argument("--per-sample", type=int, default=1, help="renditions per sample")
     parser.add_argument("--split", default=None, help="only the samples of this split (e.g. eval, for a held-out "

@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pyarrow.parquet as pq
 import soundfile as sf
@@ -11,6 +13,7 @@ from pipeline.speech import (
     audio_relpath,
     renditions_for,
     synthesize_all,
+    voice_grid,
 )
 
 
@@ -32,6 +35,23 @@ def test_espeak_produces_decodable_16k_audio(samples_dir, tmp_path):
         assert abs(len(wave) / sr - r["duration_s"]) < 1e-3
         assert 0.3 < r["duration_s"] < 10  # a spoken question, not silence or garbage
         assert np.abs(wave).max() > 0.01
+
+
+def test_every_voice_of_the_grid_is_its_own_voice():
+    """espeak-ng takes a variant it cannot apply silently (`en-gb+f2` is `en-gb`): every voice of the grid (the
+    encoder's pretraining voices) must sound different from every other, or the speech has fewer voices than it
+    claims; and the flow's held-out voice is none of them."""
+    from flows.cache_teacher import HELDOUT_VOICE
+
+    voices = sorted(voice_grid())
+    assert len(voice_grid()) == len(set(voice_grid())) == 98 and HELDOUT_VOICE not in voices
+    tts = EspeakNG()
+    sounds = {}
+    for voice in voices:
+        wave, _ = tts.synthesize("Which city is the capital?", voice, 160)
+        sounds.setdefault(hashlib.sha256(wave.tobytes()).hexdigest(), []).append(voice)
+    same = [v for v in sounds.values() if len(v) > 1]
+    assert not same, f"voices that sound the same: {same}"
 
 
 def test_rerun_skips_existing_audio(samples_dir, tmp_path):

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from pipeline import schemas
 from pipeline.errors import cli
+from pipeline.speech import ACCENTS, VARIANTS, voice_grid as speech_voice_grid
 from toy.world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, STRESS, _name, phonemize
 
 ENCODER_DIR = schemas.MODELS_DIR / "encoder"
@@ -50,11 +51,9 @@ class EncoderBuildConfig:
     utterances: int = 6000  # training sentences
     eval_utterances: int = 300  # sentences with held-out names
     heldout_names: int = 300
-    # every accent x every voice variant (espeak-ng's +m1..+m7, +f1..+f5, +klatt: other speakers' timbre)
-    accents: tuple[str, ...] = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
-                                "en-gb-x-gbcwmd", "en-us-nyc")  # fmt: skip
-    variants: tuple[str, ...] = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4",
-                                 "+f5", "+klatt")  # fmt: skip
+    # every accent x every voice variant: the training speech's own grid (pipeline.speech.voice_grid)
+    accents: tuple[str, ...] = ACCENTS
+    variants: tuple[str, ...] = VARIANTS
     # never used here: the build report gives the PER of held-out names spoken by it (the demo speech's
     # held-out voice is the same accent), the honest measure of how far the encoder generalizes
     heldout_voice: str = "en-029"
@@ -143,7 +142,7 @@ def speak(text: str, voice: str, rate: int, pitch: int, n_mels: int) -> tuple[np
 
 def voice_grid(cfg: EncoderBuildConfig) -> list[str]:
     """Every accent with every variant: espeak-ng voice names such as `en-gb-x-rp+f2`."""
-    return [a + v for a in cfg.accents for v in cfg.variants]
+    return list(speech_voice_grid(cfg.accents, cfg.variants))
 
 
 def synthesize_corpus(items: list[tuple[str, str, int, int]], n_mels: int, progress: bool, desc: str):
