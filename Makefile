@@ -3,8 +3,8 @@ PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
-DEMO_STUDENT_STEPS ?= 460
-DEMO_ALIGN_STEPS ?= 400
+DEMO_STUDENT_STEPS ?= 860
+DEMO_ALIGN_STEPS ?= 800
 # The demo student starts from the flow's pretrained toy encoder (the toy Whisper), reads it through the
 # LegoSLM-style ctc-embed interface, aligns it by token CTC, then fine-tunes with both KD channels
 # (the speech side at a tenth of its alignment lr: at 2e-3 fine-tuning undid the alignment).

@@ -69,7 +69,8 @@ class CacheFlowConfig:
     data_dir: str = opt("data", "where every stage writes: samples/, audio/, features/, cache/, models/, rejects/")
     source: str = opt(samples_stage.TOY_WORLD, "toy-world | .jsonl | .parquet | a Hugging Face dataset")
     split: str = opt("train", "split of source rows that carry none")
-    voices: list[str] = listed(speech_stage.DEFAULT_VOICES, "espeak-ng voices of the training speech")
+    voices: list[str] = listed(speech_stage.DEFAULT_VOICES, "espeak-ng voices of the training speech, one drawn per "
+                                                            "clip (default: 7 English accents x 14 variants)")  # fmt: skip
     rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
     per_sample: int = opt(1, "speech renditions per sample")
     heldout_voice: str | None = opt(HELDOUT_VOICE, "also speak the eval split in this voice, never a training one "
@@ -89,8 +90,8 @@ class CacheFlowConfig:
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
         if self.heldout_voice and self.heldout_voice in self.voices:
-            raise ConfigError(f"--heldout-voice {self.heldout_voice} is also a training voice (--voices "
-                              f"{','.join(self.voices)}); pick a voice the training speech does not use, or "
+            raise ConfigError(f"--heldout-voice {self.heldout_voice} is also one of the {len(self.voices)} training "
+                              f"voices (--voices); pick a voice the training speech does not use, or "
                               f"--heldout-voice ''")  # fmt: skip
         return self
 

@@ -6,6 +6,7 @@ import soundfile as sf
 
 from pipeline.parquet_io import rejects_path
 from pipeline.speech import (
+    DEFAULT_VOICES,
     SAMPLE_RATE,
     EspeakNG,
     Rendition,
@@ -39,11 +40,11 @@ def test_espeak_produces_decodable_16k_audio(samples_dir, tmp_path):
 
 def test_every_voice_of_the_grid_is_its_own_voice():
     """espeak-ng takes a variant it cannot apply silently (`en-gb+f2` is `en-gb`): every voice of the grid (the
-    encoder's pretraining voices) must sound different from every other, or the speech has fewer voices than it
+    encoder's pretraining voices) and of the default training speech must sound different from every other, or the speech has fewer voices than it
     claims; and the flow's held-out voice is none of them."""
     from flows.cache_teacher import HELDOUT_VOICE
 
-    voices = sorted(voice_grid())
+    voices = sorted(set(voice_grid()) | set(DEFAULT_VOICES))
     assert len(voice_grid()) == len(set(voice_grid())) == 98 and HELDOUT_VOICE not in voices
     tts = EspeakNG()
     sounds = {}
