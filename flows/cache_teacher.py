@@ -70,7 +70,7 @@ class CacheFlowConfig:
     source: str = opt(samples_stage.TOY_WORLD, "toy-world | .jsonl | .parquet | a Hugging Face dataset")
     split: str = opt("train", "split of source rows that carry none")
     voices: list[str] = listed(speech_stage.DEFAULT_VOICES, "espeak-ng voices of the training speech, one drawn per "
-                                                            "clip (default: 7 English accents x 14 variants)")  # fmt: skip
+                                                            "clip (7 English accents x 14 variants)")  # fmt: skip
     rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
     per_sample: int = opt(1, "speech renditions per sample")
     heldout_voice: str | None = opt(HELDOUT_VOICE, "also speak the eval split in this voice, never a training one "

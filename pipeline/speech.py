@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
-from pipeline.errors import cli
+from pipeline.errors import UserError, cli
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
 
@@ -62,6 +63,7 @@ class SynthesisError(RuntimeError):
 
 class TTSBackend(Protocol):
     name: str
+    default_voices: tuple[str, ...]  # what synthesize_all speaks in when given no voices
 
     def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
         """Mono float32 waveform in [-1, 1] and its sample rate."""
@@ -72,6 +74,7 @@ class EspeakNG:
     """espeak-ng (Debian package `espeak-ng`) through its command line."""
 
     name = "espeak-ng"
+    default_voices = DEFAULT_VOICES
 
     def __init__(self, executable: str = "espeak-ng", timeout_s: float = 60.0):
         path = shutil.which(executable)
@@ -103,7 +106,47 @@ class EspeakNG:
         return wave.mean(axis=1), sr
 
 
-BACKENDS = {"espeak-ng": EspeakNG}
+class Flite:
+    """CMU Flite (Debian package `flite`): another synthesizer than espeak-ng (diphone and clustergen voices, CMU
+    pronunciations), for speech in voices espeak-ng has nothing like, e.g. a held-out synthesizer's eval set."""
+
+    name = "flite"
+    default_voices = ("awb", "kal16", "rms", "slt")  # awb_time speaks only times of day; kal is kal16 at 8 kHz
+    NATURAL_WPM = 175  # the rate flite speaks at by default; other rates stretch every duration by 175 / rate
+
+    def __init__(self, executable: str = "flite", timeout_s: float = 60.0):
+        path = shutil.which(executable)
+        if path is None:
+            raise SynthesisError(f"{executable!r} not found on PATH: install it (Debian/Ubuntu: "
+                                 f"`apt-get install -y flite`)")  # fmt: skip
+        self.executable = path
+        self.timeout_s = timeout_s
+        listed = subprocess.run([path, "-lv"], capture_output=True, text=True, timeout=timeout_s).stdout
+        self.voices = tuple(listed.split(":", 1)[-1].split())
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
+        # flite speaks an unknown voice name in its default voice without a word: refuse it instead
+        if voice not in self.voices:
+            raise SynthesisError(f"flite has no voice {voice!r}; it has {', '.join(self.voices)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            txt, wav = Path(tmp) / "prompt.txt", Path(tmp) / "speech.wav"
+            txt.write_text(text)  # a file, so that a prompt starting with "-" is not an option
+            try:
+                proc = subprocess.run([self.executable, "-voice", voice, "--setf",
+                                       f"duration_stretch={self.NATURAL_WPM / rate_wpm:.4f}", "-f", str(txt),
+                                       "-o", str(wav)], capture_output=True, timeout=self.timeout_s)  # fmt: skip
+            except subprocess.TimeoutExpired as exc:
+                raise SynthesisError(f"flite timed out after {self.timeout_s}s") from exc
+            if proc.returncode != 0 or not wav.exists():
+                raise SynthesisError(f"flite exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
+            try:
+                wave, sr = sf.read(wav, dtype="float32", always_2d=True)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is a synthesis failure
+                raise SynthesisError(f"flite output is not decodable audio ({exc})") from exc
+        return wave.mean(axis=1), sr
+
+
+BACKENDS = {"espeak-ng": EspeakNG, "flite": Flite}
 
 
 @dataclass(frozen=True)
@@ -163,7 +206,7 @@ def synthesize_all(
     samples_dir: Path = schemas.SAMPLES_DIR,
     audio_dir: Path = schemas.AUDIO_DIR,
     backend: TTSBackend | None = None,
-    voices: tuple[str, ...] = DEFAULT_VOICES,
+    voices: tuple[str, ...] | None = None,
     rates: tuple[int, ...] = DEFAULT_RATES,
     per_sample: int = 1,
     jobs: int = os.cpu_count() or 1,
@@ -172,6 +215,10 @@ def synthesize_all(
 ) -> SpeechResult:
     """Speak every sample's prompt (or only those of `split`) in `per_sample` renditions of voices x rates."""
     backend = backend or EspeakNG()
+    voices = voices or backend.default_voices
+    unknown = [v for v in voices if v not in getattr(backend, "voices", voices)]
+    if unknown:
+        raise UserError(f"{backend.name} has no voice(s) {', '.join(unknown)}; it has {', '.join(backend.voices)}")
     audio_dir = Path(audio_dir)
     samples = load_samples(samples_dir, split).select(["sample_id", "prompt"]).to_pylist()
     grid = [Rendition(v, r) for v in voices for r in rates]
@@ -236,8 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")
     parser.add_argument("--out", type=Path, default=schemas.AUDIO_DIR, help="audio directory")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="espeak-ng")
-    parser.add_argument("--voices", type=_csv(str), default=DEFAULT_VOICES,
-                        help="comma-separated voices, one drawn per clip (default: 7 English accents x 14 variants)")
+    parser.add_argument("--voices", type=_csv(str), default=None,
+                        help="comma-separated voices, one drawn per clip (default: espeak-ng's 7 English accents x "
+                             "14 variants; flite's awb,kal16,rms,slt)")  # fmt: skip
     parser.add_argument("--rates", type=_csv(int), default=DEFAULT_RATES, help="comma-separated words/minute")
     parser.add_argument("--per-sample", type=int, default=1, help="renditions per sample")
     parser.add_argument("--split", default=None, help="only the samples of this split (e.g. eval, for a held-out "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a fresh Debian/Ubuntu machine needs before `make demo` / `make test`:
-# uv, Debian's espeak-ng, and the locked Python environment (.venv, CPU vLLM).
+# uv, Debian's espeak-ng and flite (text-to-speech), and the locked Python environment (.venv, CPU vLLM).
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,17 +20,20 @@ else
     UV=(python3 -m uv)
 fi
 
-if ! command -v espeak-ng >/dev/null 2>&1; then
+TTS=(espeak-ng flite)
+MISSING=()
+for tool in "${TTS[@]}"; do command -v "$tool" >/dev/null 2>&1 || MISSING+=("$tool"); done
+if [ "${#MISSING[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: installing espeak-ng (apt-get)"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+        echo "setup: installing ${MISSING[*]} (apt-get)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null
     elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        echo "setup: installing espeak-ng (sudo apt-get)"
-        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+        echo "setup: installing ${MISSING[*]} (sudo apt-get)"
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null
     else
-        echo "setup: espeak-ng (text-to-speech) is missing and cannot be installed from here:" >&2
+        echo "setup: ${MISSING[*]} (text-to-speech) missing and cannot be installed from here:" >&2
         echo "       not root and no password-less sudo/apt-get. Ask an admin to run" >&2
-        echo "       'apt-get install -y espeak-ng' (Debian/Ubuntu), then re-run." >&2
+        echo "       'apt-get install -y ${MISSING[*]}' (Debian/Ubuntu), then re-run." >&2
         exit 1
     fi
 fi

@@ -1,6 +1,7 @@
 import hashlib
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile as sf
 
@@ -40,8 +41,8 @@ def test_espeak_produces_decodable_16k_audio(samples_dir, tmp_path):
 
 def test_every_voice_of_the_grid_is_its_own_voice():
     """espeak-ng takes a variant it cannot apply silently (`en-gb+f2` is `en-gb`): every voice of the grid (the
-    encoder's pretraining voices) and of the default training speech must sound different from every other, or the speech has fewer voices than it
-    claims; and the flow's held-out voice is none of them."""
+    encoder's pretraining voices) and of the default training speech must sound different from every other, or
+    the speech has fewer voices than it claims; and the flow's held-out voice is none of them."""
     from flows.cache_teacher import HELDOUT_VOICE
 
     voices = sorted(set(voice_grid()) | set(DEFAULT_VOICES))
@@ -53,6 +54,32 @@ def test_every_voice_of_the_grid_is_its_own_voice():
         sounds.setdefault(hashlib.sha256(wave.tobytes()).hexdigest(), []).append(voice)
     same = [v for v in sounds.values() if len(v) > 1]
     assert not same, f"voices that sound the same: {same}"
+
+
+def test_flite_speaks_in_its_own_voices_and_refuses_one_it_lacks(samples_dir, tmp_path):
+    """The second synthesizer: every eval prompt spoken in flite's default voices, as 16 kHz audio, at the rate
+    asked for; an unknown voice (which flite itself would speak in its default voice, silently) is refused
+    before anything is written."""
+    import pytest
+
+    from pipeline.errors import UserError
+    from pipeline.speech import Flite
+
+    tts = Flite()
+    result = synthesize_all(samples_dir, tmp_path / "audio", backend=tts, rates=(150,), split="eval",
+                            progress=False)  # fmt: skip
+    n_eval = pq.read_table(samples_dir / "samples.parquet").filter(pc.field("split") == "eval").num_rows
+    assert result.index.num_rows == n_eval > 0 and result.rejects.num_rows == 0
+    assert set(result.index["voice"].to_pylist()) <= set(Flite.default_voices)
+    row = result.index.to_pylist()[0]
+    wave, sr = sf.read(tmp_path / "audio" / row["path"], dtype="float32")
+    assert sr == SAMPLE_RATE and 0.3 < len(wave) / sr < 10 and np.abs(wave).max() > 0.01
+    slow, _ = tts.synthesize("Which city is the capital?", "slt", 120)
+    fast, _ = tts.synthesize("Which city is the capital?", "slt", 240)
+    assert 1.5 < len(slow) / len(fast) < 2.5
+    with pytest.raises(UserError, match="flite has no voice.*en-us"):
+        synthesize_all(samples_dir, tmp_path / "other", backend=tts, voices=("slt", "en-us"), progress=False)
+    assert not (tmp_path / "other").exists()
 
 
 def test_rerun_skips_existing_audio(samples_dir, tmp_path):
