@@ -88,22 +88,9 @@ class EspeakNG:
 
     def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
         # Text goes through stdin so that a prompt starting with "-" is not an option.
-        try:
-            proc = subprocess.run(
-                [self.executable, "-v", voice, "-s", str(rate_wpm), "--stdout"],
-                input=text.encode(),
-                capture_output=True,
-                timeout=self.timeout_s,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise SynthesisError(f"espeak-ng timed out after {self.timeout_s}s") from exc
-        if proc.returncode != 0:
-            raise SynthesisError(f"espeak-ng exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
-        try:
-            wave, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a synthesis failure
-            raise SynthesisError(f"espeak-ng output is not decodable audio ({exc})") from exc
-        return wave.mean(axis=1), sr
+        out = _run_synthesizer(self.name, [self.executable, "-v", voice, "-s", str(rate_wpm), "--stdout"],
+                               self.timeout_s, stdin=text.encode())  # fmt: skip
+        return _read_wave(self.name, io.BytesIO(out))
 
 
 class Flite:
@@ -131,19 +118,30 @@ class Flite:
         with tempfile.TemporaryDirectory() as tmp:
             txt, wav = Path(tmp) / "prompt.txt", Path(tmp) / "speech.wav"
             txt.write_text(text)  # a file, so that a prompt starting with "-" is not an option
-            try:
-                proc = subprocess.run([self.executable, "-voice", voice, "--setf",
-                                       f"duration_stretch={self.NATURAL_WPM / rate_wpm:.4f}", "-f", str(txt),
-                                       "-o", str(wav)], capture_output=True, timeout=self.timeout_s)  # fmt: skip
-            except subprocess.TimeoutExpired as exc:
-                raise SynthesisError(f"flite timed out after {self.timeout_s}s") from exc
-            if proc.returncode != 0 or not wav.exists():
-                raise SynthesisError(f"flite exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
-            try:
-                wave, sr = sf.read(wav, dtype="float32", always_2d=True)
-            except Exception as exc:  # noqa: BLE001 - any decode failure is a synthesis failure
-                raise SynthesisError(f"flite output is not decodable audio ({exc})") from exc
-        return wave.mean(axis=1), sr
+            _run_synthesizer(self.name, [self.executable, "-voice", voice, "--setf",
+                                         f"duration_stretch={self.NATURAL_WPM / rate_wpm:.4f}", "-f", str(txt),
+                                         "-o", str(wav)], self.timeout_s)  # fmt: skip
+            return _read_wave(self.name, wav)
+
+
+def _run_synthesizer(name: str, argv: list[str], timeout_s: float, stdin: bytes | None = None) -> bytes:
+    """A synthesizer's command line run to completion: its stdout, or SynthesisError saying why not."""
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise SynthesisError(f"{name} timed out after {timeout_s}s") from exc
+    if proc.returncode != 0:
+        raise SynthesisError(f"{name} exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
+def _read_wave(name: str, source) -> tuple[np.ndarray, int]:
+    """(mono float32 waveform, sample rate) of a synthesizer's audio (a path or a file object)."""
+    try:
+        wave, sr = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as exc:  # noqa: BLE001 - any decode failure (a missing file included) is a synthesis failure
+        raise SynthesisError(f"{name} output is not decodable audio ({exc})") from exc
+    return wave.mean(axis=1), sr
 
 
 BACKENDS = {"espeak-ng": EspeakNG, "flite": Flite}
@@ -215,7 +213,7 @@ def synthesize_all(
 ) -> SpeechResult:
     """Speak every sample's prompt (or only those of `split`) in `per_sample` renditions of voices x rates."""
     backend = backend or EspeakNG()
-    voices = voices or backend.default_voices
+    voices = backend.default_voices if voices is None else voices
     unknown = [v for v in voices if v not in getattr(backend, "voices", voices)]
     if unknown:
         raise UserError(f"{backend.name} has no voice(s) {', '.join(unknown)}; it has {', '.join(backend.voices)}")
@@ -223,7 +221,7 @@ def synthesize_all(
     samples = load_samples(samples_dir, split).select(["sample_id", "prompt"]).to_pylist()
     grid = [Rendition(v, r) for v in voices for r in rates]
     if not grid:
-        raise ValueError("no renditions: give at least one --voices entry and one --rates entry")
+        raise UserError("no renditions: give at least one --voices entry and one --rates entry")
     work = [(s, r) for s in samples for r in renditions_for(s["sample_id"], grid, per_sample)]
 
     def one(item):

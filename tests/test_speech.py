@@ -82,6 +82,19 @@ def test_flite_speaks_in_its_own_voices_and_refuses_one_it_lacks(samples_dir, tm
     assert not (tmp_path / "other").exists()
 
 
+def test_no_voices_is_refused_not_replaced_by_the_defaults(samples_dir, tmp_path):
+    from pipeline.errors import UserError
+
+    for voices, rates in (((), (170,)), (("en-us",), ())):
+        try:
+            synthesize_all(samples_dir, tmp_path / "audio", voices=voices, rates=rates, progress=False)
+        except UserError as exc:
+            assert "no renditions" in str(exc)
+        else:
+            raise AssertionError(f"voices {voices}, rates {rates}: not refused")
+    assert not (tmp_path / "audio").exists()
+
+
 def test_rerun_skips_existing_audio(samples_dir, tmp_path):
     out = tmp_path / "audio"
     first = synthesize_all(samples_dir, out, voices=("en-us",), rates=(170,), progress=False)

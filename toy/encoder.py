@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from pipeline import schemas
 from pipeline.errors import cli
-from pipeline.speech import ACCENTS, VARIANTS, voice_grid as speech_voice_grid
+from pipeline.speech import ACCENTS, VARIANTS, voice_grid
 from toy.world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, STRESS, _name, phonemize
 
 ENCODER_DIR = schemas.MODELS_DIR / "encoder"
@@ -140,11 +140,6 @@ def speak(text: str, voice: str, rate: int, pitch: int, n_mels: int) -> tuple[np
     return feats, tokens[:-1]
 
 
-def voice_grid(cfg: EncoderBuildConfig) -> list[str]:
-    """Every accent with every variant: espeak-ng voice names such as `en-gb-x-rp+f2`."""
-    return list(speech_voice_grid(cfg.accents, cfg.variants))
-
-
 def synthesize_corpus(items: list[tuple[str, str, int, int]], n_mels: int, progress: bool, desc: str):
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [pool.submit(speak, t, v, r, p, n_mels) for t, v, r, p in items]
@@ -225,7 +220,7 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
     forbidden = _words(samples["prompt"].to_pylist() + samples["response"].to_pylist())
     names = pretraining_names(rng, 3000 + cfg.heldout_names, forbidden)
     heldout, train_names = names[: cfg.heldout_names], names[cfg.heldout_names :]
-    voices = voice_grid(cfg)
+    voices = voice_grid(cfg.accents, cfg.variants)
     if cfg.heldout_voice in voices:
         raise ValueError(f"the held-out voice {cfg.heldout_voice!r} is also a training voice")
 
