@@ -2,6 +2,7 @@
 
     python -m pipeline.speech                                  # espeak-ng, 1 rendition a sample
     python -m pipeline.speech --voices en-us,en-gb --rates 150,180 --per-sample 2
+    python -m pipeline.speech --backend vits --tts-model kakao-enterprise/vits-vctk   # 109 human speakers (GPU)
 
 Each rendition (a voice at a speaking rate, id "voice@rate") of a sample is one
 16 kHz mono FLAC file under the audio directory; index.parquet lists them
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,10 +66,20 @@ class SynthesisError(RuntimeError):
 class TTSBackend(Protocol):
     name: str
     default_voices: tuple[str, ...]  # what synthesize_all speaks in when given no voices
+    heldout_voice: str | None  # a voice of this backend kept out of default_voices, for a never-heard eval set
 
     def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
         """Mono float32 waveform in [-1, 1] and its sample rate."""
         ...
+
+
+class BatchTTSBackend(TTSBackend, Protocol):
+    """A backend that renders many texts in one call (a neural model on a GPU); synthesize_all then hands it
+    up to `batch_size` clips of one rendition at a time."""
+
+    batch_size: int
+
+    def synthesize_batch(self, texts: list[str], voice: str, rate_wpm: int) -> list[tuple[np.ndarray, int]]: ...
 
 
 class EspeakNG:
@@ -75,6 +87,7 @@ class EspeakNG:
 
     name = "espeak-ng"
     default_voices = DEFAULT_VOICES
+    heldout_voice = "en-029"  # Caribbean English: an accent of none of the default voices
 
     def __init__(self, executable: str = "espeak-ng", timeout_s: float = 60.0):
         path = shutil.which(executable)
@@ -99,6 +112,7 @@ class Flite:
 
     name = "flite"
     default_voices = ("awb", "kal16", "rms", "slt")  # awb_time speaks only times of day; kal is kal16 at 8 kHz
+    heldout_voice = None  # four voices: none to spare (a whole synthesizer never heard is the harder test)
     NATURAL_WPM = 175  # the rate flite speaks at by default; other rates stretch every duration by 175 / rate
 
     def __init__(self, executable: str = "flite", timeout_s: float = 60.0):
@@ -124,6 +138,84 @@ class Flite:
             return _read_wave(self.name, wav)
 
 
+DEFAULT_VITS_MODEL = "kakao-enterprise/vits-vctk"  # VITS trained on VCTK: 109 English speakers, 22.05 kHz, MIT
+
+
+class Vits:
+    """A VITS text-to-speech model from transformers (`VitsModel`), e.g. kakao-enterprise/vits-vctk (109 speakers
+    of VCTK, human recordings) or a facebook/mms-tts-* model (one speaker): speech that sounds like people, for a
+    student that must hear people. Voices are the model's speaker ids, `spk0` ... `spk108`; the last is held out of
+    the defaults. A rate scales VITS's speaking_rate by rate / 175 wpm. Each batch is seeded from its texts, so
+    the same data gives the same audio. Runs on the GPU when there is one (`device`), `batch_size` clips of one
+    rendition a forward; a clip shorter than its batch's longest can differ from its clip-by-clip rendering at its
+    very end (the decoder's convolutions reach into the batch's padding: the last 361 samples in the test model;
+    `--tts-batch 1` avoids it, at the cost of batching)."""
+
+    NATURAL_WPM = 175
+
+    def __init__(self, model: str = DEFAULT_VITS_MODEL, device: str = "auto", batch_size: int = 16):
+        from transformers import AutoTokenizer, VitsModel
+
+        if batch_size < 1:
+            raise UserError(f"--tts-batch must be >= 1, got {batch_size}")
+        try:
+            self.model = VitsModel.from_pretrained(model)
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--tts-model {model}: not a loadable VITS model ({first}); give a Hugging Face id of "
+                            f"one (e.g. {DEFAULT_VITS_MODEL}, facebook/mms-tts-eng) or its local directory") from exc
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.model.to(self.device).eval()
+        self.name = f"vits:{model}"
+        self.batch_size = batch_size
+        self.sample_rate = int(self.model.config.sampling_rate)
+        self.voices, self.heldout_voice = self.speakers(int(self.model.config.num_speakers))
+        self.default_voices = tuple(v for v in self.voices if v != self.heldout_voice)
+        self._lock = threading.Lock()  # one batch at a time: the model is one, and seeding is global
+        # tokens that say something: not special (blank, unknown), not punctuation alone
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        self._speakable = {i for i, tok in enumerate(tokens)
+                           if i not in self.tokenizer.all_special_ids and any(c.isalnum() for c in tok)}  # fmt: skip
+
+    @staticmethod
+    def speakers(n: int) -> tuple[tuple[str, ...], str | None]:
+        """The voices of a model of n speakers, and the one held out of the defaults (none if n is 1)."""
+        voices = tuple(f"spk{i}" for i in range(n))
+        return voices, (voices[-1] if n > 1 else None)
+
+    def _speaker(self, voice: str) -> int | None:
+        if voice not in self.voices:
+            raise SynthesisError(f"{self.name} has no voice {voice!r}; it has spk0 ... spk{len(self.voices) - 1}")
+        return int(voice[3:]) if len(self.voices) > 1 else None
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
+        return self.synthesize_batch([text], voice, rate_wpm)[0]
+
+    def synthesize_batch(self, texts: list[str], voice: str, rate_wpm: int) -> list[tuple[np.ndarray, int]]:
+        speaker = self._speaker(voice)
+        seed = int(hashlib.sha1("\n".join([voice, str(rate_wpm), *texts]).encode()).hexdigest()[:8], 16)
+        # Under the lock, tokenizing too: a phonemizing tokenizer drives libespeak-ng, which is not thread-safe
+        # (two threads at once gave one of them another text's phonemes).
+        with self._lock:
+            ids = [self.tokenizer(t).input_ids for t in texts]
+            empty = [t for t, i in zip(texts, ids) if not self._speakable.intersection(i)]
+            if empty:  # synthesize_all then renders the batch clip by clip, to reject only this one
+                raise SynthesisError(f"{self.name}: nothing speakable in {empty[0][:60]!r} (punctuation or unknown "
+                                     f"characters alone, after its tokenizer's normalization)")  # fmt: skip
+            width, pad = max(len(i) for i in ids), self.tokenizer.pad_token_id or 0
+            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=self.device)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=self.device)
+            with torch.inference_mode(), torch.random.fork_rng(
+                devices=[self.device] if self.device.type == "cuda" else []
+            ):
+                torch.manual_seed(seed)
+                out = self.model(input_ids=input_ids, attention_mask=mask, speaker_id=speaker,
+                                 speaking_rate=rate_wpm / self.NATURAL_WPM)  # fmt: skip
+        waves = out.waveform.float().cpu().numpy()
+        return [(waves[b, : int(n)].copy(), self.sample_rate) for b, n in enumerate(out.sequence_lengths.tolist())]
+
+
 def _run_synthesizer(name: str, argv: list[str], timeout_s: float, stdin: bytes | None = None) -> bytes:
     """A synthesizer's command line run to completion: its stdout, or SynthesisError saying why not."""
     try:
@@ -144,7 +236,33 @@ def _read_wave(name: str, source) -> tuple[np.ndarray, int]:
     return wave.mean(axis=1), sr
 
 
-BACKENDS = {"espeak-ng": EspeakNG, "flite": Flite}
+BACKENDS = {"espeak-ng": EspeakNG, "flite": Flite, "vits": Vits}
+
+
+def heldout_voice_of(name: str, model: str | None = None) -> str | None:
+    """A backend's own held-out voice (see TTSBackend) without loading it: a VITS model's config alone."""
+    if name != "vits":
+        return BACKENDS[name].heldout_voice
+    from transformers import AutoConfig
+
+    try:
+        n = int(AutoConfig.from_pretrained(model or DEFAULT_VITS_MODEL).num_speakers)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--tts-model {model or DEFAULT_VITS_MODEL}: no VITS config there ({exc}); give a Hugging "
+                        f"Face id of a VITS model or its local directory") from exc  # fmt: skip
+    return Vits.speakers(n)[1]
+
+
+def make_backend(name: str, model: str | None = None, device: str = "auto", batch_size: int = 16) -> TTSBackend:
+    """A backend by its --backend name; `model` (a VITS model id or directory), `device` and `batch_size` are
+    VITS's."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown text-to-speech backend {name!r}: use one of {', '.join(sorted(BACKENDS))}")
+    if name == "vits":
+        return Vits(model or DEFAULT_VITS_MODEL, device, batch_size)
+    if model:
+        raise UserError(f"--tts-model is for the vits backend; {name} takes voices (--voices)")
+    return BACKENDS[name]()
 
 
 @dataclass(frozen=True)
@@ -223,44 +341,76 @@ def synthesize_all(
     if not grid:
         raise UserError("no renditions: give at least one --voices entry and one --rates entry")
     work = [(s, r) for s in samples for r in renditions_for(s["sample_id"], grid, per_sample)]
+    # A batching backend gets up to batch_size clips of one rendition per call; the others one clip per call.
+    batch = max(1, int(getattr(backend, "batch_size", 1)))
+    by_rendition: dict[Rendition, list] = {}
+    for sample, rend in work:
+        by_rendition.setdefault(rend, []).append(sample)
+    if batch > 1:  # prompts of like length together: less padding to compute, and to reach into (see Vits)
+        by_rendition = {rend: sorted(group, key=lambda s: len(s["prompt"])) for rend, group in by_rendition.items()}
+    units = [(rend, group[i : i + batch]) for rend, group in by_rendition.items() for i in range(0, len(group), batch)]
 
-    def one(item):
-        sample, rend = item
-        rel = audio_relpath(sample["sample_id"], rend)
-        path = audio_dir / rel
-        if path.exists():
-            info = sf.info(path)
-            return ("skipped", sample, rend, rel, info.frames / info.samplerate)
+    def render(texts: list[str], rend: Rendition) -> list:
+        """Each text's (wave at 16 kHz) or SynthesisError; a failed batch is retried clip by clip to tell which."""
         try:
-            wave, sr = backend.synthesize(sample["prompt"], rend.voice, rend.rate_wpm)
-            wave = to_16k(wave, sr)
-            if wave.size == 0 or not np.any(wave):
-                raise SynthesisError("synthesized audio is empty (silent); is the prompt speakable text?")
-            write_audio_atomic(path, wave, SAMPLE_RATE)
+            if len(texts) == 1:
+                return [backend.synthesize(texts[0], rend.voice, rend.rate_wpm)]
+            return backend.synthesize_batch(texts, rend.voice, rend.rate_wpm)
         except SynthesisError as exc:
-            return ("rejected", sample, rend, str(exc), None)
-        return ("synthesized", sample, rend, rel, wave.size / SAMPLE_RATE)
+            if len(texts) == 1:
+                return [exc]
+            return [r for t in texts for r in render([t], rend)]
+
+    def one(unit):
+        rend, group = unit
+        results, todo = {}, []
+        for sample in group:
+            rel = audio_relpath(sample["sample_id"], rend)
+            if (audio_dir / rel).exists():
+                info = sf.info(audio_dir / rel)
+                results[sample["sample_id"]] = ("skipped", sample, rend, rel, info.frames / info.samplerate)
+            else:
+                todo.append((sample, rel))
+        rendered = render([sample["prompt"] for sample, _ in todo], rend) if todo else []
+        for (sample, rel), out in zip(todo, rendered, strict=True):
+            try:
+                if isinstance(out, SynthesisError):
+                    raise out
+                wave = to_16k(*out)
+                if wave.size == 0 or not np.any(wave):
+                    raise SynthesisError("synthesized audio is empty (silent); is the prompt speakable text?")
+                write_audio_atomic(audio_dir / rel, wave, SAMPLE_RATE)
+            except SynthesisError as exc:
+                results[sample["sample_id"]] = ("rejected", sample, rend, str(exc), None)
+                continue
+            results[sample["sample_id"]] = ("synthesized", sample, rend, rel, wave.size / SAMPLE_RATE)
+        return [results[sample["sample_id"]] for sample in group]
 
     index_rows, rejected, counts = [], [], {"synthesized": 0, "skipped": 0, "rejected": 0}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for status, sample, rend, detail, duration in tqdm(
-            pool.map(one, work), total=len(work), desc="speech", unit="clip", disable=not progress
-        ):
-            counts[status] += 1
-            if status == "rejected":
-                rejected.append(reject("speech", "prompt", detail, sample_id=sample["sample_id"], rendition=rend.id))
-                continue
-            index_rows.append(
-                {
-                    "sample_id": sample["sample_id"],
-                    "rendition": rend.id,
-                    "voice": rend.voice,
-                    "rate_wpm": rend.rate_wpm,
-                    "path": detail,
-                    "duration_s": float(duration),
-                    "sample_rate": SAMPLE_RATE,
-                }
-            )
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(
+        total=len(work), desc="speech", unit="clip", disable=not progress
+    ) as bar:
+        for unit_results in pool.map(one, units):
+            bar.update(len(unit_results))
+            for status, sample, rend, detail, duration in unit_results:
+                counts[status] += 1
+                if status == "rejected":
+                    rejected.append(reject("speech", "prompt", detail, sample_id=sample["sample_id"],
+                                           rendition=rend.id))  # fmt: skip
+                    continue
+                index_rows.append(
+                    {
+                        "sample_id": sample["sample_id"],
+                        "rendition": rend.id,
+                        "voice": rend.voice,
+                        "rate_wpm": rend.rate_wpm,
+                        "path": detail,
+                        "duration_s": float(duration),
+                        "sample_rate": SAMPLE_RATE,
+                    }
+                )
+    order = {(sample["sample_id"], rend.id): i for i, (sample, rend) in enumerate(work)}
+    index_rows.sort(key=lambda row: order[(row["sample_id"], row["rendition"])])  # the samples' order, as before
     schema = schemas.with_metadata(
         schemas.AUDIO_INDEX_SCHEMA, "audio_index", schemas.AUDIO_INDEX_VERSION, {"tts_backend": backend.name}
     )
@@ -283,17 +433,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="espeak-ng")
     parser.add_argument("--voices", type=_csv(str), default=None,
                         help="comma-separated voices, one drawn per clip (default: espeak-ng's 7 English accents x "
-                             "14 variants; flite's awb,kal16,rms,slt)")  # fmt: skip
+                             "14 variants; flite's awb,kal16,rms,slt; vits: every speaker spk0, spk1, ... but the "
+                             "last)")  # fmt: skip
+    parser.add_argument("--tts-model", default=None, help=f"vits: a Hugging Face id or directory of a VITS model "
+                                                          f"(default {DEFAULT_VITS_MODEL})")  # fmt: skip
+    parser.add_argument("--tts-device", default="auto", help="vits: cuda, cpu, or auto (cuda when there is one)")
+    parser.add_argument("--tts-batch", type=int, default=16, help="vits: clips per forward")
     parser.add_argument("--rates", type=_csv(int), default=DEFAULT_RATES, help="comma-separated words/minute")
     parser.add_argument("--per-sample", type=int, default=1, help="renditions per sample")
     parser.add_argument("--split", default=None, help="only the samples of this split (e.g. eval, for a held-out "
                                                       "voice)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
     args = parser.parse_args(argv)
-    result = synthesize_all(
-        args.samples, args.out, BACKENDS[args.backend](), args.voices, args.rates, args.per_sample, args.jobs,
-        split=args.split,
-    )
+    backend = make_backend(args.backend, args.tts_model, args.tts_device, args.tts_batch)
+    result = synthesize_all(args.samples, args.out, backend, args.voices, args.rates, args.per_sample, args.jobs,
+                            split=args.split)  # fmt: skip
     hours = sum(result.index["duration_s"].to_pylist()) / 3600
     print(
         f"speech: {result.index.num_rows} clips ({result.synthesized} synthesized, {result.skipped} already there, "

@@ -97,3 +97,35 @@ def student_cache(samples_dir, tiny_teacher, vllm_engine, tmp_path_factory):
                               top_k=8)  # fmt: skip
     cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
     return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_vits(data_root) -> Path:
+    """A randomly initialised VITS (transformers' VitsModel) with 4 speakers at 22.05 kHz and a phonemizing
+    tokenizer, as kakao-enterprise/vits-vctk has: the --backend vits path without a download. Its durations are
+    fixed at 2 frames (512 samples) a token at speaking rate 1, so lengths are known; it says nothing."""
+    import json
+
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    out = data_root / "models" / "vits-tiny-random"
+    out.mkdir(parents=True)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz ,.?!'-ɐɑɒæçðŋøœɔɕɖɗɘəɚɛɜɝɞɟɡɣɤɥɦɨɪɫɬɭɯɰɱɲɳɴɵɸɹɺɻɽɾʁʂʃʈʉʊʋʌʍʎʏʐʑʒʔʕʝʟʤʧˈˌːˑθχᵻ"))
+    vocab = {"<pad>": 0, **{c: i + 1 for i, c in enumerate(chars)}, "<unk>": len(chars) + 1}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    VitsTokenizer(out / "vocab.json", phonemize=True, normalize=True, add_blank=True).save_pretrained(out)
+    cfg = VitsConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                     flow_size=16, spectrogram_bins=33, upsample_initial_channel=32, upsample_rates=[8, 8, 4],
+                     upsample_kernel_sizes=[16, 16, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
+                     num_speakers=4, speaker_embedding_size=8, use_stochastic_duration_prediction=False,
+                     duration_predictor_filter_channels=16, prior_encoder_num_flows=2,
+                     prior_encoder_num_wavenet_layers=2, posterior_encoder_num_wavenet_layers=2,
+                     sampling_rate=22050)  # fmt: skip
+    torch.manual_seed(0)
+    model = VitsModel(cfg).eval()
+    with torch.no_grad():  # log duration = log 2 for every token
+        model.duration_predictor.proj.weight.zero_()
+        model.duration_predictor.proj.bias.fill_(float(torch.log(torch.tensor(2.0))))
+    model.save_pretrained(out)
+    return out

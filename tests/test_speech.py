@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from pipeline.parquet_io import rejects_path
+from pipeline.schemas import read_metadata
 from pipeline.speech import (
     DEFAULT_VOICES,
     SAMPLE_RATE,
@@ -42,11 +43,13 @@ def test_espeak_produces_decodable_16k_audio(samples_dir, tmp_path):
 def test_every_voice_of_the_grid_is_its_own_voice():
     """espeak-ng takes a variant it cannot apply silently (`en-gb+f2` is `en-gb`): every voice of the grid (the
     encoder's pretraining voices) and of the default training speech must sound different from every other, or
-    the speech has fewer voices than it claims; and the flow's held-out voice is none of them."""
-    from flows.cache_teacher import HELDOUT_VOICE
+    the speech has fewer voices than it claims; and the held-out voice (the flow's, the toy encoder's) is none of
+    them."""
+    from toy.encoder import EncoderBuildConfig
 
     voices = sorted(set(voice_grid()) | set(DEFAULT_VOICES))
-    assert len(voice_grid()) == len(set(voice_grid())) == 98 and HELDOUT_VOICE not in voices
+    assert EspeakNG.heldout_voice == EncoderBuildConfig.heldout_voice
+    assert len(voice_grid()) == len(set(voice_grid())) == 98 and EspeakNG.heldout_voice not in voices
     tts = EspeakNG()
     sounds = {}
     for voice in voices:
@@ -142,3 +145,100 @@ def test_renditions_are_deterministic_and_distinct():
     assert len(renditions_for("s1", grid, 99)) == len(grid)
     assert audio_relpath("a/b c", grid[0]) != audio_relpath("a_b_c", grid[0])
     assert "/" not in audio_relpath("a/b", grid[0]).rsplit("/", 1)[1]
+
+
+def test_vits_speaks_every_prompt_in_batches_trimmed_to_each_clip(samples_dir, tiny_vits, tmp_path):
+    """--backend vits: transformers' VitsModel behind the speech stage, batched by rendition. Each clip is cut to
+    its own length out of the padded batch (the tiny model speaks 512 samples a token at 22.05 kHz, so that length
+    is known), resampled to 16 kHz; a batch gives what clip-by-clip synthesis gives; the same data gives the
+    same audio; speakers differ; a rate shortens or lengthens the clip as asked."""
+    from pipeline.speech import Vits
+
+    tts = Vits(str(tiny_vits), device="cpu", batch_size=4)
+    assert tts.voices == ("spk0", "spk1", "spk2", "spk3") and tts.heldout_voice == "spk3"
+    assert tts.default_voices == ("spk0", "spk1", "spk2")
+    out = tmp_path / "audio"
+    result = synthesize_all(samples_dir, out, backend=tts, rates=(175,), split="eval", progress=False)
+    n_eval = pq.read_table(samples_dir / "samples.parquet").filter(pc.field("split") == "eval").num_rows
+    assert result.index.num_rows == result.synthesized == n_eval > 4 and result.rejects.num_rows == 0
+    assert set(result.index["voice"].to_pylist()) <= set(tts.default_voices)
+    assert read_metadata(pq.read_schema(out / "index.parquet"))["tts_backend"] == f"vits:{tiny_vits}"
+    prompts = dict(zip(*pq.read_table(samples_dir / "samples.parquet", columns=["sample_id", "prompt"])
+                       .to_pydict().values()))  # fmt: skip
+    lengths = set()
+    for row in result.index.to_pylist():
+        wave, sr = sf.read(out / row["path"], dtype="float32")
+        tokens = len(tts.tokenizer(prompts[row["sample_id"]]).input_ids)
+        assert sr == SAMPLE_RATE and abs(len(wave) - tokens * 512 * SAMPLE_RATE / 22050) <= 2
+        assert np.abs(wave).max() > 0.01
+        lengths.add(len(wave))
+    assert len(lengths) > 1  # prompts of several lengths went through padded batches
+
+    texts = [prompts[s] for s in list(prompts)[:4]]
+    assert len({len(t) for t in texts}) > 1
+    batched = tts.synthesize_batch(texts, "spk1", 175)
+    again = tts.synthesize_batch(texts, "spk1", 175)
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(batched, again))  # seeded: the same audio
+    tts.model.noise_scale = 0.0  # without the prior's noise, a batch must equal its clips one by one ...
+    quiet = tts.synthesize_batch(texts, "spk1", 175)
+    longest = max(range(4), key=lambda i: len(quiet[i][0]))
+    for i, (text, (wave, sr)) in enumerate(zip(texts, quiet)):
+        alone, _ = tts.synthesize(text, "spk1", 175)
+        assert sr == 22050 and wave.shape == alone.shape
+        tail = 0 if i == longest else 512  # ... but where the decoder's convolutions reach into the padding
+        assert np.allclose(wave[: len(wave) - tail], alone[: len(alone) - tail], atol=1e-4)
+    other, _ = tts.synthesize(texts[0], "spk2", 175)
+    assert other.shape == quiet[0][0].shape and not np.allclose(other, quiet[0][0], atol=1e-3)
+    fast, _ = tts.synthesize(texts[0], "spk1", 350)  # 1 frame a token instead of 2
+    slow, _ = tts.synthesize(texts[0], "spk1", 88)  # ceil(2 x 175/88) = 4
+    assert 2 * len(fast) == len(quiet[0][0]) and len(slow) == 2 * len(quiet[0][0])
+
+
+def test_vits_rejects_only_the_unspeakable_clip_of_a_batch_and_refuses_bad_options(tiny_vits, tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from pipeline.errors import UserError
+    from pipeline.samples import ingest
+    from pipeline.speech import Vits, main
+
+    src = tmp_path / "three.jsonl"
+    rows = [{"sample_id": f"s{i}", "prompt": p, "response": "ok"} for i, p in
+            enumerate(["What is the capital of Norway?", "...?", "Who wrote it?"])]  # fmt: skip
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest(str(src), tmp_path / "samples", progress=False)
+    tts = Vits(str(tiny_vits), device="cpu", batch_size=8)
+    result = synthesize_all(tmp_path / "samples", tmp_path / "audio", backend=tts, voices=("spk0",), rates=(175,),
+                            progress=False)  # fmt: skip
+    assert result.index["sample_id"].to_pylist() == ["s0", "s2"] and result.synthesized == 2
+    reject = pq.read_table(rejects_path(tmp_path / "audio", "speech")).to_pylist()
+    assert [r["sample_id"] for r in reject] == ["s1"] and "nothing speakable" in reject[0]["reason"]
+
+    with pytest.raises(UserError, match="has no voice.*spk7"):
+        synthesize_all(tmp_path / "samples", tmp_path / "other", backend=tts, voices=("spk0", "spk7"), progress=False)
+    assert not (tmp_path / "other").exists()
+    capsys.readouterr()
+    code = main(["--backend", "vits", "--tts-model", str(tmp_path / "no-such-model"), "--samples",
+                 str(tmp_path / "samples"), "--out", str(tmp_path / "other")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a loadable VITS model" in err[0], err
+    assert main(["--backend", "espeak-ng", "--tts-model", str(tiny_vits)]) == 2
+    assert main(["--backend", "vits", "--tts-model", str(tiny_vits), "--samples", str(tmp_path / "samples"),
+                 "--out", str(tmp_path / "cli"), "--voices", "spk2", "--tts-device", "cpu"]) == 0  # fmt: skip
+    assert "speech: 2 clips (2 synthesized" in capsys.readouterr().out
+
+
+def test_vits_from_many_threads_speaks_each_text_not_another(tiny_vits):
+    """synthesize_all calls a backend from --jobs threads; the phonemizing tokenizer drives libespeak-ng, which
+    is not thread-safe (unlocked, 166 of 200 texts came out as another text's phonemes here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.speech import Vits
+
+    tts = Vits(str(tiny_vits), device="cpu", batch_size=1)
+    texts = [f"Question {i}: which city is the capital of the country called Zorb{'a' * (i % 7)}t?" for i in range(40)]
+    expected = [len(tts.tokenizer(t).input_ids) * 512 for t in texts]  # 512 samples a token at rate 1
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda t: len(tts.synthesize(t, "spk0", 175)[0]), texts))
+    assert got == expected
