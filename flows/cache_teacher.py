@@ -57,7 +57,6 @@ from toy import encoder as toy_encoder
 from toy import teacher as toy_teacher
 
 FLOW_NAME = "cache-teacher"
-HELDOUT_VOICE = toy_encoder.EncoderBuildConfig.heldout_voice  # the voice the toy encoder never hears either
 HELDOUT_RATE = 160
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,12 +68,17 @@ class CacheFlowConfig:
     data_dir: str = opt("data", "where every stage writes: samples/, audio/, features/, cache/, models/, rejects/")
     source: str = opt(samples_stage.TOY_WORLD, "toy-world | .jsonl | .parquet | a Hugging Face dataset")
     split: str = opt("train", "split of source rows that carry none")
-    voices: list[str] = listed(speech_stage.DEFAULT_VOICES, "espeak-ng voices of the training speech, one drawn per "
-                                                            "clip (7 English accents x 14 variants)")  # fmt: skip
+    tts: str = opt("espeak-ng", "text-to-speech: espeak-ng, flite, or vits (a VITS model from transformers, "
+                                "--tts-model; on a GPU when there is one)", choices=tuple(sorted(speech_stage.BACKENDS)))  # fmt: skip
+    tts_model: str | None = opt(None, f"with --tts vits: a Hugging Face id or local directory of a VITS model "
+                                      f"(default {speech_stage.DEFAULT_VITS_MODEL}, 109 speakers)")  # fmt: skip
+    voices: list[str] = listed((), "voices of the training speech, one drawn per clip (default: the TTS's own: "
+                                   "espeak-ng 7 English accents x 14 variants; vits every speaker but the last)")  # fmt: skip
     rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
     per_sample: int = opt(1, "speech renditions per sample")
-    heldout_voice: str | None = opt(HELDOUT_VOICE, "also speak the eval split in this voice, never a training one "
-                                                   "('': not)")  # fmt: skip
+    heldout_voice: str | None = opt("auto", "also speak the eval split in this voice, never a training one ('auto': "
+                                            "the TTS's own, espeak-ng en-029, vits its last speaker, flite none; "
+                                            "'': none)")  # fmt: skip
     default_encoder: bool = opt(True, "on the toy world, also build the embedded pretrained speech encoder")
     n_mels: int = opt(80, "log-mel bins of the speech features")
     workers: int = opt(1, "caching workers: 1 = in this process, no Ray; N > 1 = Ray tasks (prefect-ray), one per "
@@ -89,6 +93,8 @@ class CacheFlowConfig:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
+        if self.tts_model and self.tts != "vits":
+            raise ConfigError(f"--tts-model is for --tts vits; {self.tts} takes --voices")
         if self.heldout_voice and self.heldout_voice in self.voices:
             raise ConfigError(f"--heldout-voice {self.heldout_voice} is also one of the {len(self.voices)} training "
                               f"voices (--voices); pick a voice the training speech does not use, or "
@@ -151,10 +157,12 @@ def build_default_encoder(samples_dir: Path, encoder_dir: Path) -> dict:
 
 
 @task(name="synthesize-speech", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
-def synthesize_speech(samples_dir: Path, audio_dir: Path, voices: list[str], rates: list[int], per_sample: int,
-                      split: str | None = None) -> dict:  # fmt: skip
-    r = speech_stage.synthesize_all(samples_dir, audio_dir, voices=tuple(voices), rates=tuple(rates),
-                                    per_sample=per_sample, progress=False, split=split)  # fmt: skip
+def synthesize_speech(samples_dir: Path, audio_dir: Path, tts: str, tts_model: str | None, voices: list[str],
+                      rates: list[int], per_sample: int, split: str | None = None) -> dict:  # fmt: skip
+    """`voices` empty: the backend's own defaults."""
+    backend = speech_stage.make_backend(tts, tts_model)
+    r = speech_stage.synthesize_all(samples_dir, audio_dir, backend, voices=tuple(voices) or None,
+                                    rates=tuple(rates), per_sample=per_sample, progress=False, split=split)  # fmt: skip
     return {"clips": r.index.num_rows, "synthesized": r.synthesized, "rejected": r.rejects.num_rows}
 
 
@@ -281,6 +289,8 @@ def split_parameters(params: dict) -> tuple[CacheFlowConfig, TeacherConfig]:
     """The flow's parameters as its two configs, validated; the teacher's paths are under data_dir."""
     own = {f.name for f in fields(CacheFlowConfig)}
     flow_cfg = CacheFlowConfig(**{k: v for k, v in params.items() if k in own})
+    if flow_cfg.heldout_voice == "auto":
+        flow_cfg.heldout_voice = speech_stage.heldout_voice_of(flow_cfg.tts, flow_cfg.tts_model)
     flow_cfg.heldout_voice = flow_cfg.heldout_voice or None
     data = Path(flow_cfg.data_dir)
     teacher_cfg = TeacherConfig(**{k: v for k, v in params.items() if k not in own}, samples=str(data / "samples"),
@@ -303,14 +313,15 @@ def run_cache_teacher(**params) -> dict:
     samples = prepare_samples(flow_cfg.source, samples_dir, flow_cfg.split)
     if toy:
         build_default_teacher(samples_dir, data / "models" / "teacher")
-    speech = synthesize_speech(samples_dir, audio_dir, flow_cfg.voices, flow_cfg.rates, flow_cfg.per_sample)
+    speech = synthesize_speech(samples_dir, audio_dir, flow_cfg.tts, flow_cfg.tts_model, flow_cfg.voices,
+                               flow_cfg.rates, flow_cfg.per_sample)  # fmt: skip
     feats = extract_features(audio_dir, features_dir, flow_cfg.n_mels)
     heldout = None
     if flow_cfg.heldout_voice:
         held_audio = data / ("audio" + schemas.HELDOUT_VOICE_SUFFIX)
         held_features = data / ("features" + schemas.HELDOUT_VOICE_SUFFIX)
-        held_speech = synthesize_speech(samples_dir, held_audio, [flow_cfg.heldout_voice], [HELDOUT_RATE], 1,
-                                        split="eval")  # fmt: skip
+        held_speech = synthesize_speech(samples_dir, held_audio, flow_cfg.tts, flow_cfg.tts_model,
+                                        [flow_cfg.heldout_voice], [HELDOUT_RATE], 1, split="eval")  # fmt: skip
         heldout = {**held_speech, **extract_features(held_audio, held_features, flow_cfg.n_mels)}
     cache = cache_on_workers(flow_cfg, cfg) if flow_cfg.uses_ray else cache_logits(cfg)
     encoder = None

@@ -111,3 +111,23 @@ def test_served_deployment_runs_the_flow_on_two_ray_workers_and_writes_the_cache
                     p.kill()
         for fh in logs.values():
             fh.close()
+
+
+def test_the_flows_held_out_voice_is_the_tts_own_unless_given(tiny_vits):
+    """--heldout-voice auto (the default) is the backend's held-out voice: espeak-ng's en-029, a VITS model's last
+    speaker (read from its config), none for flite; --tts-model belongs to --tts vits alone."""
+    import pytest
+
+    from flows.cache_teacher import split_parameters
+    from pipeline.config import ConfigError
+
+    def held(**params):
+        return split_parameters({"teacher": "some/teacher", **params})[0].heldout_voice
+
+    assert held() == "en-029" and held(tts="flite") is None
+    assert held(tts="vits", tts_model=str(tiny_vits)) == "spk3"
+    assert held(tts="vits", tts_model=str(tiny_vits), heldout_voice="") is None
+    with pytest.raises(ConfigError, match="also one of the 2 training voices"):
+        held(tts="vits", tts_model=str(tiny_vits), voices=["spk0", "spk3"])
+    with pytest.raises(ConfigError, match="--tts-model is for --tts vits"):
+        held(tts="flite", tts_model=str(tiny_vits))

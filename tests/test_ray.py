@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cache import MANIFEST, CacheEncoding, CacheReader, partition_of, read_manifest
 from pipeline.query import connect
 from pipeline.samples import load_samples
+from pipeline.schemas import read_metadata
 from pipeline.teacher import cache_teacher_logits
 from tests.conftest import tiny_teacher_config
 
@@ -48,7 +50,8 @@ def _rows_in(partition: Path) -> int:
     return sum(e["rows"] for e in (manifest or {}).get("shards", {}).values())
 
 
-def test_two_ray_workers_one_killed_mid_run_give_the_one_worker_cache(tiny_teacher, tiny_rows, vllm_engine, tmp_path):
+def test_two_ray_workers_one_killed_mid_run_give_the_one_worker_cache(tiny_teacher, tiny_rows, vllm_engine, tiny_vits,
+                                                                      tmp_path):  # fmt: skip
     src = tmp_path / "src.jsonl"
     rows = tiny_rows[:120]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -56,7 +59,8 @@ def test_two_ray_workers_one_killed_mid_run_give_the_one_worker_cache(tiny_teach
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "WARNING",
            "RAY_AUTH_MODE": "disabled", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
     cmd = [sys.executable, "flows/cache_teacher.py", "--data-dir", str(data), "--source", str(src), "--teacher",
-           str(tiny_teacher), "--top-k", "8", "--voices", "en-us", "--rates", "170", "--heldout-voice", "",
+           str(tiny_teacher), "--top-k", "8", "--tts", "vits", "--tts-model", str(tiny_vits), "--rates", "170",
+           "--heldout-voice", "",
            "--max-model-len", "128", "--kv-cache-gib", "0.25", "--dtype", "float32", "--rows-per-shard", "2",
            "--group-size", "1"]  # fmt: skip
     log = tmp_path / "flow.log"
@@ -80,6 +84,11 @@ def test_two_ray_workers_one_killed_mid_run_give_the_one_worker_cache(tiny_teach
 
     samples = load_samples(data / "samples").to_pylist()
     ids = [s["sample_id"] for s in samples]
+    # the speech of this run: the VITS backend (--tts vits) in its default voices, every sample spoken
+    audio = pq.read_table(data / "audio" / "index.parquet")
+    assert read_metadata(audio.schema)["tts_backend"] == f"vits:{tiny_vits}"
+    assert set(audio["voice"].to_pylist()) <= {"spk0", "spk1", "spk2"} and len(set(audio["voice"].to_pylist())) > 1
+    assert sorted(audio["sample_id"].to_pylist()) == sorted(ids)
     share0 = sum(partition_of(sid, 2) == 0 for sid in ids)
     assert 0 < rows_at_kill < share0  # killed with part of its partition written
 
