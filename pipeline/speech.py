@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -156,6 +157,9 @@ class Vits:
     def __init__(self, model: str = DEFAULT_VITS_MODEL, device: str = "auto", batch_size: int = 16):
         from transformers import AutoTokenizer, VitsModel
 
+        # phonemizer warns "words count mismatch" on most prompts with punctuation (it keeps the punctuation the
+        # tokenizer asks for): one line per batch, tens of thousands at scale, about nothing that changes the audio
+        logging.getLogger("phonemizer").setLevel(logging.ERROR)
         if batch_size < 1:
             raise UserError(f"--tts-batch must be >= 1, got {batch_size}")
         try:
