@@ -28,5 +28,6 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf data/samples data/audio data/features data/audio-heldout-voice data/features-heldout-voice data/models \
+	rm -rf data/samples data/audio data/features data/audio-heldout-voice data/features-heldout-voice \
+		data/audio-heldout-tts data/features-heldout-tts data/models \
 		data/cache data/rejects data/raw data/bench

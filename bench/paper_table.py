@@ -55,6 +55,7 @@ COLUMNS = [  # (header, result key or (key, key) for "fine-tuned / other"), ever
     ("speech: fine-tuned / other facts", ("finetuned_student_speech_accuracy", "not_finetuned_student_speech_accuracy")),
     ("text: fine-tuned / other facts", ("finetuned_student_text_accuracy", "not_finetuned_student_text_accuracy")),
     ("speech, held-out voice", "heldout_voice_student_speech_accuracy"),
+    ("speech, held-out synthesizer", "heldout_tts_student_speech_accuracy"),
 ]
 
 

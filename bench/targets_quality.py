@@ -171,7 +171,8 @@ def render(report: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = {**BENCH_DEFAULTS, "steps": 550, "align_steps": 400, "alpha": 0.5, "beta": 0.5,
-                "out": str(WORK / "runs"), "heldout_features": ""}  # fmt: skip
+                "out": str(WORK / "runs"), "heldout_features": "",
+                "heldout_tts_features": ""}  # fmt: skip
     build_parser(defaults=defaults, parser=parser, skip=("resume", "stop_after", "logits", "kd", "tau"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed+1, ... (alignment included)")

@@ -69,16 +69,22 @@ class CacheFlowConfig:
     source: str = opt(samples_stage.TOY_WORLD, "toy-world | .jsonl | .parquet | a Hugging Face dataset")
     split: str = opt("train", "split of source rows that carry none")
     tts: str = opt("espeak-ng", "text-to-speech: espeak-ng, flite, or vits (a VITS model from transformers, "
-                                "--tts-model; on a GPU when there is one)", choices=tuple(sorted(speech_stage.BACKENDS)))  # fmt: skip
+                                "--tts-model; on a GPU when there is one)",
+                   choices=tuple(sorted(speech_stage.BACKENDS)))  # fmt: skip
     tts_model: str | None = opt(None, f"with --tts vits: a Hugging Face id or local directory of a VITS model "
                                       f"(default {speech_stage.DEFAULT_VITS_MODEL}, 109 speakers)")  # fmt: skip
     voices: list[str] = listed((), "voices of the training speech, one drawn per clip (default: the TTS's own: "
-                                   "espeak-ng 7 English accents x 14 variants; vits every speaker but the last)")  # fmt: skip
+                                   "espeak-ng 7 English accents x 14 variants; vits every speaker but the "
+                                   "last)")  # fmt: skip
     rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
     per_sample: int = opt(1, "speech renditions per sample")
     heldout_voice: str | None = opt("auto", "also speak the eval split in this voice, never a training one ('auto': "
                                             "the TTS's own, espeak-ng en-029, vits its last speaker, flite none; "
                                             "'': none)")  # fmt: skip
+    heldout_tts: str = opt("auto", "also speak the eval split with this other synthesizer, in its default voices: "
+                                   "one the training speech never used ('auto': flite, or espeak-ng when the "
+                                   "training speech is flite's; '': none)",
+                           choices=("", "auto", *sorted(speech_stage.BACKENDS)))  # fmt: skip
     default_encoder: bool = opt(True, "on the toy world, also build the embedded pretrained speech encoder")
     n_mels: int = opt(80, "log-mel bins of the speech features")
     workers: int = opt(1, "caching workers: 1 = in this process, no Ray; N > 1 = Ray tasks (prefect-ray), one per "
@@ -93,6 +99,9 @@ class CacheFlowConfig:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
+        if self.heldout_tts and self.heldout_tts == self.tts:
+            raise ConfigError(f"--heldout-tts {self.heldout_tts} is the training speech's synthesizer (--tts); pick "
+                              f"another, or --heldout-tts ''")  # fmt: skip
         if self.tts_model and self.tts != "vits":
             raise ConfigError(f"--tts-model is for --tts vits; {self.tts} takes --voices")
         if self.heldout_voice and self.heldout_voice in self.voices:
@@ -253,11 +262,12 @@ def cache_on_workers(flow_cfg: CacheFlowConfig, cfg: TeacherConfig) -> dict:
 
 
 def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict, heldout: dict | None = None,
-                     encoder: dict | None = None) -> str:  # fmt: skip
+                     encoder: dict | None = None, heldout_tts: dict | None = None) -> str:  # fmt: skip
     extra = ""
-    if heldout:
-        extra += (f"| held-out voice (eval split) | {heldout['clips']} clips, {heldout['extracted']} features "
-                  f"extracted, {heldout['rejected']} rejected |\n")  # fmt: skip
+    for what, held in (("held-out voice", heldout), ("held-out synthesizer", heldout_tts)):
+        if held:
+            extra += (f"| {what} (eval split) | {held['clips']} clips, {held['extracted']} features "
+                      f"extracted, {held['rejected']} rejected |\n")  # fmt: skip
     if encoder:
         extra += (f"| toy speech encoder | phoneme error {encoder['heldout_per']:.1%} on never-heard names after "
                   f"{encoder['steps']} steps ({encoder['seconds'] / 60:.1f} min) |\n")  # fmt: skip
@@ -292,6 +302,8 @@ def split_parameters(params: dict) -> tuple[CacheFlowConfig, TeacherConfig]:
     if flow_cfg.heldout_voice == "auto":
         flow_cfg.heldout_voice = speech_stage.heldout_voice_of(flow_cfg.tts, flow_cfg.tts_model)
     flow_cfg.heldout_voice = flow_cfg.heldout_voice or None
+    if flow_cfg.heldout_tts == "auto":
+        flow_cfg.heldout_tts = "espeak-ng" if flow_cfg.tts == "flite" else "flite"
     data = Path(flow_cfg.data_dir)
     teacher_cfg = TeacherConfig(**{k: v for k, v in params.items() if k not in own}, samples=str(data / "samples"),
                                 out=str(data / "cache"), features=str(data / "features"))  # fmt: skip
@@ -323,16 +335,23 @@ def run_cache_teacher(**params) -> dict:
         held_speech = synthesize_speech(samples_dir, held_audio, flow_cfg.tts, flow_cfg.tts_model,
                                         [flow_cfg.heldout_voice], [HELDOUT_RATE], 1, split="eval")  # fmt: skip
         heldout = {**held_speech, **extract_features(held_audio, held_features, flow_cfg.n_mels)}
+    heldout_tts = None
+    if flow_cfg.heldout_tts:
+        tts_audio = data / ("audio" + schemas.HELDOUT_TTS_SUFFIX)
+        tts_features = data / ("features" + schemas.HELDOUT_TTS_SUFFIX)
+        tts_speech = synthesize_speech(samples_dir, tts_audio, flow_cfg.heldout_tts, None, [], [HELDOUT_RATE], 1,
+                                       split="eval")  # fmt: skip
+        heldout_tts = {**tts_speech, **extract_features(tts_audio, tts_features, flow_cfg.n_mels)}
     cache = cache_on_workers(flow_cfg, cfg) if flow_cfg.uses_ray else cache_logits(cfg)
     encoder = None
     if flow_cfg.default_encoder and flow_cfg.source == samples_stage.TOY_WORLD:
         encoder = build_default_encoder(samples_dir, data / "models" / "encoder")
     create_markdown_artifact(
-        key="cache-teacher-summary", markdown=summary_markdown(samples, speech, feats, cache, heldout, encoder),
+        key="cache-teacher-summary", markdown=summary_markdown(samples, speech, feats, cache, heldout, encoder, heldout_tts),
         description="speechkd cache-teacher run summary",
     )  # fmt: skip
     return {"samples": samples, "speech": speech, "features": feats, "cache": cache, "heldout_voice": heldout,
-            "encoder": encoder}  # fmt: skip
+            "heldout_tts": heldout_tts, "encoder": encoder}  # fmt: skip
 
 
 # The flow's signature is the two configs' fields: Prefect builds the parameter schema (and a deployment's

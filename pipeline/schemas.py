@@ -18,6 +18,8 @@ FEATURES_DIR = DATA_DIR / "features"
 MODELS_DIR = DATA_DIR / "models"
 # <stage dir><suffix>: the eval split spoken by a voice training never used (flow: --heldout-voice)
 HELDOUT_VOICE_SUFFIX = "-heldout-voice"
+# ... and by another synthesizer than the training speech's (flow: --heldout-tts)
+HELDOUT_TTS_SUFFIX = "-heldout-tts"
 TEACHER_DIR = MODELS_DIR / "teacher"
 CACHE_DIR = DATA_DIR / "cache"
 

@@ -166,9 +166,9 @@ class Vits:
             self.model = VitsModel.from_pretrained(model)
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"--tts-model {model}: not a loadable VITS model ({first}); give a Hugging Face id of "
-                            f"one (e.g. {DEFAULT_VITS_MODEL}, facebook/mms-tts-eng) or its local directory") from exc
+            raise UserError(f"--tts-model {model}: not a loadable VITS model ({_first_line(exc)}); give a Hugging "
+                            f"Face id of one (e.g. {DEFAULT_VITS_MODEL}, facebook/mms-tts-eng) or its local "
+                            f"directory") from exc  # fmt: skip
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.model.to(self.device).eval()
         self.name = f"vits:{model}"
@@ -220,6 +220,11 @@ class Vits:
         return [(waves[b, : int(n)].copy(), self.sample_rate) for b, n in enumerate(out.sequence_lengths.tolist())]
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _run_synthesizer(name: str, argv: list[str], timeout_s: float, stdin: bytes | None = None) -> bytes:
     """A synthesizer's command line run to completion: its stdout, or SynthesisError saying why not."""
     try:
@@ -252,8 +257,8 @@ def heldout_voice_of(name: str, model: str | None = None) -> str | None:
     try:
         n = int(AutoConfig.from_pretrained(model or DEFAULT_VITS_MODEL).num_speakers)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--tts-model {model or DEFAULT_VITS_MODEL}: no VITS config there ({exc}); give a Hugging "
-                        f"Face id of a VITS model or its local directory") from exc  # fmt: skip
+        raise UserError(f"--tts-model {model or DEFAULT_VITS_MODEL}: no VITS config there ({_first_line(exc)}); "
+                        f"give a Hugging Face id of a VITS model or its local directory") from exc  # fmt: skip
     return Vits.speakers(n)[1]
 
 

@@ -35,6 +35,10 @@ class TrainConfig:
     heldout_features: str = opt("auto", "speech features of the eval split in a voice never used in training, "
                                         "for the final eval's held-out-voice column (auto: <features>-heldout-voice, "
                                         "which the flow writes, when it exists; '': none)")  # fmt: skip
+    heldout_tts_features: str = opt("auto", "speech features of the eval split spoken by a synthesizer training "
+                                            "never used, for the final eval's held-out-synthesizer column (auto: "
+                                            "<features>-heldout-tts, which the flow writes, when it exists; '': "
+                                            "none)")  # fmt: skip
     verify: bool = opt(True, "check every cache shard against the sha256 its manifest recorded before training "
                              "(--no-verify: skip, for people who know the files are intact)")  # fmt: skip
     num_workers: int = opt(1, "DataLoader worker processes reading and decoding batches (0: in the training process)")

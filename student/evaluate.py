@@ -165,19 +165,37 @@ def evaluate_student(
     return report
 
 
-def heldout_voice_features(features_dir: Path, option: str | None) -> Path | None:
-    """Where the eval split spoken by a voice never used in training is: `option` itself, or with `auto` the
-    flow's `<features>-heldout-voice` beside the training features when it exists; None for ''."""
+# The held-out eval sets: (report key prefix, its option, the flow's directory suffix, what it holds out)
+HELDOUT_SETS = (("heldout_voice", "heldout_features", schemas.HELDOUT_VOICE_SUFFIX, "voice"),
+                ("heldout_tts", "heldout_tts_features", schemas.HELDOUT_TTS_SUFFIX, "synthesizer"))  # fmt: skip
+
+
+def heldout_voice_features(features_dir: Path, option: str | None, suffix: str = schemas.HELDOUT_VOICE_SUFFIX,
+                           flag: str = "--heldout-features") -> Path | None:  # fmt: skip
+    """Where the eval split spoken by a voice (or synthesizer) never used in training is: `option` itself, or with
+    `auto` the flow's `<features><suffix>` beside the training features when it exists; None for ''."""
     if option is None or option == "":
         return None
     if option != "auto":
         path = Path(option)
         if not path.is_dir():
-            raise MissingInput(f"--heldout-features {path}: no speech features there; make them with the flow "
-                               f"(--heldout-voice) or pipeline.speech --split eval + pipeline.features")  # fmt: skip
+            raise MissingInput(f"{flag} {path}: no speech features there; make them with the flow (--heldout-voice, "
+                               f"--heldout-tts) or pipeline.speech --split eval + pipeline.features")  # fmt: skip
         return path
-    path = Path(features_dir).parent / (Path(features_dir).name + schemas.HELDOUT_VOICE_SUFFIX)
+    path = Path(features_dir).parent / (Path(features_dir).name + suffix)
     return path if path.is_dir() else None
+
+
+def heldout_sets(features_dir: Path, options: dict[str, str | None]) -> list[tuple[str, Path]]:
+    """(report prefix, features directory) of each held-out eval set there is; `options` maps each set's option
+    name (HELDOUT_SETS) to its value."""
+    found = []
+    for prefix, option, suffix, _ in HELDOUT_SETS:
+        path = heldout_voice_features(features_dir, options.get(option, "auto"), suffix,
+                                      "--" + option.replace("_", "-"))  # fmt: skip
+        if path is not None:
+            found.append((prefix, path))
+    return found
 
 
 def voices_of(store: FeatureStore) -> set[str]:
@@ -187,15 +205,17 @@ def voices_of(store: FeatureStore) -> set[str]:
 
 @torch.no_grad()
 def evaluate_heldout_voice(model, tokenizer, evalset: EvalSet, subsets: dict[str, set[str]] | None = None,
-                           max_new_tokens: int = 32, batch_size: int = 64) -> dict:  # fmt: skip
-    """Spoken exact match on the eval split in a voice never heard in training (overall and per subset)."""
+                           max_new_tokens: int = 32, batch_size: int = 64,
+                           key: str = "heldout_voice") -> dict:  # fmt: skip
+    """Spoken exact match on the eval split in a voice (or synthesizer) never heard in training (overall and per
+    subset), under report keys `key`_..."""
     model.eval()
     rows = evalset.rows
     speech = spoken_answers(model, tokenizer, evalset, max_new_tokens, batch_size)
-    report = {"heldout_voice": ",".join(sorted(voices_of(evalset.features)))}
+    report = {key: ",".join(sorted(voices_of(evalset.features)))}
     for name, ids in {"": None, **(subsets or {})}.items():
         pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
-        prefix = f"heldout_voice_{name}_" if name else "heldout_voice_"
+        prefix = f"{key}_{name}_" if name else f"{key}_"
         report[f"{prefix}student_speech_accuracy"] = exact_match([speech[i] for i in pick],
                                                                  [rows[i]["response"] for i in pick])  # fmt: skip
         report[f"{prefix}n_eval"] = len(pick)
@@ -216,7 +236,8 @@ def evaluate_teacher(teacher: str, evalset: EvalSet, max_new_tokens: int = 32, d
 
 
 def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_dir=None, limit=None,
-                device="cpu", heldout_features: str | None = "auto", reference: str = "dataset") -> dict:  # fmt: skip
+                device="cpu", heldout_features: str | None = "auto", reference: str = "dataset",
+                heldout_tts_features: str | None = "auto") -> dict:  # fmt: skip
     reader = CacheReader(cache_dir)
     samples_dir, features_dir = inputs_from_manifest(reader, samples_dir, features_dir)
     refs = references_for(reader, reference)
@@ -226,10 +247,10 @@ def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_di
     report = {"reference": reference, **evaluate_student(model, tokenizer, rows, device=device)}
     report["teacher_text_accuracy"] = evaluate_teacher(reader.teacher, rows, device=device)
     report["forgetting"] = report["teacher_text_accuracy"] - report["student_text_accuracy"]
-    heldout = heldout_voice_features(features_dir, heldout_features)
-    if heldout is not None:
-        report.update(evaluate_heldout_voice(model, tokenizer, eval_set(samples_dir, heldout, limit=limit,
-                                                                        references=refs)))  # fmt: skip
+    options = {"heldout_features": heldout_features, "heldout_tts_features": heldout_tts_features}
+    for key, path in heldout_sets(features_dir, options):
+        report.update(evaluate_heldout_voice(model, tokenizer, eval_set(samples_dir, path, limit=limit,
+                                                                        references=refs), key=key))  # fmt: skip
     return report
 
 
@@ -243,12 +264,15 @@ def format_report(r: dict) -> str:
             line = (f"  {name.replace('_', ' ')} facts ({r[f'{name}_n_eval']}): student text "
                     f"{r[f'{name}_student_text_accuracy']:.1%} | student speech "
                     f"{r[f'{name}_student_speech_accuracy']:.1%}")  # fmt: skip
-            if f"heldout_voice_{name}_student_speech_accuracy" in r:
-                line += f" | held-out voice {r[f'heldout_voice_{name}_student_speech_accuracy']:.1%}"
+            for key, _, _, what in HELDOUT_SETS:
+                if f"{key}_{name}_student_speech_accuracy" in r:
+                    line += f" | held-out {what} {r[f'{key}_{name}_student_speech_accuracy']:.1%}"
             lines.append(line)
-    if "heldout_voice_student_speech_accuracy" in r:
-        lines.append(f"  held-out voice {r['heldout_voice']} ({r['heldout_voice_n_eval']} questions, a voice never "
-                     f"used in training): student speech {r['heldout_voice_student_speech_accuracy']:.1%}")  # fmt: skip
+    for key, _, _, what in HELDOUT_SETS:
+        if f"{key}_student_speech_accuracy" in r:
+            voices = r[key] if what == "voice" else f"(voices {r[key]})"
+            lines.append(f"  held-out {what} {voices} ({r[f'{key}_n_eval']} questions, a {what} never used in "
+                         f"training): student speech {r[f'{key}_student_speech_accuracy']:.1%}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -266,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-features", default="auto",
                         help="the eval split spoken by a voice never used in training (auto: <features>-heldout-voice "
                              "when it exists; '': none)")  # fmt: skip
+    parser.add_argument("--heldout-tts-features", default="auto",
+                        help="the eval split spoken by a synthesizer never used in training (auto: "
+                             "<features>-heldout-tts when it exists; '': none)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="only the first N eval questions")
     parser.add_argument("--reference", choices=REFERENCES, default="dataset",
                         help="score against the dataset's answers or the teacher's (a --responses teacher cache)")
@@ -278,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     model = SpeechLLM.load(args.student).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
     report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device,
-                         args.heldout_features, args.reference)  # fmt: skip
+                         args.heldout_features, args.reference, args.heldout_tts_features)  # fmt: skip
     print(format_report(report))
     print(json.dumps(report))
 

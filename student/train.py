@@ -68,8 +68,8 @@ from student.data import (
     speech_inputs,
     to_device,
 )
-from student.evaluate import (eval_set, evaluate_heldout_voice, evaluate_student, evaluate_teacher, format_report,
-                              heldout_voice_features, references_for, voices_of)
+from student.evaluate import (HELDOUT_SETS, eval_set, evaluate_heldout_voice, evaluate_student, evaluate_teacher,
+                              format_report, heldout_sets, references_for, voices_of)
 from student.losses import KD_LOSSES, response_ce
 from student.model import SpeechLLM, StudentConfig, pretrained_toy_encoder
 
@@ -361,14 +361,17 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
     tokenizer, data, model, teacher = build(cfg, device)
     say = print if ranks.main else (lambda *a, **k: None)
     say(f"student data: {data.report.summary()}")
-    heldout = heldout_voice_features(data.features_dir, cfg.heldout_features) if final_eval else None
-    if heldout is not None:
+    options = {option: getattr(cfg, option) for _, option, _, _ in HELDOUT_SETS}
+    heldout = heldout_sets(data.features_dir, options) if final_eval else []
+    for key, path in heldout:
         from pipeline.features import FeatureStore
 
-        heard = voices_of(data.features) & voices_of(FeatureStore(heldout))
+        heard = voices_of(data.features) & voices_of(FeatureStore(path))
         if heard:
-            raise ConfigError(f"--heldout-features {heldout}: voice(s) {sorted(heard)} are also in the training "
-                              f"speech ({data.features_dir}); a held-out voice must be one training never used")  # fmt: skip
+            flag = "--" + {k: o for k, o, _, _ in HELDOUT_SETS}[key].replace("_", "-")
+            raise ConfigError(f"{flag} {path}: voice(s) {sorted(heard)} are also in the training speech "
+                              f"({data.features_dir}); a held-out set must be spoken in voices training never "
+                              f"used")  # fmt: skip
     say(f"device {device} ({cfg.resolved_precision()}), {ranks.world} rank(s), global batch {cfg.batch_size} = "
         f"{ranks.world} x {cfg.grad_accum} x {cfg.batch_size // (ranks.world * cfg.grad_accum)}")  # fmt: skip
     template = SpeechTemplate.from_tokenizer(tokenizer)
@@ -497,11 +500,11 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
                 result.update(evaluate_student(model, tokenizer, rows, subsets=subsets, device=device))
                 result["teacher_text_accuracy"] = evaluate_teacher(teacher, rows, device=device)
             result["forgetting"] = result["teacher_text_accuracy"] - result["student_text_accuracy"]
-            if heldout is not None:
+            for key, path in heldout:
                 with autocast():
-                    result.update(evaluate_heldout_voice(model, tokenizer, eval_set(data.samples_dir, heldout,
+                    result.update(evaluate_heldout_voice(model, tokenizer, eval_set(data.samples_dir, path,
                                                                                     references=refs),
-                                                         subsets=subsets))  # fmt: skip
+                                                         subsets=subsets, key=key))  # fmt: skip
             print(format_report(result))
         (out / "result.json").write_text(json.dumps(result, indent=2))
         if stop_at > start:

@@ -96,6 +96,10 @@ def test_served_deployment_runs_the_flow_on_two_ray_workers_and_writes_the_cache
         eval_ids = {r["sample_id"] for r in rows if r["split"] == "eval"}
         assert eval_ids and {sid for sid, _ in held.keys()} == eval_ids
         assert {rend.split("@")[0] for _, rend in held.keys()} == {"en-029"}
+        # ... and by another synthesizer (--heldout-tts, default flite, in its own voices)
+        held_tts = FeatureStore(data / "features-heldout-tts")
+        assert {sid for sid, _ in held_tts.keys()} == eval_ids
+        assert {rend.split("@")[0] for _, rend in held_tts.keys()} <= {"awb", "kal16", "rms", "slt"}
         assert not (data / "models" / "encoder").exists()  # a user's dataset: no toy encoder is built
         assert con.sql("SELECT count(DISTINCT sample_id) FROM teacher_tokens").fetchall()[0][0] == len(rows)
         art = subprocess.run([PREFECT, "artifact", "inspect", "cache-teacher-summary"], env=env, capture_output=True,
@@ -115,7 +119,8 @@ def test_served_deployment_runs_the_flow_on_two_ray_workers_and_writes_the_cache
 
 def test_the_flows_held_out_voice_is_the_tts_own_unless_given(tiny_vits):
     """--heldout-voice auto (the default) is the backend's held-out voice: espeak-ng's en-029, a VITS model's last
-    speaker (read from its config), none for flite; --tts-model belongs to --tts vits alone."""
+    speaker (read from its config), none for flite; --heldout-tts auto is another synthesizer than the training
+    speech's; --tts-model belongs to --tts vits alone."""
     import pytest
 
     from flows.cache_teacher import split_parameters
@@ -124,7 +129,14 @@ def test_the_flows_held_out_voice_is_the_tts_own_unless_given(tiny_vits):
     def held(**params):
         return split_parameters({"teacher": "some/teacher", **params})[0].heldout_voice
 
+    def held_tts(**params):
+        return split_parameters({"teacher": "some/teacher", **params})[0].heldout_tts
+
     assert held() == "en-029" and held(tts="flite") is None
+    assert held_tts() == held_tts(tts="vits", tts_model=str(tiny_vits)) == "flite"
+    assert held_tts(tts="flite") == "espeak-ng"
+    with pytest.raises(ConfigError, match="--heldout-tts flite is the training speech's synthesizer"):
+        held_tts(tts="flite", heldout_tts="flite")
     assert held(tts="vits", tts_model=str(tiny_vits)) == "spk3"
     assert held(tts="vits", tts_model=str(tiny_vits), heldout_voice="") is None
     with pytest.raises(ConfigError, match="also one of the 2 training voices"):

@@ -60,7 +60,7 @@ def test_two_ray_workers_one_killed_mid_run_give_the_one_worker_cache(tiny_teach
            "RAY_AUTH_MODE": "disabled", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
     cmd = [sys.executable, "flows/cache_teacher.py", "--data-dir", str(data), "--source", str(src), "--teacher",
            str(tiny_teacher), "--top-k", "8", "--tts", "vits", "--tts-model", str(tiny_vits), "--rates", "170",
-           "--heldout-voice", "",
+           "--heldout-voice", "", "--heldout-tts", "",
            "--max-model-len", "128", "--kv-cache-gib", "0.25", "--dtype", "float32", "--rows-per-shard", "2",
            "--group-size", "1"]  # fmt: skip
     log = tmp_path / "flow.log"

@@ -237,7 +237,7 @@ def test_finetune_fraction_keeps_whole_groups_and_evaluates_both_sides(student_c
 def test_final_eval_reports_a_held_out_voice_and_refuses_one_training_heard(student_cache, tmp_path):
     from pipeline.cache import CacheReader
     from pipeline.features import FeatureConfig, extract_all
-    from pipeline.speech import synthesize_all
+    from pipeline.speech import Flite, synthesize_all
     from student.config import ConfigError
     from student.data import inputs_from_manifest
     from student.train import train
@@ -247,9 +247,17 @@ def test_final_eval_reports_a_held_out_voice_and_refuses_one_training_heard(stud
     synthesize_all(samples_dir, tmp_path / "audio-held", voices=("en-029",), rates=(160,), split="eval",
                    progress=False)  # fmt: skip
     extract_all(tmp_path / "audio-held" / "index.parquet", held, FeatureConfig(n_mels=40), progress=False)
-    result = train(_cfg(student_cache, tmp_path / "run", heldout_features=str(held), finetune_fraction=0.5),
-                   progress=False)  # fmt: skip
+    held_tts = tmp_path / "features-held-tts"  # the eval split spoken by another synthesizer
+    synthesize_all(samples_dir, tmp_path / "audio-held-tts", Flite(), rates=(160,), split="eval", progress=False)
+    extract_all(tmp_path / "audio-held-tts" / "index.parquet", held_tts, FeatureConfig(n_mels=40), progress=False)
+    result = train(_cfg(student_cache, tmp_path / "run", heldout_features=str(held), finetune_fraction=0.5,
+                        heldout_tts_features=str(held_tts)), progress=False)  # fmt: skip
     assert result["heldout_voice"] == "en-029"
+    assert set(result["heldout_tts"].split(",")) <= set(Flite.default_voices)
+    assert result["heldout_tts_n_eval"] == result["n_eval"]
+    assert 0.0 <= result["heldout_tts_student_speech_accuracy"] <= 1.0
+    assert (result["heldout_tts_finetuned_n_eval"] + result["heldout_tts_not_finetuned_n_eval"]
+            == result["n_eval"])  # fmt: skip
     assert result["heldout_voice_n_eval"] == result["n_eval"] > 0
     assert 0.0 <= result["heldout_voice_student_speech_accuracy"] <= 1.0
     assert (result["heldout_voice_finetuned_n_eval"] + result["heldout_voice_not_finetuned_n_eval"]
@@ -257,6 +265,8 @@ def test_final_eval_reports_a_held_out_voice_and_refuses_one_training_heard(stud
     # the training speech's own voice is no held-out voice
     with pytest.raises(ConfigError, match="also in the training speech"):
         train(_cfg(student_cache, tmp_path / "bad", heldout_features=str(features_dir)), progress=False)
+    with pytest.raises(ConfigError, match="--heldout-tts-features .* also in the training speech"):
+        train(_cfg(student_cache, tmp_path / "bad", heldout_tts_features=str(features_dir)), progress=False)
 
 
 def test_resume_reproduces_the_next_steps_loss(student_cache, tmp_path):
