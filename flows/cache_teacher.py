@@ -102,6 +102,10 @@ class CacheFlowConfig:
         if self.heldout_tts and self.heldout_tts == self.tts:
             raise ConfigError(f"--heldout-tts {self.heldout_tts} is the training speech's synthesizer (--tts); pick "
                               f"another, or --heldout-tts ''")  # fmt: skip
+        for flag, name, skip in (("--tts", self.tts, ""), ("--heldout-tts", self.heldout_tts, " or --heldout-tts ''")):
+            problem = name and speech_stage.missing_synthesizer(name)
+            if problem:
+                raise ConfigError(f"{flag} {name}: {problem}{skip}")
         if self.tts_model and self.tts != "vits":
             raise ConfigError(f"--tts-model is for --tts vits; {self.tts} takes --voices")
         if self.heldout_voice and self.heldout_voice in self.voices:

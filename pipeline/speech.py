@@ -91,13 +91,7 @@ class EspeakNG:
     heldout_voice = "en-029"  # Caribbean English: an accent of none of the default voices
 
     def __init__(self, executable: str = "espeak-ng", timeout_s: float = 60.0):
-        path = shutil.which(executable)
-        if path is None:
-            raise SynthesisError(
-                f"{executable!r} not found on PATH: install it (Debian/Ubuntu: `apt-get install -y espeak-ng`, "
-                "or run `make demo`, which installs it)"
-            )
-        self.executable = path
+        self.executable = _executable(executable, "espeak-ng")
         self.timeout_s = timeout_s
 
     def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
@@ -117,11 +111,7 @@ class Flite:
     NATURAL_WPM = 175  # the rate flite speaks at by default; other rates stretch every duration by 175 / rate
 
     def __init__(self, executable: str = "flite", timeout_s: float = 60.0):
-        path = shutil.which(executable)
-        if path is None:
-            raise SynthesisError(f"{executable!r} not found on PATH: install it (Debian/Ubuntu: "
-                                 f"`apt-get install -y flite`)")  # fmt: skip
-        self.executable = path
+        self.executable = path = _executable(executable, "flite")
         self.timeout_s = timeout_s
         listed = subprocess.run([path, "-lv"], capture_output=True, text=True, timeout=timeout_s).stdout
         self.voices = tuple(listed.split(":", 1)[-1].split())
@@ -218,6 +208,22 @@ class Vits:
                                  speaking_rate=rate_wpm / self.NATURAL_WPM)  # fmt: skip
         waves = out.waveform.float().cpu().numpy()
         return [(waves[b, : int(n)].copy(), self.sample_rate) for b, n in enumerate(out.sequence_lengths.tolist())]
+
+
+def missing_synthesizer(name: str, executable: str | None = None) -> str | None:
+    """Why a command-line backend cannot run here (its program is not on PATH), or None."""
+    executable = executable or name
+    if name not in ("espeak-ng", "flite") or shutil.which(executable):
+        return None
+    return (f"{executable!r} ({name}) not found on PATH: install it (Debian/Ubuntu: `apt-get install -y {name}`; "
+            f"`make setup` does)")  # fmt: skip
+
+
+def _executable(executable: str, package: str) -> str:
+    problem = missing_synthesizer(package, executable)
+    if problem:  # a set-up problem, not a bad clip: one line, and no retrying
+        raise UserError(problem)
+    return shutil.which(executable)
 
 
 def _first_line(exc: Exception) -> str:

@@ -143,3 +143,30 @@ def test_the_flows_held_out_voice_is_the_tts_own_unless_given(tiny_vits):
         held(tts="vits", tts_model=str(tiny_vits), voices=["spk0", "spk3"])
     with pytest.raises(ConfigError, match="--tts-model is for --tts vits"):
         held(tts="flite", tts_model=str(tiny_vits))
+
+
+def test_the_flow_refuses_at_once_a_synthesizer_this_machine_lacks(tmp_path, monkeypatch):
+    """The held-out synthesizer is on by default (flite): where flite is not installed the flow stops before any
+    work with one line that says how to install it or turn it off, instead of retrying a task that cannot run."""
+    import shutil
+
+    import pytest
+
+    from flows.cache_teacher import split_parameters
+    from pipeline.config import ConfigError
+    from pipeline.errors import UserError
+    from pipeline.speech import Flite
+
+    bin_dir = tmp_path / "bin"  # a PATH with espeak-ng and without flite
+    bin_dir.mkdir()
+    (bin_dir / "espeak-ng").symlink_to(shutil.which("espeak-ng"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(ConfigError, match=r"--heldout-tts flite: 'flite' \(flite\) not found on PATH: install it .*"
+                                          r"or --heldout-tts ''"):
+        split_parameters({"teacher": "some/teacher"})
+    flow_cfg, _ = split_parameters({"teacher": "some/teacher", "heldout_tts": ""})
+    assert flow_cfg.heldout_tts == "" and flow_cfg.heldout_voice == "en-029"
+    with pytest.raises(ConfigError, match="--tts flite: 'flite'"):
+        split_parameters({"teacher": "some/teacher", "tts": "flite"})
+    with pytest.raises(UserError, match="not found on PATH"):
+        Flite()
