@@ -351,7 +351,8 @@ def run_cache_teacher(**params) -> dict:
     if flow_cfg.default_encoder and flow_cfg.source == samples_stage.TOY_WORLD:
         encoder = build_default_encoder(samples_dir, data / "models" / "encoder")
     create_markdown_artifact(
-        key="cache-teacher-summary", markdown=summary_markdown(samples, speech, feats, cache, heldout, encoder, heldout_tts),
+        key="cache-teacher-summary",
+        markdown=summary_markdown(samples, speech, feats, cache, heldout, encoder, heldout_tts),
         description="speechkd cache-teacher run summary",
     )  # fmt: skip
     return {"samples": samples, "speech": speech, "features": feats, "cache": cache, "heldout_voice": heldout,

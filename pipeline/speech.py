@@ -86,7 +86,7 @@ class BatchTTSBackend(TTSBackend, Protocol):
 class EspeakNG:
     """espeak-ng (Debian package `espeak-ng`) through its command line."""
 
-    name = "espeak-ng"
+    name = program = "espeak-ng"  # program: the command line it runs (and its Debian package)
     default_voices = DEFAULT_VOICES
     heldout_voice = "en-029"  # Caribbean English: an accent of none of the default voices
 
@@ -105,7 +105,7 @@ class Flite:
     """CMU Flite (Debian package `flite`): another synthesizer than espeak-ng (diphone and clustergen voices, CMU
     pronunciations), for speech in voices espeak-ng has nothing like, e.g. a held-out synthesizer's eval set."""
 
-    name = "flite"
+    name = program = "flite"
     default_voices = ("awb", "kal16", "rms", "slt")  # awb_time speaks only times of day; kal is kal16 at 8 kHz
     heldout_voice = None  # four voices: none to spare (a whole synthesizer never heard is the harder test)
     NATURAL_WPM = 175  # the rate flite speaks at by default; other rates stretch every duration by 175 / rate
@@ -210,20 +210,22 @@ class Vits:
         return [(waves[b, : int(n)].copy(), self.sample_rate) for b, n in enumerate(out.sequence_lengths.tolist())]
 
 
-def missing_synthesizer(name: str, executable: str | None = None) -> str | None:
-    """Why a command-line backend cannot run here (its program is not on PATH), or None."""
-    executable = executable or name
-    if name not in ("espeak-ng", "flite") or shutil.which(executable):
-        return None
-    return (f"{executable!r} ({name}) not found on PATH: install it (Debian/Ubuntu: `apt-get install -y {name}`; "
-            f"`make setup` does)")  # fmt: skip
+def _not_found(executable: str, package: str) -> str:
+    return (f"{executable!r} ({package}) not found on PATH: install it (Debian/Ubuntu: `apt-get install -y "
+            f"{package}`; `make setup` does)")  # fmt: skip
+
+
+def missing_synthesizer(name: str) -> str | None:
+    """Why a command-line backend (one with a `program`) cannot run here, or None."""
+    program = getattr(BACKENDS.get(name), "program", None)
+    return _not_found(program, program) if program and not shutil.which(program) else None
 
 
 def _executable(executable: str, package: str) -> str:
-    problem = missing_synthesizer(package, executable)
-    if problem:  # a set-up problem, not a bad clip: one line, and no retrying
-        raise UserError(problem)
-    return shutil.which(executable)
+    path = shutil.which(executable)
+    if path is None:  # a set-up problem, not a bad clip: one line, and no retrying
+        raise UserError(_not_found(executable, package))
+    return path
 
 
 def _first_line(exc: Exception) -> str:

@@ -186,15 +186,15 @@ def heldout_voice_features(features_dir: Path, option: str | None, suffix: str =
     return path if path.is_dir() else None
 
 
-def heldout_sets(features_dir: Path, options: dict[str, str | None]) -> list[tuple[str, Path]]:
-    """(report prefix, features directory) of each held-out eval set there is; `options` maps each set's option
-    name (HELDOUT_SETS) to its value."""
+def heldout_sets(features_dir: Path, options: dict[str, str | None]) -> list[tuple[str, Path, str]]:
+    """(report prefix, features directory, its option's flag) of each held-out eval set there is; `options` maps
+    each set's option name (HELDOUT_SETS) to its value."""
     found = []
     for prefix, option, suffix, _ in HELDOUT_SETS:
-        path = heldout_voice_features(features_dir, options.get(option, "auto"), suffix,
-                                      "--" + option.replace("_", "-"))  # fmt: skip
+        flag = "--" + option.replace("_", "-")
+        path = heldout_voice_features(features_dir, options.get(option, "auto"), suffix, flag)
         if path is not None:
-            found.append((prefix, path))
+            found.append((prefix, path, flag))
     return found
 
 
@@ -248,7 +248,7 @@ def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_di
     report["teacher_text_accuracy"] = evaluate_teacher(reader.teacher, rows, device=device)
     report["forgetting"] = report["teacher_text_accuracy"] - report["student_text_accuracy"]
     options = {"heldout_features": heldout_features, "heldout_tts_features": heldout_tts_features}
-    for key, path in heldout_sets(features_dir, options):
+    for key, path, _ in heldout_sets(features_dir, options):
         report.update(evaluate_heldout_voice(model, tokenizer, eval_set(samples_dir, path, limit=limit,
                                                                         references=refs), key=key))  # fmt: skip
     return report

@@ -363,12 +363,11 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
     say(f"student data: {data.report.summary()}")
     options = {option: getattr(cfg, option) for _, option, _, _ in HELDOUT_SETS}
     heldout = heldout_sets(data.features_dir, options) if final_eval else []
-    for key, path in heldout:
+    for _, path, flag in heldout:
         from pipeline.features import FeatureStore
 
         heard = voices_of(data.features) & voices_of(FeatureStore(path))
         if heard:
-            flag = "--" + {k: o for k, o, _, _ in HELDOUT_SETS}[key].replace("_", "-")
             raise ConfigError(f"{flag} {path}: voice(s) {sorted(heard)} are also in the training speech "
                               f"({data.features_dir}); a held-out set must be spoken in voices training never "
                               f"used")  # fmt: skip
@@ -500,7 +499,7 @@ def _train(cfg: TrainConfig, ranks: Dist, progress: bool, final_eval: bool) -> d
                 result.update(evaluate_student(model, tokenizer, rows, subsets=subsets, device=device))
                 result["teacher_text_accuracy"] = evaluate_teacher(teacher, rows, device=device)
             result["forgetting"] = result["teacher_text_accuracy"] - result["student_text_accuracy"]
-            for key, path in heldout:
+            for key, path, _ in heldout:
                 with autocast():
                     result.update(evaluate_heldout_voice(model, tokenizer, eval_set(data.samples_dir, path,
                                                                                     references=refs),
