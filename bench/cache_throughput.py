@@ -1,7 +1,7 @@
 """Throughput and size of the teacher-caching stage, side by side in one run.
 
-    .venv/bin/python bench/cache_throughput.py                 # ~10 min on 2 CPU cores
-    .venv/bin/python bench/cache_throughput.py --samples 300 --dtypes float32
+    python -m bench.cache_throughput                 # ~10 min on 2 CPU cores
+    python -m bench.cache_throughput --samples 300 --dtypes float32
 
 For each model (a ~50M-parameter Llama with a 32k vocabulary and random weights,
 and the embedded toy teacher) and each dtype, on the same toy-world samples:
@@ -18,30 +18,30 @@ a warm-up, the others give each column's median and each ratio's median and
 range (a ratio within one round, so the machine's drift between minutes
 cancels). Also: bytes per cached response token at k, and the error of the
 decoded logprobs against vLLM's exact float32 values.
-Writes bench/results/cache_throughput.json and prints a Markdown table.
+Writes bench/results/cache_throughput.{json,md} (bench.report) and prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import schemas
+from bench.common import WORK, toy_samples, toy_teacher
+from bench.report import read_results, stamp, write_results
 from pipeline.cache import CacheReader
 from pipeline.chat import encode_pair
+from pipeline.config import listed, opt, parse_config
+from pipeline.engine import make_engine
 from pipeline.samples import ingest, load_samples
-from pipeline.teacher import cache_teacher_logits, make_engine
+from pipeline.teacher import cache_teacher_logits
 from pipeline.teacher_config import TeacherConfig
-
-WORK = Path("data/bench")
 RATIOS = (("a", "a_full"), ("a", "c"), ("a", "b"), ("p", "b"))  # reported as <x>_over_<y>: a median and a range
 
 
@@ -210,8 +210,8 @@ def run_model(name: str, model_dir: Path, samples_dir: Path, n: int, k: int, dty
         per_round.append(m)
     del llm, model
     # The first round is a warm-up when there are more: the first pass over the samples runs slower in a process
-    # whatever is measured (allocator, page faults, oneDNN's primitives; (a) three times in a row here: 1541, 1666,
-    # 1794 tok/s). Reported: each column's median over the other rounds, and each ratio's median and range over them
+    # whatever is measured (allocator, page faults, oneDNN's primitives: the same measurement three times in a row ran ~15%
+    # faster each time). Reported: each column's median over the other rounds, and each ratio's median and range over them
     # (a ratio of two measurements of the same round: this machine drifts by +-10-15% between minutes).
     measured = per_round[1:] if rounds > 1 else per_round
 
@@ -274,78 +274,80 @@ def format_ratio(r: dict, key: str) -> str:
     return f"{r[key]:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=800, help="toy-world samples per measurement")
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--draws", type=int, default=12, help="(s): sampled targets with N draws (0: skip)")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--models", default="llama50m-32k,toy-teacher")
-    parser.add_argument("--prompt-heavy", type=int, default=0, metavar="FACTS",
-                        help="put FACTS other question+answer pairs before each question (2 gives prompt:response "
-                             "tokens of ~4:1 on the toy world)")  # fmt: skip
-    parser.add_argument("--shared-context", action="store_true",
-                        help="with --prompt-heavy: the same facts before every question (a system prompt or a fixed "
-                             "document, which vLLM's prefix cache can reuse), instead of each sample's own")  # fmt: skip
-    parser.add_argument("--block-size", type=int, default=None, help="vLLM's KV block size (default: vLLM's)")
-    parser.add_argument("--max-batched-tokens", type=int, default=None,
-                        help="the engine's tokens per step (default: the stage's, vLLM's default for the device). "
-                             "(b) computes prompt logprobs over a whole step at once: on a GPU with a 152k "
-                             "vocabulary a 16384-token step needs ~15 GB for them, so cap it there (e.g. 2048)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="rounds of all the measurements in turn; the first is a warm-up, the others give each "
-                             "column's median and each ratio's median and range")  # fmt: skip
-    args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    samples_dir = WORK / "samples"
-    if not (samples_dir / "samples.parquet").exists():
-        ingest("toy-world", samples_dir, progress=False)
-    teacher = schemas.TEACHER_DIR
-    if not (teacher / "config.json").exists():
-        print("bench: building the toy teacher first (python -m toy.teacher)")
-        from toy.teacher import TeacherConfig, build_teacher
+@dataclass
+class CacheThroughputBench:
+    samples: int = opt(800, "toy-world samples per measurement")
+    top_k: int = opt(64, "logprobs kept per position")
+    draws: int = opt(12, "(s): sampled targets with N draws (0: skip)")
+    dtypes: list[str] = listed(("float32", "bfloat16"), "dtypes to measure")
+    models: list[str] = listed(("llama50m-32k", "toy-teacher"), "models to measure")
+    prompt_heavy: int = opt(0, "put this many other question+answer pairs before each question (2 gives "
+                               "prompt:response tokens of ~4:1 on the toy world)")  # fmt: skip
+    shared_context: bool = opt(False, "with --prompt-heavy: the same facts before every question (a system prompt or "
+                                      "a fixed document, which vLLM's prefix cache can reuse), instead of each "
+                                      "sample's own")  # fmt: skip
+    block_size: int | None = opt(None, "vLLM's KV block size (default: vLLM's)")
+    max_batched_tokens: int | None = opt(None, "the engine's tokens per step (default: the stage's, vLLM's default for "
+                                               "the device). (b) computes prompt logprobs over a whole step at once: "
+                                               "on a GPU with a 152k vocabulary a 16384-token step needs ~15 GB for "
+                                               "them, so cap it there (e.g. 2048)")  # fmt: skip
+    rounds: int = opt(4, "rounds of all the measurements in turn; the first is a warm-up, the others give each "
+                         "column's median and each ratio's median and range")  # fmt: skip
 
-        build_teacher(samples_dir, teacher, TeacherConfig())
+
+def table(results: list[dict], top_k: int, rounds: int) -> str:
+    lines = ["| model | dtype | prompt:response | (a) stage tok/s | (a') stage, --scoring full | (b) vLLM default tok/s "
+             "| (c) transformers tok/s | (p) vLLM forward only | a/a' | a/c | a/b | p/b | prompt tokens reused "
+             f"| bytes/token (k={top_k}) | decode MAE (nats) | max err | (s) sampled N tok/s | bytes/token (sampled N) "
+             "| measured |", "|---" * 19 + "|"]  # fmt: skip
+    for r in results:
+        if "a_full_scoring_tok_s" not in r:
+            continue  # a row of an earlier run, before --scoring
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['prompt_to_response_tokens']}:1 | {r['a_stage_tok_s']:.0f} | "
+            f"{r['a_full_scoring_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | {r['c_transformers_tok_s']:.0f} | "
+            f"{r.get('p_forward_only_tok_s') or '-'} | "
+            + " | ".join(format_ratio(r, f"{x}_over_{y}") for x, y in RATIOS) + " | "
+            f"{r.get('prompt_tokens_from_prefix_cache', '-')} / {r.get('a_tokens_scored', '-')} | "
+            f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} | "
+            f"{r.get('s_sampled_tok_s') or '-'} | {r.get('s_bytes_per_cached_token') or '-'}"
+            f"{' (N=%d)' % r['draws'] if r.get('draws') else ''} | {r.get('run', {}).get('date', '-')} |")  # fmt: skip
+    lines.append("")
+    lines.append(f"Ratios: the median over the rounds after the first (a warm-up), range in brackets ({rounds} rounds "
+                 f"in the latest run). Rows of other models and dtypes are kept from earlier runs (their date is in "
+                 f"the last column).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(CacheThroughputBench, argv, description=__doc__)
+    torch.set_num_threads(torch.get_num_threads())
+    samples_dir = toy_samples(WORK / "samples")
+    teacher = toy_teacher(samples_dir)
     context = ""
     if args.prompt_heavy:
         context = f"+{'shared' if args.shared_context else ''}context{args.prompt_heavy}"
         samples_dir = prompt_heavy_samples(samples_dir, WORK / f"samples{context[1:].replace('+', '-')}",
                                            args.prompt_heavy, args.shared_context)  # fmt: skip
     models = {"llama50m-32k": lambda: build_random_llama(WORK / "llama50m-32k", teacher), "toy-teacher": lambda: teacher}
+    run = stamp(argv)
     results = []
-    for name in args.models.split(","):
+    for name in args.models:
         model_dir = models[name]()
-        for dtype in args.dtypes.split(","):
+        for dtype in args.dtypes:
             label = name + context + (f"+block{args.block_size}" if args.block_size else "")
             r = run_model(label, model_dir, samples_dir, args.samples, args.top_k, dtype, args.draws,
                           args.block_size, args.rounds, args.max_batched_tokens)  # fmt: skip
+            r["run"] = {"date": run["date"], "commit": run["commit"]}
             print(json.dumps(r), flush=True)
             results.append(r)
-    out = Path("bench/results/cache_throughput.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Keep rows of other (model, dtype, k) from earlier runs; this run's replace their own.
     key = lambda r: (r["model"], r["dtype"], r["k"])  # noqa: E731
-    earlier = json.loads(out.read_text()) if out.exists() else []
     mine = {key(r) for r in results}
-    results = [r for r in earlier if key(r) not in mine] + results
-    out.write_text(json.dumps(results, indent=2))
-    print("\n| model | dtype | prompt:response | (a) stage tok/s | (a') stage, --scoring full | (b) vLLM default tok/s "
-          "| (c) transformers tok/s | (p) vLLM forward only | a/a' | a/c | a/b | p/b | prompt tokens reused "
-          "| bytes/token (k=%d) | decode MAE (nats) | max err | (s) sampled N tok/s | bytes/token (sampled N) |"
-          % args.top_k)  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if "a_full_scoring_tok_s" not in r:
-            continue  # a row of an earlier run, before --scoring
-        print(f"| {r['model']} | {r['dtype']} | {r['prompt_to_response_tokens']}:1 | {r['a_stage_tok_s']:.0f} | "
-              f"{r['a_full_scoring_tok_s']:.0f} | {r['b_vllm_default_tok_s']:.0f} | {r['c_transformers_tok_s']:.0f} | "
-              f"{r.get('p_forward_only_tok_s') or '-'} | "
-              + " | ".join(format_ratio(r, f"{x}_over_{y}") for x, y in RATIOS) + " | "
-              f"{r.get('prompt_tokens_from_prefix_cache', '-')} / {r.get('a_tokens_scored', '-')} | "
-              f"{r['bytes_per_cached_token']} | {r['decode_mae_nats']:.4f} | {r['decode_max_err_nats']:.4f} | "
-              f"{r.get('s_sampled_tok_s') or '-'} | {r.get('s_bytes_per_cached_token') or '-'}"
-              f"{' (N=%d)' % r['draws'] if r.get('draws') else ''} |")  # fmt: skip
-    print(f"ratios: the median over the rounds after the first (a warm-up), range in brackets; {args.rounds} rounds")
+    results = [r for r in read_results("cache_throughput") if key(r) not in mine] + results
+    md = table(results, args.top_k, args.rounds)
+    write_results("cache_throughput", results, md, run)
+    print("\n" + md)
     return 0
 
 

@@ -1,21 +1,21 @@
 """Sampled targets' draws (pipeline.response_scoring.draw_targets) on CUDA against CPU: the same logits and
 uniforms must give the same draws, so a sample's cached draws do not depend on the machine that scored it (the CDF
-is float64; in float32 0.15-1.9% of draws differed, measured on an H200). Needs a GPU:
+is float64; in float32 some draws differ). Needs a GPU:
 
-    python bench/draws_devices.py        # writes bench/results/draws_devices.json
-
-Measured on an NVIDIA H200 (torch 2.11+cu130) against its host CPU: every draw and rank identical at 32k and 152k
-ids, T = 1 and 2; 1.3-3.1 ms per 512 positions x 12 draws on the GPU.
+    python -m bench.draws_devices        # writes bench/results/draws_devices.{json,md}
 """
 
 from __future__ import annotations
 
-import json
+import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
+from bench.report import write_results
+from pipeline.config import ConfigError, opt, parse_config
+from pipeline.errors import run_cli
 from pipeline.response_scoring import draw_targets, draw_uniforms
 
 
@@ -50,16 +50,28 @@ def compare(vocab: int, temperature: float, positions: int = 512, draws: int = 1
     }
 
 
-def main() -> None:
+@dataclass
+class DrawsDevicesBench:
+    positions: int = opt(512, "positions per comparison")
+    draws: int = opt(12, "ids drawn per position")
+    seed: int = opt(0, "seeds the logits and the uniforms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(DrawsDevicesBench, argv, description=__doc__)
     if not torch.cuda.is_available():
-        raise SystemExit("bench/draws_devices.py compares CUDA with CPU: no CUDA device here")
-    rows = [compare(v, t) for v, t in [(32000, 1.0), (151936, 1.0), (151936, 2.0)]]
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}
-    out = Path("bench/results/draws_devices.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+        raise ConfigError("bench.draws_devices compares CUDA with CPU: no CUDA device here")
+    rows = [compare(v, t, args.positions, args.draws, args.seed) for v, t in [(32000, 1.0), (151936, 1.0),
+                                                                              (151936, 2.0)]]  # fmt: skip
+    lines = [f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", "",
+             "| vocab | T | draws identical | positions identical | ranks identical | GPU ms |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['vocab']} | {r['temperature']:g} | {r['draws_identical']:.4f} | {r['positions_identical']:.4f} | "
+              f"{r['ranks_identical']:.4f} | {r['gpu_ms']} |" for r in rows]  # fmt: skip
+    md = "\n".join(lines)
+    write_results("draws_devices", rows, md)
+    print(md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="bench.draws_devices"))

@@ -1,7 +1,10 @@
 """The paper's table at toy scale: does cross-modal KD reduce forgetting and the modality gap?
 
-    .venv/bin/python bench/paper_table.py --seeds 3      # after make demo (needs data/models/encoder)
-    .venv/bin/python bench/paper_table.py --render bench/results/paper_table.json   # print a stored table
+    python -m bench.paper_table --seeds 3      # after make demo (needs data/models/encoder); ~50 min here
+    python -m bench.paper_table --render bench/results/paper_table.json   # print a stored table
+
+The recipe is configs/paper_table.toml (the student's options and the bench's rows, seeds and runs); flags override
+it, and --help shows the values it sets.
 
 Per seed: one shared speech-alignment phase (the pretrained toy encoder and its
 token-CTC head learn the spoken prompts of the whole train split, read through
@@ -18,20 +21,21 @@ fine-tunes the whole model on speech with CE on the cached responses, and adds:
 Columns: teacher text accuracy, student text / speech exact match on the eval
 split (held-out templates), forgetting (teacher text - student text), modality
 gap (student text - student speech), and text / speech accuracy on the facts
-fine-tuned on vs the others. Writes bench/results/paper_table.{json,md}.
+fine-tuned on vs the others. Writes bench/results/paper_table.{json,md} (bench.report).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from student.config import build_parser, config_from_args
+from bench.report import read_results, stamp, write_results
+from pipeline.config import config_from_args, listed, opt, parse_args
+from pipeline.errors import run_cli
+from student.config import TrainConfig
 from student.train import train
 
 ALIGNED_ROW = "(0) aligned, before fine-tuning"
@@ -94,65 +98,62 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# The bench's own setting of the student config (every other TrainConfig field keeps the trainer's default and
-# can be overridden here by the same flag as in student/train.py).
-BENCH_DEFAULTS = dict(steps=700, align_steps=400, lr=2e-3, backbone_lr=1e-3, ce_channels="S", finetune_fraction=0.5,
-                      encoder="data/models/encoder", adapter="ctc-embed", align="ctc", freeze_encoder=False,
-                      finetune_lr=2e-4,
-                      eval_every=0, save_every=0, out="data/runs/paper_table")  # fmt: skip
+RECIPE = "configs/paper_table.toml"
+ROW_SET = ("alpha", "beta", "resume", "stop_after", "out")  # TrainConfig fields each row sets itself
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # every student option, from the one config (alpha/beta are the rows' to set, out is --runs)
-    build_parser(defaults=BENCH_DEFAULTS, parser=parser, skip=("alpha", "beta", "resume", "stop_after", "out"))
-    parser.add_argument("--rows", default="1,2,3,4", help="which rows to run")
-    parser.add_argument("--seeds", type=int, default=1, help="run everything (alignment included) with seeds "
-                                                             "--seed, --seed+1, ...; the table gives mean ± std")
-    parser.add_argument("--runs", default=BENCH_DEFAULTS["out"], help="where the students are written")
-    parser.add_argument("--render", type=Path, default=None, help="only print the table of a paper_table.json")
-    args = parser.parse_args()
-    if args.render:
-        print(render(json.loads(args.render.read_text())))
+@dataclass
+class PaperTableBench:
+    rows: list[int] = listed((1, 2, 3, 4), "which rows to run")
+    seeds: int = opt(1, "run everything (alignment included) with seeds --seed, --seed+1, ...; the table gives "
+                        "mean ± std")  # fmt: skip
+    runs: str = opt("data/runs/paper_table", "where the students are written")
+    render: str | None = opt(None, "only print the table of a paper_table.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args((TrainConfig, ROW_SET), PaperTableBench, argv=argv, description=__doc__,
+                      default_config=RECIPE)  # fmt: skip
+    bench = config_from_args(PaperTableBench, args)
+    if bench.render:
+        print(render(read_results(Path(bench.render).stem, Path(bench.render).parent)))
         return 0
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
+    run = stamp(argv)
     results = []
-    wanted = {int(x) for x in args.rows.split(",")}
-    for seed in range(args.seed, args.seed + args.seeds):
-        runs = Path(args.runs) / f"seed{seed}"
-        base = config_from_args(args, out=str(runs / "aligned"), seed=seed).validate()
+    for seed in range(args.seed, args.seed + bench.seeds):
+        runs = Path(bench.runs) / f"seed{seed}"
+        base = config_from_args(TrainConfig, args, out=str(runs / "aligned"), seed=seed).validate()
         # The speech alignment phase is the same for every row (same seed, backbone frozen): run it once and
         # start every row from its checkpoint, so the rows differ only in their fine-tuning losses.
         t0 = time.monotonic()
-        if args.align_steps:
+        if base.align_steps:
             # the aligned model itself is row (0): evaluated before any fine-tuning (its backbone is the teacher's)
-            r = train(replace(base, steps=args.align_steps), progress=False)
+            r = train(replace(base, steps=base.align_steps), progress=False)
             r.update(row=ALIGNED_ROW, seed=seed, minutes=round((time.monotonic() - t0) / 60, 1))
             results.append(r)
             print(f"seed {seed} {ALIGNED_ROW}: text {r['student_text_accuracy']:.1%}, speech "
                   f"{r['student_speech_accuracy']:.1%} ({r['minutes']} min)", flush=True)  # fmt: skip
         align_minutes = round((time.monotonic() - t0) / 60, 1)
         for i, (name, weights) in enumerate(ROWS, 1):
-            if i not in wanted:
+            if i not in bench.rows:
                 continue
-            cfg = replace(base, out=str(runs / f"row{i}"), resume=bool(args.align_steps), **weights)
+            cfg = replace(base, out=str(runs / f"row{i}"), resume=bool(base.align_steps), **weights)
             row_dir = Path(cfg.out)
             shutil.rmtree(row_dir, ignore_errors=True)
-            if args.align_steps:
+            if base.align_steps:
                 shutil.copytree(runs / "aligned", row_dir)
             t0 = time.monotonic()
             r = train(cfg, progress=False)
             r.update(row=name, seed=seed, minutes=round((time.monotonic() - t0) / 60, 1), align_minutes=align_minutes)
             results.append(r)
-            (out / "paper_table.json").write_text(json.dumps(results, indent=2))
+            write_results("paper_table", results, render(results), run)  # after every row: a partial table
             print(f"seed {seed} {name}: text {r['student_text_accuracy']:.1%}, speech "
                   f"{r['student_speech_accuracy']:.1%} ({r['minutes']} min)", flush=True)  # fmt: skip
     table = render(results)
-    (out / "paper_table.md").write_text(table + "\n")
+    write_results("paper_table", results, table, run)
     print(table)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="bench.paper_table"))

@@ -1,8 +1,8 @@
 """The student's data path at 1x and 10x the demo's cache: peak memory and examples/s, side by side.
 
-    .venv/bin/python bench/student_data.py                  # after `make demo`; ~3 min here
-    .venv/bin/python bench/student_data.py --scale 10 --steps 300 --workers 1
-    .venv/bin/python bench/student_data.py --compare-formats    # also the features stored as versions before
+    python -m bench.student_data                  # after `make demo`; ~3 min here
+    python -m bench.student_data --scale 10 --steps 300 --workers 1
+    python -m bench.student_data --compare-formats    # also the features stored as versions before
 
 Builds, from the demo's cache + features + samples (data/), a copy at 1x and a
 copy at `--scale`x (every sample repeated under new ids: same rows, same
@@ -26,7 +26,6 @@ bench/results/student_data.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -34,12 +33,14 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.report import REPO, write_results
+from pipeline.config import listed, opt, parse_config
 
 
 FORMATS = ("v2", "v1-plain", "v1-dictionary")  # features as written now; version 1 without / with a dictionary
@@ -129,7 +130,7 @@ def measure(cache: str, mode: str, steps: int, batch_size: int, workers: int) ->
         run = time.perf_counter() - t1
         worker_rss = 0
     else:
-        data = StudentData(cache, tok)
+        data = StudentData.open(cache, tok)
         n, setup = len(data), time.perf_counter() - t0
         sampler = BlockShuffleSampler(np.arange(n), data.block_of(), batch_size, seed=0)
         loader = torch.utils.data.DataLoader(StepBatches(data, [(0, sampler)], tok.pad_token_id), batch_size=None,
@@ -145,31 +146,36 @@ def measure(cache: str, mode: str, steps: int, batch_size: int, workers: int) ->
             "worker_peak_rss_mib": round(worker_rss)}  # fmt: skip
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("data"), help="the demo's data directory")
-    parser.add_argument("--scale", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--skip-in-memory", action="store_true", help="measure the streaming path only")
-    parser.add_argument("--compare-formats", action="store_true",
-                        help="also stream at --scale x from features stored as version 1, plain and dictionary-encoded")
-    parser.add_argument("--measure", nargs=2, metavar=("CACHE", "MODE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass
+class StudentDataBench:
+    data: str = opt("data", "the demo's data directory")
+    scale: int = opt(10, "the larger copy: every sample this many times")
+    steps: int = opt(300, "global batches read per measurement")
+    batch_size: int = opt(32, "examples per global batch")
+    workers: int = opt(1, "DataLoader workers")
+    skip_in_memory: bool = opt(False, "measure the streaming path only")
+    compare_formats: bool = opt(False, "also stream at --scale x from features stored as version 1, plain and "
+                                       "dictionary-encoded")  # fmt: skip
+    measure: list[str] = listed((), "internal: measure CACHE,MODE in this process and print its JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(StudentDataBench, argv, description=__doc__)
     if args.measure:
         print(json.dumps(measure(args.measure[0], args.measure[1], args.steps, args.batch_size, args.workers)))
         return 0
-    root = args.data / "bench" / "student_data"
+    data = Path(args.data)
+    root = data / "bench" / "student_data"
     results = []
     modes = ("streaming", *(() if args.skip_in_memory else ("in-memory",)))
     runs = [(1, "v2", modes), (args.scale, "v2", modes)]
     if args.compare_formats:
         runs += [(args.scale, fmt, ("streaming",)) for fmt in FORMATS[1:]]
     for scale, fmt, run_modes in runs:
-        cache = replicate(args.data, root / f"x{scale}-{fmt}", scale, fmt)
+        cache = replicate(data, root / f"x{scale}-{fmt}", scale, fmt)
         for mode in run_modes:
-            r = subprocess.run([sys.executable, __file__, "--measure", str(cache), mode, "--steps", str(args.steps),
+            r = subprocess.run([sys.executable, "-m", "bench.student_data", "--measure", f"{cache},{mode}",
+                                "--steps", str(args.steps),
                                 "--batch-size", str(args.batch_size), "--workers", str(args.workers)],
                                capture_output=True, text=True, cwd=REPO)  # fmt: skip
             if r.returncode:
@@ -191,10 +197,7 @@ def main() -> int:
         lines.append(f"streaming examples/s at {args.scale}x, features v2 / {r['features']}: "
                      f"{stream[1]['examples_per_s'] / r['examples_per_s']:.2f}x")
     table = "\n".join(lines)
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "student_data.json").write_text(json.dumps(results, indent=2))
-    (out / "student_data.md").write_text(table + "\n")
+    write_results("student_data", results, table)
     print(table)
     return 0
 

@@ -1,13 +1,13 @@
 """Quality at equal storage: dense vs top-k vs sampled (RS-KD) teacher targets, the same student budget for each.
 
-    .venv/bin/python bench/targets_quality.py --seeds 3        # after make demo; bench/results/targets_quality.{json,md}
-    .venv/bin/python bench/targets_quality.py --render bench/results/targets_quality.json
+    python -m bench.targets_quality --seeds 3        # after make demo; bench/results/targets_quality.{json,md}
+    python -m bench.targets_quality --render bench/results/targets_quality.json
 
 1. Caches the embedded toy teacher's targets over data/samples (every split) once per variant, one vLLM engine for
    all of them (data/bench/targets/<variant>): dense (top-k with k = the whole vocabulary: the full distribution,
    quantized like any top-k), top-8, top-64, and sampled N = 8, 12, 24 (drawn at T = 1). Bytes per response token:
    the cache's shards over its response tokens.
-2. Per seed: one speech alignment (bench/paper_table.py's: the toy encoder, ctc-embed, --align ctc, backbone
+2. Per seed: one speech alignment (the paper table's recipe, configs/paper_table.toml: the toy encoder, ctc-embed, --align ctc, backbone
    frozen), then, from it, the same fine-tuning per variant (paper_table's row 4: T->T and S->T KD + CE on the
    spoken channel, half of the facts; same steps, batches, learning rates, seed), at tau = 1 for every variant (the
    draws' temperature: all of them then target the same distribution), --kd forward_kl for dense and top-k,
@@ -20,24 +20,24 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.paper_table
+import torch
 
-import torch  # noqa: E402
-
-from bench.paper_table import BENCH_DEFAULTS  # noqa: E402
-from pipeline import schemas  # noqa: E402
-from pipeline.cache import CacheReader  # noqa: E402
-from student.config import build_parser, config_from_args  # noqa: E402
+from bench.paper_table import RECIPE, PaperTableBench
+from bench.report import read_results, stamp, write_results
+from pipeline import schemas
+from pipeline.cache import CacheReader
+from pipeline.config import ConfigError, config_from_args, listed, load_config_file, opt, parse_args
+from pipeline.errors import run_cli
+from student.config import TrainConfig
 
 WORK = Path("data/bench/targets")
 # name -> the teacher stage's settings (k = 0: the whole vocabulary)
@@ -131,9 +131,9 @@ def run_student(name: str, cache: str, base, aligned: Path, runs: Path, limit: i
     minutes = (time.monotonic() - t0) / 60
     model = SpeechLLM.load(Path(cfg.out) / "final").eval()
     tok = AutoTokenizer.from_pretrained(Path(cfg.out) / "final" / "backbone")
-    data = StudentData(cache, tok, split="eval")
+    data = StudentData.open(cache, tok, split="eval")
     kl = heldout_kl(model, teacher_model, data, SpeechTemplate.from_tokenizer(tok), limit)
-    match = evaluate_student(model, tok, eval_set(data.samples_dir, data.features_dir, limit=limit))
+    match = evaluate_student(model, tok, eval_set(data.samples, data.inputs.speech, limit=limit))
     return {"kl_text": kl["text"], "kl_speech": kl["speech"], "text": match["student_text_accuracy"],
             "speech": match["student_speech_accuracy"], "minutes": round(minutes, 2)}  # fmt: skip
 
@@ -168,63 +168,74 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = {**BENCH_DEFAULTS, "steps": 550, "align_steps": 400, "alpha": 0.5, "beta": 0.5,
-                "out": str(WORK / "runs"), "heldout_features": "",
-                "heldout_tts_features": ""}  # fmt: skip
-    build_parser(defaults=defaults, parser=parser, skip=("resume", "stop_after", "logits", "kd", "tau"))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed+1, ... (alignment included)")
-    parser.add_argument("--eval-limit-kl", type=int, default=300, help="eval questions for the KL and exact match")
-    parser.add_argument("--teacher", default=None, help="the teacher (default: the embedded toy teacher)")
-    parser.add_argument("--render", type=Path, default=None, help="only print the table of a targets_quality.json")
-    parser.add_argument("--caches-only", action="store_true", help="build the caches, print their info as JSON")
-    args = parser.parse_args()
-    if args.render:
-        print(render(json.loads(args.render.read_text())))
+# this bench's own setting of the paper table's recipe (configs/paper_table.toml): both KD channels, 150
+# fine-tuning steps, no held-out sets
+SETTING = {"steps": 550, "align_steps": 400, "alpha": 0.5, "beta": 0.5, "out": str(WORK / "runs"),
+           "heldout_features": "", "heldout_tts_features": ""}  # fmt: skip
+SKIPPED = ("resume", "stop_after", "logits", "kd", "tau")  # TrainConfig fields the bench sets per variant
+
+
+@dataclass
+class TargetsQualityBench:
+    variants: list[str] = listed(tuple(VARIANTS), "target variants to compare")
+    seeds: int = opt(3, "seeds --seed, --seed+1, ... (alignment included)")
+    eval_limit_kl: int = opt(300, "eval questions for the KL and exact match")
+    teacher: str | None = opt(None, "the teacher (default: the embedded toy teacher)")
+    render: str | None = opt(None, "only print the table of a targets_quality.json")
+    caches_only: bool = opt(False, "build the caches, print their info as JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    own = {f.name for f in fields(TrainConfig)} - set(SKIPPED)  # the recipe's student options (not its bench's)
+    recipe = {k: v for k, v in load_config_file(RECIPE, [TrainConfig, PaperTableBench]).items() if k in own}
+    args = parse_args((TrainConfig, SKIPPED), TargetsQualityBench, argv=argv, description=__doc__,
+                      defaults={**recipe, **SETTING})  # fmt: skip
+    bench = config_from_args(TargetsQualityBench, args)
+    if bench.render:
+        print(render(read_results(Path(bench.render).stem, Path(bench.render).parent)))
         return 0
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = bench.variants
     unknown = set(names) - set(VARIANTS)
     if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     samples, features = Path(args.samples or schemas.SAMPLES_DIR), Path(args.features or schemas.FEATURES_DIR)
-    if args.caches_only:
-        print(json.dumps(build_caches(names, samples, features, args.teacher)))
+    if bench.caches_only:
+        print(json.dumps(build_caches(names, samples, features, bench.teacher)))
         return 0
     # the caches in a child process: a process that ran a vLLM CPU engine cannot fork DataLoader workers (its
     # OpenMP runtime hangs in the child)
-    cmd = [sys.executable, __file__, "--caches-only", "--variants", ",".join(names), "--samples", str(samples),
-           "--features", str(features)] + (["--teacher", args.teacher] if args.teacher else [])  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.targets_quality", "--caches-only", "--variants", ",".join(names),
+           "--samples", str(samples), "--features", str(features)] + (["--teacher", bench.teacher] if bench.teacher
+                                                                     else [])  # fmt: skip
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     caches = json.loads(done.stdout.strip().splitlines()[-1])
     from transformers import AutoModelForCausalLM
 
-    teacher = args.teacher or str(schemas.TEACHER_DIR)
+    teacher = bench.teacher or str(schemas.TEACHER_DIR)
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"caches": caches, "runs": [], "eval_limit": args.eval_limit_kl,
+    run = stamp(argv)
+    report = {"caches": caches, "runs": [], "eval_limit": bench.eval_limit_kl,
               "setting": {k: v for k, v in vars(args).items() if k != "render"}}  # fmt: skip
-    for seed in range(args.seed, args.seed + args.seeds):
+    for seed in range(args.seed, args.seed + bench.seeds):
         runs = Path(args.out) / f"seed{seed}"
         # alignment reads no target values (--align ctc): any cache names its examples; the smallest decodes fastest
         smallest = min(names, key=lambda n: caches[n]["bytes_per_token"])
-        base = config_from_args(args, logits=caches[smallest]["cache"], out=str(runs / "aligned"), seed=seed)
+        base = config_from_args(TrainConfig, args, logits=caches[smallest]["cache"], out=str(runs / "aligned"),
+                                seed=seed)  # fmt: skip
         if base.align_steps:
             t0 = time.monotonic()
             train_aligned(replace(base, steps=base.align_steps))
             print(f"seed {seed}: aligned in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
         for name in names:
-            r = run_student(name, caches[name]["cache"], base, runs / "aligned", runs, args.eval_limit_kl,
+            r = run_student(name, caches[name]["cache"], base, runs / "aligned", runs, bench.eval_limit_kl,
                             teacher_model)  # fmt: skip
             r.update(variant=name, seed=seed)
             report["runs"].append(r)
-            (out / "targets_quality.json").write_text(json.dumps(report, indent=2))
+            write_results("targets_quality", report, render(report), run)
             print(f"seed {seed} {name}: KL text {r['kl_text']:.4f}, speech {r['kl_speech']:.4f}; exact match text "
                   f"{r['text']:.1%}, speech {r['speech']:.1%} ({r['minutes']:.1f} min)", flush=True)  # fmt: skip
     table = render(report)
-    (out / "targets_quality.md").write_text(table + "\n")
+    write_results("targets_quality", report, table, run)
     print(table)
     return 0
 
@@ -237,4 +248,4 @@ def train_aligned(cfg) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="bench.targets_quality"))

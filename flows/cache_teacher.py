@@ -49,12 +49,15 @@ from pipeline import schemas
 from pipeline import samples as samples_stage
 from pipeline import speech as speech_stage
 from pipeline.cache import read_manifest
-from pipeline.config import ConfigError, build_parser, flow_parameters, listed, opt
+from pipeline.config import ConfigError, flow_parameters, listed, opt, parse_args
+from pipeline.engine import check_platform, on_cpu
 from pipeline.errors import UserError, cli
-from pipeline.teacher import cache_teacher_logits, combine_summaries, format_phases, format_summary, prepare_cache
+from pipeline.teacher import cache_teacher_logits, prepare_cache
 from pipeline.teacher_config import TeacherConfig
+from pipeline.teacher_report import combine_summaries, format_phases, format_summary
 from toy import encoder as toy_encoder
 from toy import teacher as toy_teacher
+from toy import world as toy_world
 
 FLOW_NAME = "cache-teacher"
 HELDOUT_RATE = 160
@@ -66,7 +69,8 @@ class CacheFlowConfig:
     """The flow's own options (the teacher stage's are TeacherConfig's)."""
 
     data_dir: str = opt("data", "where every stage writes: samples/, audio/, features/, cache/, models/, rejects/")
-    source: str = opt(samples_stage.TOY_WORLD, "toy-world | .jsonl | .parquet | a Hugging Face dataset")
+    source: str = opt(toy_world.SOURCE_NAME, "toy-world (the embedded default, written to <data-dir>/raw first) | "
+                                             ".jsonl | .parquet | a Hugging Face dataset")  # fmt: skip
     split: str = opt("train", "split of source rows that carry none")
     tts: str = opt("espeak-ng", "text-to-speech: espeak-ng, flite, or vits (a VITS model from transformers, "
                                 "--tts-model; on a GPU when there is one)",
@@ -136,7 +140,10 @@ def retry_unless_config_error(task, task_run, state) -> bool:
 
 @task(name="prepare-samples")
 def prepare_samples(source: str, samples_dir: Path, split: str) -> dict:
-    result = samples_stage.ingest(source, samples_dir, default_split=split, progress=False)
+    if source == toy_world.SOURCE_NAME:  # the embedded default, as a JSONL source like any other
+        result = toy_world.ingest_world(samples_dir)
+    else:
+        result = samples_stage.ingest(source, samples_dir, default_split=split, progress=False)
     return {"accepted": result.samples.num_rows, "rejected": result.rejects.num_rows}
 
 
@@ -152,7 +159,7 @@ def build_once(fixture, out_dir: Path, build) -> tuple[dict, str]:
 def build_default_teacher(samples_dir: Path, teacher_dir: Path) -> str:
     """The embedded toy teacher, trained once and reused."""
     report, how = build_once(toy_teacher, teacher_dir, lambda: toy_teacher.build_teacher(
-        samples_dir, teacher_dir, toy_teacher.TeacherConfig(), progress=False))  # fmt: skip
+        samples_dir, teacher_dir, toy_teacher.ToyTeacherConfig(), progress=False))  # fmt: skip
     print(f"toy teacher ({how}): eval exact match {report['eval_accuracy']:.1%} on {report['n_eval']} "
           f"held-out-template questions -> {teacher_dir}")
     return str(teacher_dir)
@@ -226,8 +233,6 @@ def ray_task_runner(flow_cfg: CacheFlowConfig, teacher_cfg: TeacherConfig):
     """A RayTaskRunner for the caching workers, and what each claims: (runner, num_cpus, num_gpus)."""
     from prefect.client.orchestration import get_client
     from prefect_ray import RayTaskRunner
-
-    from pipeline.teacher import on_cpu
 
     cpu = on_cpu()
     num_gpus = 0 if cpu else teacher_cfg.gpus_per_engine
@@ -311,7 +316,7 @@ def split_parameters(params: dict) -> tuple[CacheFlowConfig, TeacherConfig]:
     data = Path(flow_cfg.data_dir)
     teacher_cfg = TeacherConfig(**{k: v for k, v in params.items() if k not in own}, samples=str(data / "samples"),
                                 out=str(data / "cache"), features=str(data / "features"))  # fmt: skip
-    return flow_cfg.validate(), teacher_cfg.validate(require_teacher=teacher_cfg.teacher is not None)
+    return flow_cfg.validate(), check_platform(teacher_cfg.validate(require_teacher=teacher_cfg.teacher is not None))
 
 
 def run_cache_teacher(**params) -> dict:
@@ -348,7 +353,7 @@ def run_cache_teacher(**params) -> dict:
         heldout_tts = {**tts_speech, **extract_features(tts_audio, tts_features, flow_cfg.n_mels)}
     cache = cache_on_workers(flow_cfg, cfg) if flow_cfg.uses_ray else cache_logits(cfg)
     encoder = None
-    if flow_cfg.default_encoder and flow_cfg.source == samples_stage.TOY_WORLD:
+    if flow_cfg.default_encoder and flow_cfg.source == toy_world.SOURCE_NAME:
         encoder = build_default_encoder(samples_dir, data / "models" / "encoder")
     create_markdown_artifact(
         key="cache-teacher-summary",
@@ -367,16 +372,20 @@ run_cache_teacher.__signature__ = inspect.Signature(
 cache_teacher = flow(name=FLOW_NAME, log_prints=True)(run_cache_teacher)
 
 
-def _parser():
-    parser = build_parser(CacheFlowConfig, description=__doc__)
-    parser.add_argument("--serve", metavar="DEPLOYMENT", help="serve the flow as this deployment instead of running it")
-    return build_parser(TeacherConfig, parser=parser, skip=FLOW_SETS)
+def parse_command_line(argv: list[str] | None = None):
+    """The flow's flags: CacheFlowConfig's, TeacherConfig's (but those the flow sets itself), --serve, --config."""
+    def serve(parser):
+        parser.add_argument("--serve", metavar="DEPLOYMENT", help="serve the flow as this deployment instead of "
+                                                                  "running it")  # fmt: skip
+
+    return parse_args(CacheFlowConfig, (TeacherConfig, FLOW_SETS), argv=argv, description=__doc__,
+                      add_arguments=serve)  # fmt: skip
 
 
 @cli("cache_teacher.py")
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    params = {k: v for k, v in vars(args).items() if k != "serve"}
+    args = parse_command_line(argv)
+    params = {k: v for k, v in vars(args).items() if k not in ("serve", "config")}
     split_parameters(params)  # a bad option fails here, in a second, before Prefect starts
     if args.serve:
         cache_teacher.serve(name=args.serve, parameters=params)

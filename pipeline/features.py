@@ -22,7 +22,6 @@ missing audio goes to data/rejects/features.parquet with the reason.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -38,7 +37,8 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
-from pipeline.errors import CorruptData, MissingInput, cli
+from pipeline.config import ConfigError, config_from_args, opt, parse_args
+from pipeline.errors import CorruptData, InputMismatch, MissingInput, cli
 from pipeline.parquet_io import (
     next_shard_path,
     reject,
@@ -53,29 +53,31 @@ from pipeline.parquet_io import (
 SHARD_PREFIX = "part-"
 ROW_GROUP_ROWS = 64  # clips per Parquet row group: the unit a random read decodes
 # How a features shard is written: small row groups (the student reads clips by key, a row group at a time, see
-# FeatureStore), and no dictionary encoding for the features themselves. pyarrow dictionary-encodes every column by
-# default; for version 1's list<halffloat> features that made a 64-clip row group take 31.5 ms to decode against 7.8
-# ms plain, and the file 2.5% larger (the demo's fbank, zstd 6; bench/student_data.py --compare-formats measures the
-# data path over every format).
-WRITE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "use_dictionary": ["sample_id", "rendition"]}
+# FeatureStore), and no dictionary encoding for the features themselves: pyarrow dictionary-encodes every column by
+# default, which made a row group several times slower to decode (docs/design.md, "Features";
+# `python -m bench.student_data --compare-formats` measures the data path over every format).
+WRITE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "use_dictionary": ["sample_id", "rendition", "voice"]}
 FEATURE_KINDS = ("fbank", "whisper")
 WHISPER_WINDOW_S = 30.0  # Whisper encoders see at most 30 s
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    n_mels: int = 80
-    sample_rate: int = 16_000
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
+    """What a clip's features are (stored in every shard's metadata: a store holds one config)."""
+
+    kind: str = opt("fbank", "fbank (torchaudio's Kaldi fbank, the built-in encoders) or whisper (the log-mel of "
+                             "WhisperFeatureExtractor, for --encoder openai/whisper-*)", FEATURE_KINDS)  # fmt: skip
+    n_mels: int = opt(80, "mel bins")
+    sample_rate: int = opt(16_000, "audio is resampled to this rate")
+    frame_length_ms: float = opt(25.0, "analysis window")
+    frame_shift_ms: float = opt(10.0, "hop between frames")
     # Kaldi conventions: int16-scaled input, no dither (deterministic), povey window.
-    dither: float = 0.0
-    window: str = "povey"
-    kind: str = "fbank"  # fbank (Kaldi, torchaudio) | whisper (WhisperFeatureExtractor log-mel)
+    dither: float = opt(0.0, "fbank dither (0: deterministic)")
+    window: str = opt("povey", "fbank window type")
 
     def __post_init__(self):
         if self.kind not in FEATURE_KINDS:
-            raise ValueError(f"feature kind {self.kind!r} is not one of {FEATURE_KINDS}")
+            raise ConfigError(f"--kind {self.kind!r} is not one of {', '.join(FEATURE_KINDS)}")
 
     @classmethod
     def from_json(cls, text: str) -> "FeatureConfig":
@@ -83,6 +85,17 @@ class FeatureConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class ExtractConfig:
+    """`python -m pipeline.features`: which clips, where the shards go (the features themselves: FeatureConfig)."""
+
+    audio_index: str = opt(str(schemas.AUDIO_DIR / "index.parquet"), "the audio index (sample_id, rendition, path; "
+                                                                      "paths relative to it)")  # fmt: skip
+    out: str = opt(str(schemas.FEATURES_DIR), "features directory")
+    rows_per_shard: int = opt(1000, "clips per Parquet shard")
+    overwrite: bool = opt(False, "replace shards made with another feature config")
 
 
 class BadAudio(ValueError):
@@ -191,11 +204,14 @@ def read_audio_index(index_path: Path) -> list[dict]:
     table = pq.read_table(index_path)
     missing = {"sample_id", "rendition", "path"} - set(table.column_names)
     if missing:
-        raise ValueError(f"{index_path}: audio index lacks column(s) {sorted(missing)}")
-    rows = table.select(["sample_id", "rendition", "path"]).to_pylist()
+        raise InputMismatch(f"{index_path}: audio index lacks column(s) {sorted(missing)}; it needs sample_id, "
+                            f"rendition, path (and voice)")  # fmt: skip
+    columns = ["sample_id", "rendition", "path"] + (["voice"] if "voice" in table.column_names else [])
+    rows = table.select(columns).to_pylist()
     for r in rows:
         p = Path(r["path"])
         r["path"] = p if p.is_absolute() else index_path.parent / p
+        r.setdefault("voice", schemas.voice_of_rendition(r["rendition"]))
     return rows
 
 
@@ -241,6 +257,7 @@ def extract_all(
             continue
         buffer["sample_id"].append(r["sample_id"])
         buffer["rendition"].append(r["rendition"])
+        buffer["voice"].append(r["voice"])
         buffer["n_frames"].append(feats.shape[0])
         buffer["fbank"].append(encode_clip(feats))
         written += 1
@@ -280,7 +297,7 @@ class FeatureStore:
         self.cfg = feature_config_of(self.dir)
         self.shards = shard_paths(self.dir, SHARD_PREFIX)
         self._groups = RowGroupReader(self.shards, keep=keep_row_groups)
-        sids, rends, shard_of, group_of, row_of, frames = [], [], [], [], [], []
+        sids, rends, voices, shard_of, group_of, row_of, frames = [], [], [], [], [], [], []
         self._as_list: list[bool] = []  # per shard: version 1 (features as list<halffloat>)
         for s, path in enumerate(self.shards):
             pf = self._groups.file(s)
@@ -288,10 +305,14 @@ class FeatureStore:
             self._as_list.append(meta["version"] == "1")
             if FeatureConfig.from_json(meta["feature_config"]) != self.cfg:
                 raise ValueError(f"{path} holds features of another config than {self.shards[0]}; re-extract them")
+            has_voice = "voice" in pf.schema_arrow.names  # version 3; before, the voice is in the rendition id
             for g in range(pf.num_row_groups):
-                t = self._groups.read(s, g, ["sample_id", "rendition", "n_frames"], keep=False)
+                t = self._groups.read(s, g, ["sample_id", "rendition", "n_frames"] + (["voice"] if has_voice else []),
+                                      keep=False)  # fmt: skip
                 sids.extend(t["sample_id"].to_pylist())
                 rends.extend(t["rendition"].to_pylist())
+                voices.extend(t["voice"].to_pylist() if has_voice else
+                              [schemas.voice_of_rendition(r) for r in t["rendition"].to_pylist()])  # fmt: skip
                 frames.append(t["n_frames"].to_numpy())
                 shard_of.append(np.full(t.num_rows, s, dtype=np.int32))
                 group_of.append(np.full(t.num_rows, g, dtype=np.int32))
@@ -299,6 +320,7 @@ class FeatureStore:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int32)  # noqa: E731
         self.sample_ids = np.array(sids, dtype=object)
         self.renditions = np.array(rends, dtype=object)
+        self.voices = np.array(voices, dtype=object)
         self.n_frames, self.shard, self.group, self.row = cat(frames), cat(shard_of), cat(group_of), cat(row_of)
         self._pos = {key: i for i, key in enumerate(zip(sids, rends))}
 
@@ -331,24 +353,12 @@ class FeatureStore:
 
 @cli("pipeline.features")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = FeatureConfig()
-    parser.add_argument("--audio-index", type=Path, default=schemas.AUDIO_DIR / "index.parquet")
-    parser.add_argument("--out", type=Path, default=schemas.FEATURES_DIR, help="features directory")
-    parser.add_argument("--kind", choices=FEATURE_KINDS, default=d.kind,
-                        help="fbank (built-in encoder) or whisper (log-mel for --encoder openai/whisper-*)")
-    parser.add_argument("--n-mels", type=int, default=d.n_mels)
-    parser.add_argument("--sample-rate", type=int, default=d.sample_rate)
-    parser.add_argument("--frame-length-ms", type=float, default=d.frame_length_ms)
-    parser.add_argument("--frame-shift-ms", type=float, default=d.frame_shift_ms)
-    parser.add_argument("--rows-per-shard", type=int, default=1000)
-    parser.add_argument("--overwrite", action="store_true", help="replace shards made with another config")
-    args = parser.parse_args(argv)
-    cfg = FeatureConfig(args.n_mels, args.sample_rate, args.frame_length_ms, args.frame_shift_ms, kind=args.kind)
-    result = extract_all(args.audio_index, args.out, cfg, args.rows_per_shard, args.overwrite)
+    args = parse_args(FeatureConfig, ExtractConfig, argv=argv, description=__doc__)
+    cfg, run = config_from_args(FeatureConfig, args), config_from_args(ExtractConfig, args)
+    result = extract_all(Path(run.audio_index), Path(run.out), cfg, run.rows_per_shard, run.overwrite)
     print(
         f"features: {result.written} clips extracted, {result.skipped} already there, "
-        f"{result.rejects.num_rows} rejected -> {args.out} ({cfg.kind}, {cfg.n_mels} mel bins)"
+        f"{result.rejects.num_rows} rejected -> {run.out} ({cfg.kind}, {cfg.n_mels} mel bins)"
     )
 
 

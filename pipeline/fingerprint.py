@@ -12,15 +12,9 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.files import sha256_file, write_json_atomic
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hash_memo_path() -> Path:
@@ -29,7 +23,7 @@ def _hash_memo_path() -> Path:
 
 
 def _sha256_file_memo(path: Path) -> str:
-    """_sha256_file, remembered across runs by (absolute path, inode, size, mtime, ctime): a big teacher is
+    """sha256_file, remembered across runs by (absolute path, inode, size, mtime, ctime): a big teacher is
     hashed once, not on every caching run. A changed file is hashed again: a rewrite that restores the
     mtime (touch -d, rsync -t, cp -p) still moves ctime, which no user call can set back."""
     st = path.stat()
@@ -41,13 +35,10 @@ def _sha256_file_memo(path: Path) -> str:
         memo = {}
     if key in memo:
         return memo[key]
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     memo[key] = digest
     try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_path)
+        write_json_atomic(memo_path, memo, indent=None)
     except OSError:
         pass  # a read-only home only costs the re-hash next time
     return digest
@@ -99,10 +90,11 @@ def diff(expected: dict, found: dict, keys: list[str]) -> list[str]:
     return [f"{k}: cache has {found.get(k)!r}, this run has {expected.get(k)!r}" for k in keys if expected.get(k) != found.get(k)]
 
 
-def content_sha256(prompt: str, response: str | None = None, generation: dict | None = None) -> str:
-    """What a cache row scored: the prompt and the response (dataset responses), or the prompt and the
-    generation settings (teacher-written responses: the teacher writes the response from those). A sample
-    whose hash differs from its cache row's has changed since it was cached."""
-    payload = {"prompt": prompt, "response": response} if generation is None else {"prompt": prompt,
-                                                                                    "generation": generation}
+def content_sha256(sample: dict, generation: dict | None = None) -> str:
+    """What a cache row scored, the one rule every writer and reader of a cache uses: the sample's prompt and its
+    response (dataset responses), or its prompt and the generation settings (teacher-written responses: the
+    teacher writes the response from those, and the sample's own response is not used). A sample whose hash
+    differs from its cache row's has changed since it was cached."""
+    payload = ({"prompt": sample["prompt"], "response": sample["response"]} if generation is None
+               else {"prompt": sample["prompt"], "generation": generation})  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Iterable
 
@@ -11,47 +10,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schemas
+from pipeline.files import atomic_write, remove_stale_temp_files  # noqa: F401 - re-exported for the stages
 
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 6
 
 
 def write_table_atomic(table: pa.Table, path: Path | str, **kwargs) -> Path:
-    """Write `table` to `path` so that readers see either nothing or the whole file.
-
-    The file is written under a temporary name in the same directory, fsynced,
-    then renamed over `path` (rename is atomic on POSIX), so a process killed at
-    any moment never leaves a truncated Parquet file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(
-            table,
-            tmp,
-            compression=kwargs.pop("compression", COMPRESSION),
-            compression_level=kwargs.pop("compression_level", COMPRESSION_LEVEL),
-            **kwargs,
-        )
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def remove_stale_temp_files(directory: Path | str) -> int:
-    """Delete temp files left by a killed writer; returns how many."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return 0
-    stale = list(directory.glob(".*.tmp"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+    """Write `table` to `path` so that readers see either nothing or the whole file (pipeline.files.atomic_write:
+    a temp file beside it, fsynced, renamed over it), zstd-compressed unless told otherwise."""
+    kwargs.setdefault("compression", COMPRESSION)
+    kwargs.setdefault("compression_level", COMPRESSION_LEVEL)
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+    return Path(path)
 
 
 def shard_paths(directory: Path | str, prefix: str = "part-") -> list[Path]:

@@ -7,7 +7,8 @@ Views (each only when its files exist):
   samples          sample_id, prompt, response, split, meta
   rejects          every stage's rejects: stage, sample_id, rendition, source_position, field, reason
   audio            the speech index: sample_id, rendition, voice, rate_wpm, path, duration_s
-  features         sample_id, rendition, n_frames, fbank (the clip's float16 features as bytes; version 1 shards: a list)
+  features         sample_id, rendition, voice, n_frames, fbank (the clip's float16 features as bytes; version 1
+                   shards: a list; versions 1-2 have no voice column: NULL here)
   cache            the raw cache rows (packed top-k columns included), every partition's
   responses        per cached sample: the response the teacher was scored on (and, with
                    --responses teacher, wrote), response_source (dataset | teacher) and
@@ -23,14 +24,15 @@ Views (each only when its files exist):
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
 from pipeline import schemas
 from pipeline.cache import cache_shards, read_manifest
+from pipeline.config import opt, parse_config
 from pipeline.errors import MissingInput, UserError, cli
 
 TEACHER_TOKENS = """
@@ -91,7 +93,8 @@ def connect(data_dir: Path = schemas.DATA_DIR, cache_dir: Path | None = None) ->
     }
     for name, glob in sources.items():
         if glob is not None:
-            con.sql(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}')")
+            # union_by_name: a features store may hold shards of several versions (a voice column since version 3)
+            con.sql(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
     # the shards the cache's manifests list (all partitions), not whatever files match a glob
     shards = [str(path) for path, _ in cache_shards(cache_dir)]
     sources["cache"] = shards or None
@@ -120,20 +123,25 @@ def views(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [r[0] for r in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
 
 
+@dataclass
+class QueryConfig:
+    """`python -m pipeline.query`: a SQL query over the views of one data directory."""
+
+    sql: str | None = opt(None, "the query (none: list the views)", positional=True)
+    data: str = opt(str(schemas.DATA_DIR), "data directory")
+    cache: str | None = opt(None, "cache directory (default: <data>/cache)")
+    views: bool = opt(False, "list the views and their columns")
+    max_rows: int = opt(40, "rows to print")
+    csv: bool = opt(False, "print CSV instead of a table")
+
+
 @cli("pipeline.query")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sql", nargs="?", help="the query")
-    parser.add_argument("--data", type=Path, default=schemas.DATA_DIR, help="data directory")
-    parser.add_argument("--cache", type=Path, default=None, help="cache directory (default: <data>/cache)")
-    parser.add_argument("--views", action="store_true", help="list the views and their columns")
-    parser.add_argument("--max-rows", type=int, default=40, help="rows to print")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a table")
-    args = parser.parse_args(argv)
+    args = parse_config(QueryConfig, argv, description=__doc__)
     if not Path(args.data).is_dir():
         raise MissingInput(f"--data {args.data}: no such directory; run the cache-teacher flow first or point --data "
                            f"at its data directory")  # fmt: skip
-    con = connect(args.data, args.cache)
+    con = connect(Path(args.data), Path(args.cache) if args.cache else None)
     if args.views or not args.sql:
         for v in views(con):
             cols = ", ".join(r[0] for r in con.sql(f"DESCRIBE {v}").fetchall())

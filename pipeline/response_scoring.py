@@ -130,8 +130,8 @@ def draw_targets(logits, logprobs, token_ids, uniforms, temperature: float, gath
     import torch
 
     actual_ids, actual_logprobs, ranks, *_ = gather_logprobs(logprobs, 0, token_ids)
-    # float64: a float32 CDF over a large vocabulary accumulates rounding that differs between devices (measured on an
-    # H200 against this CPU, 512 positions x 12 draws: 0.15-1.9% of draws differed at 32k-152k ids; none in float64)
+    # float64: a float32 CDF over a large vocabulary accumulates rounding that differs between devices (a GPU against
+    # a CPU: some draws differed in float32, none in float64; python -m bench.draws_devices)
     cdf = torch.softmax(logits.double().div_(temperature), dim=-1).cumsum_(dim=-1)
     u = torch.as_tensor(uniforms, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     # token i is drawn iff cdf[i-1] <= u < cdf[i]: an id of probability 0 (an empty step) never is
@@ -146,11 +146,10 @@ def draw_targets(logits, logprobs, token_ids, uniforms, temperature: float, gath
 LOGPROB_BYTES_PER_VOCAB_ENTRY = 6
 SAMPLED_BYTES_PER_VOCAB_ENTRY = 24
 # On a CPU the LM head and log_softmax of a step's scored rows run in batches of at most this many bytes of float32
-# logits (128 rows of a 32k vocabulary): measured on 2 CPU cores, 400 toy samples on the 50M/32k model, the hook took
-# 1.45-1.54 s one request at a time (vLLM's way: the head's weights read once per request), 0.82 s at 16 MiB, 0.90 s
-# at 32 MiB, 1.13 s at 64 MiB (the rows fall out of the caches), 1.0 s at 8 MiB. On a GPU a batch is as large as
-# the requests' memory budget allows (MEMORY_ARG): a small batch there reads the head's weights (1.2 GB for a 7B
-# teacher's 152k x 4096 head in bf16) once per few rows. Not measured on a GPU.
+# logits (128 rows of a 32k vocabulary): on 2 CPU cores the fastest of 8-64 MiB, about twice as fast as one request
+# at a time (vLLM's way: the head's weights read once per request), while larger batches fall out of the caches. On
+# a GPU a batch is as large as the requests' memory budget allows (MEMORY_ARG): a small batch there reads the head's
+# weights (1.2 GB for a 7B teacher's 152k x 4096 head in bf16) once per few rows. Not measured on a GPU.
 BATCH_LOGIT_BYTES = 16 << 20
 
 

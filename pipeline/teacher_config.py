@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pipeline import schemas
 from pipeline.config import ConfigError, check_choices, flag, opt
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
@@ -108,10 +107,10 @@ class TeacherConfig:
     def features_dir(self) -> Path:
         return Path(self.features)
 
-    def validate(self, check_platform: bool = True, require_teacher: bool = True) -> "TeacherConfig":
+    def validate(self, require_teacher: bool = True) -> "TeacherConfig":
         """Every option checked before any engine starts: ConfigError naming the option and what is allowed.
-        `check_platform`: also refuse GPU-only settings on a CPU build of vLLM; `require_teacher`: the embedded
-        toy teacher must be built already (the flow builds it)."""
+        `require_teacher`: the embedded toy teacher must be built already (the flow builds it). What this machine's
+        vLLM can run is pipeline.engine.check_platform's."""
         check_choices(self)
         positive = ("top_k", "max_new_tokens", "group_size", "rows_per_shard", "tensor_parallel_size",
                     "pipeline_parallel_size", "max_num_seqs", "logprob_step", "kv_cache_gib", "logprobs_memory_gib")  # fmt: skip
@@ -142,15 +141,6 @@ class TeacherConfig:
         if require_teacher and self.teacher is None and not Path(self.model).is_dir():
             raise ConfigError(f"no teacher at {self.model} (the embedded toy teacher's place): build it with "
                               f"`python -m toy.teacher` or the cache-teacher flow, or pass --teacher")  # fmt: skip
-        if check_platform and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
-            from pipeline.teacher import on_cpu
-
-            if on_cpu():
-                raise ConfigError(
-                    f"--tensor-parallel-size {self.tensor_parallel_size} / --pipeline-parallel-size "
-                    f"{self.pipeline_parallel_size}: model parallelism needs GPUs (this is vLLM's CPU build); on "
-                    f"CPU use 1 and scale out with --partitions and workers instead"
-                )
         return self
 
     @property

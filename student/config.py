@@ -1,15 +1,14 @@
-"""The student stage's one config: every CLI flag, its type, default, choices and help, declared once.
+"""The student stage's configs: every CLI flag, its type, default, choices and help, declared once.
 
-`TrainConfig` is the single source: `student/train.py`'s parser is generated
-from it (`build_parser`), `bench/paper_table.py` overrides its fields
-(`build_parser(defaults=...)`) rather than re-declaring them, and `validate`
-checks every option before any model or data is loaded, so a typo fails in
-under a second with the allowed values named.
+`StudentInputs` holds what training and evaluation share (the cache, the inputs it names, the held-out sets, the
+device); `TrainConfig` adds the model, the schedule and the losses, `EvalConfig` the student to evaluate. The
+commands' flags are generated from them (pipeline.config), a recipe file (`--config configs/demo.toml`) sets any
+of them, and `validate` checks every option before any model or data is loaded, so a typo fails in under a
+second with the allowed values named.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ ALIGN_CHOICES = ("transcribe", "behave", "both", "ctc")
 
 
 @dataclass
-class TrainConfig:
-    # --- data
+class StudentInputs:
+    """What training and evaluation read: the cache, the samples and speech it names, the held-out sets."""
+
     logits: str = opt("data/cache", "the teacher logit cache (its manifest names the samples, features and teacher)")
-    out: str = opt("data/runs/student", "run directory: metrics.csv, eval.csv, loss.png, checkpoint.pt, final/")
     samples: str | None = opt(None, "samples directory (default: from the cache manifest)")
     features: str | None = opt(None, "speech features directory (default: from the cache manifest)")
     heldout_features: str = opt("auto", "speech features of the eval split in a voice never used in training, "
@@ -39,8 +38,48 @@ class TrainConfig:
                                             "never used, for the final eval's held-out-synthesizer column (auto: "
                                             "<features>-heldout-tts, which the flow writes, when it exists; '': "
                                             "none)")  # fmt: skip
-    verify: bool = opt(True, "check every cache shard against the sha256 its manifest recorded before training "
+    verify: bool = opt(True, "check every cache shard against the sha256 its manifest recorded before reading it "
                              "(--no-verify: skip, for people who know the files are intact)")  # fmt: skip
+    reference: str = opt("dataset", "what the eval's exact match compares to: the dataset's answers, or the "
+                                    "teacher's cached ones (a cache made with --responses teacher)",
+                         ("dataset", "teacher"))  # fmt: skip
+    device: str = opt("auto", "where to run: auto = cuda when available", DEVICE_CHOICES)
+    precision: str = opt("auto", "auto = bf16 autocast on a GPU that supports it, fp32 otherwise", PRECISION_CHOICES)
+
+    def check_inputs(self) -> None:
+        """The options shared by training and evaluation, checked before any work."""
+        stage_config.check_choices(self)
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda: no CUDA device is visible to torch here; use --device cpu (or auto)")
+        if self.precision == "bf16" and self.resolved_device() == "cuda":
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                raise ConfigError("--precision bf16: this GPU does not support bfloat16; use --precision fp32")
+        manifest = Path(self.logits) / "manifest.json"
+        if not manifest.exists():
+            raise ConfigError(f"--logits {self.logits}: no cache there (no manifest.json); run the cache-teacher "
+                              f"flow first (`python flows/cache_teacher.py`) or point --logits at a cache")  # fmt: skip
+
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        import torch
+
+        return "bf16" if self.resolved_device() == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+@dataclass
+class TrainConfig(StudentInputs):
+    """`student/train.py`: the inputs, the model, the schedule, the losses."""
+
+    out: str = opt("data/runs/student", "run directory: metrics.csv, eval.csv, loss.png, checkpoint.pt, final/")
     num_workers: int = opt(1, "DataLoader worker processes reading and decoding batches (0: in the training process)")
     shuffle_blocks: int = opt(8, "shuffle window, in cache row groups (256 rows each): examples are shuffled "
                                  "within a window of this many randomly ordered row groups; memory grows with it, "
@@ -88,16 +127,10 @@ class TrainConfig:
     # fine-tuning data that covers part of what the model knows, evaluated on all of it.
     finetune_fraction: float = opt(1.0, "fine-tune on a seeded fraction of the groups (alignment hears all)")
     finetune_group: str = opt("entity", "meta key that names a sample's group for --finetune-fraction")
-    # --- hardware
-    device: str = opt("auto", "where to train: auto = cuda when available", DEVICE_CHOICES)
-    precision: str = opt("auto", "auto = bf16 autocast on a GPU that supports it, fp32 otherwise", PRECISION_CHOICES)
     # --- bookkeeping
     final_eval: bool = opt(True, "evaluate at the end: teacher text, student text and speech on the eval split")
     eval_every: int = opt(200, "evaluate every N steps (0: only at the end)")
     eval_limit: int = opt(300, "eval questions during training (the final eval uses all)")
-    reference: str = opt("dataset", "what the eval's exact match compares to: the dataset's answers, or the "
-                                    "teacher's cached ones (a cache made with --responses teacher)",
-                         ("dataset", "teacher"))  # fmt: skip
     save_every: int = opt(200, "checkpoint every N steps (0: only at the end)")
     seed: int = opt(0, "seeds the initialisation, the data order and dropout")
     resume: bool = opt(False, "continue from <out>/checkpoint.pt")
@@ -108,7 +141,7 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> "TrainConfig":
         """Every option checked before work starts: raises ConfigError naming the option and what is allowed."""
-        stage_config.check_choices(self)
+        self.check_inputs()
         bad = self.ce_set() - set(CHANNELS)
         if bad:
             raise ConfigError(f"--ce-channels {self.ce_channels!r}: unknown channel(s) {sorted(bad)}; use T, S or T,S")
@@ -143,20 +176,6 @@ class TrainConfig:
             )
         if self.steps > self.align_steps and not (self.alpha or self.beta or (self.gamma and self.ce_set())):
             raise ConfigError("the fine-tuning phase has no loss: set --alpha, --beta or --gamma with --ce-channels")
-        if self.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError("--device cuda: no CUDA device is visible to torch here; use --device cpu (or auto)")
-        if self.precision == "bf16" and self.resolved_device() == "cuda":
-            import torch
-
-            if not torch.cuda.is_bf16_supported():
-                raise ConfigError("--precision bf16: this GPU does not support bfloat16; use --precision fp32")
-        manifest = Path(self.logits) / "manifest.json"
-        if not manifest.exists():
-            raise ConfigError(f"--logits {self.logits}: no cache there (no manifest.json); run the cache-teacher "
-                              f"flow first (`python flows/cache_teacher.py`) or point --logits at a cache")  # fmt: skip
         if self.resume and not (Path(self.out) / "checkpoint.pt").exists():
             raise ConfigError(f"--resume: no checkpoint at {Path(self.out) / 'checkpoint.pt'}")
         return self
@@ -182,15 +201,23 @@ class TrainConfig:
                               f"--targets sampled (or use --kd forward_kl)")  # fmt: skip
         return replace(self, kd=self.kd or TOPK_KD_DEFAULT, tau=self.tau if self.tau is not None else TOPK_TAU_DEFAULT)
 
-    def resolved_device(self) -> str:
-        return resolve_device(self.device)
+@dataclass
+class EvalConfig(StudentInputs):
+    """`student/evaluate.py`: a trained student on the eval split, typed and spoken, and the held-out sets."""
 
-    def resolved_precision(self) -> str:
-        if self.precision != "auto":
-            return self.precision
-        import torch
+    student: str = opt("data/runs/student/final", "the student to evaluate (a training run's final/)")
+    limit: int | None = opt(None, "only the first N eval questions")
 
-        return "bf16" if self.resolved_device() == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    def validate(self) -> "EvalConfig":
+        if not (Path(self.student) / "student_config.json").exists():
+            from pipeline.errors import MissingInput
+
+            raise MissingInput(f"no student at {self.student} (no student_config.json): train one with "
+                               f"`python student/train.py` or pass --student <run>/final")  # fmt: skip
+        self.check_inputs()
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        return self
 
 
 def resolve_device(device: str) -> str:
@@ -204,22 +231,6 @@ def resolve_device(device: str) -> str:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def build_parser(
-    defaults: dict | None = None, parser: argparse.ArgumentParser | None = None, skip: tuple[str, ...] = (),
-    description: str | None = None,
-) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per TrainConfig field (types, choices, help from the dataclass).
-
-    `defaults` overrides field defaults (the bench's own setting); `skip` leaves fields out; `parser`: add
-    the flags to this one, else a new one with `description`.
-    """
-    return stage_config.build_parser(TrainConfig, defaults, parser, skip, description)
-
-
-def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
-    return stage_config.config_from_args(TrainConfig, args, **overrides)
 
 
 def world_size_from_env() -> int:

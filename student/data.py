@@ -17,11 +17,10 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.chat import render_prompt
-from pipeline.errors import InputMismatch, MissingInput
-from pipeline.features import FeatureStore
-from pipeline.fingerprint import content_sha256, tokenizer_sha256
-from pipeline.samples import load_samples
+from pipeline.errors import InputMismatch
+from pipeline.fingerprint import tokenizer_sha256
 from student.config import ConfigError
+from student.inputs import RunInputs
 
 PLACEHOLDER = "\u2047SPEECH\u2047"
 
@@ -93,86 +92,70 @@ class JoinReport:
         return text
 
 
-def inputs_from_manifest(reader: CacheReader, samples_dir, features_dir) -> tuple[Path, Path]:
-    """The samples and features directories: as given, else as the cache manifest names them (resolved
-    against the cache directory, so any working directory works)."""
-    samples = samples_dir or reader.input_path("samples_dir")
-    features = features_dir or reader.input_path("features_dir")
-    if not samples or not features:
-        raise MissingInput(f"{reader.dir}/manifest.json does not say where the samples/features are: pass "
-                           f"--samples and --features")  # fmt: skip
-    return Path(samples), Path(features)
-
-
-def read_split(samples_dir: Path, split: str | None, columns=("sample_id", "prompt", "response", "split", "meta")):
-    """Columns of one split of the samples table (the text columns only: no decoded targets, no speech)."""
-    table = load_samples(samples_dir, split)
-    return table.select(list(columns))
-
-
 class StudentData:
     """The examples of one split, one per (cached sample, speech rendition), without loading them.
 
-    Holds an index: per example, where its cache row (shard, row group, row) and its speech clip (a
-    FeatureStore position) are, in cache storage order, and the split's prompts. Decoded targets and
-    features exist only for the examples being read (`example(i)`); cache and features are read a row
-    group at a time, the most recent ones kept per process (CacheReader, FeatureStore).
+    Holds an index: per example, where its cache row (shard, row group, row) and its speech clip (a position in the
+    run's speech store, student.inputs.SpeechIndex) are, in cache storage order. Decoded targets and features exist
+    only for the examples being read (`example(i)`); cache and features are read a row group at a time, the most
+    recent ones kept per process (CacheReader, FeatureStore).
     """
 
-    def __init__(
-        self, cache: Path | str | CacheReader, tokenizer, samples_dir: Path | None = None,
-        features_dir: Path | None = None, split: str = "train", need_speech: bool = True,
-    ):  # fmt: skip
-        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)  # checks every shard
+    def __init__(self, inputs: RunInputs, tokenizer, split: str = "train"):
+        self.inputs, self.reader, self.samples = inputs, inputs.reader, inputs.samples
         check_tokenizer(self.reader, tokenizer)
         self.tokenizer = tokenizer
-        self.samples_dir, self.features_dir = inputs_from_manifest(self.reader, samples_dir, features_dir)
-        table = read_split(self.samples_dir, split, ("sample_id", "prompt", "response"))
-        prompt_of = dict(zip(table["sample_id"].to_pylist(), table["prompt"].to_pylist()))
+        speech = inputs.speech
+        self.features = speech.store if speech is not None else None
+        ids = inputs.samples.split(split)
+        in_split = set(ids)
         # what each sample's cache row must have scored; a row whose hash differs is stale (the sample was
         # edited after caching) and is skipped and counted, never trained on
         generation = self.reader.fingerprint.get("generation")
-        expected = {sid: content_sha256(p, None if generation else r, generation)
-                    for sid, p, r in zip(table["sample_id"].to_pylist(), table["prompt"].to_pylist(),
-                                         table["response"].to_pylist())}  # fmt: skip
-        del table
-        # a shuffle window of 8 cache row groups touches ~40 feature row groups (64 clips each)
-        self.features = FeatureStore(self.features_dir, keep_row_groups=64) if need_speech else None
-        clips: dict[str, list[tuple[str, int]]] = {}
-        if self.features is not None:
-            for pos, (sid, rend) in enumerate(self.features.keys()):
-                if sid in prompt_of:
-                    clips.setdefault(sid, []).append((rend, pos))
         # per cache row in the split: (block, shard, group, row); per example: cache row index, clip position
         rows, ex_row, ex_clip = [], [], []
         self.row_sample_ids: list[str] = []
-        report = JoinReport(samples=len(prompt_of))
+        report = JoinReport(samples=len(ids))
         seen = set()
         for block, (s, g, sids, hashes) in enumerate(self.reader.row_groups()):
             for r, (sid, digest) in enumerate(zip(sids, hashes)):
-                if sid not in prompt_of:
+                if sid not in in_split:
                     continue
                 seen.add(sid)
                 report.cache_rows_in_split += 1
-                if digest != expected[sid]:
+                if digest != self.samples.content_sha256(sid, generation):
                     report.stale.append(sid)
                     continue
-                if need_speech and sid not in clips:
+                clips = speech.clips(sid) if speech is not None else [-1]
+                if not clips:
                     report.missing_features.append(sid)
                     continue
                 row_index = len(rows)
                 rows.append((block, s, g, r))
                 self.row_sample_ids.append(sid)
-                for _, pos in sorted(clips.get(sid, [(None, -1)]), key=lambda x: x[0] or ""):
+                for pos in clips:
                     ex_row.append(row_index)
                     ex_clip.append(pos)
-        report.missing_cache = sorted(set(prompt_of) - seen)
+        report.missing_cache = sorted(in_split - seen)
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # block, shard, group, row
         self.ex_row = np.array(ex_row, dtype=np.int64)
         self.ex_clip = np.array(ex_clip, dtype=np.int64)
-        self.prompt_of = prompt_of
         report.examples = len(self.ex_row)
         self.report = report
+
+    @classmethod
+    def open(cls, cache: Path | str | CacheReader, tokenizer, samples_dir: Path | None = None,
+             features_dir: Path | None = None, split: str = "train", need_speech: bool = True) -> "StudentData":  # fmt: skip
+        """A split's examples straight from a cache directory (the inputs it names unless given)."""
+        return cls(RunInputs.open(cache, samples_dir, features_dir, need_speech), tokenizer, split)
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.inputs.samples_dir
+
+    @property
+    def features_dir(self) -> Path:
+        return self.inputs.features_dir
 
     def __len__(self) -> int:
         return len(self.ex_row)
@@ -189,7 +172,7 @@ class StudentData:
         _, s, g, r = self.rows[self.ex_row[i]].tolist()
         row = self.reader.decode_table_row(self.reader.read_row_group(s, g), r, targets=targets)
         sid = row["sample_id"]
-        prompt = self.prompt_of[sid]
+        prompt = self.samples.prompt[sid]
         tok = self.tokenizer
         prompt_ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
         transcript_ids = tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -206,7 +189,7 @@ def load_examples(
     split: str = "train", need_speech: bool = True,
 ) -> tuple[list[Example], JoinReport]:  # fmt: skip
     """Every example of one split, decoded, in memory: for tests and small sets (training streams)."""
-    data = StudentData(cache_dir, tokenizer, samples_dir, features_dir, split, need_speech)
+    data = StudentData.open(cache_dir, tokenizer, samples_dir, features_dir, split, need_speech)
     return [data.example(i) for i in range(len(data))], data.report
 
 

@@ -9,7 +9,7 @@ own run), the student on text, the student on speech; forgetting = teacher text
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import schemas
 from pipeline.cache import CacheReader
 from pipeline.chat import exact_match, render_prompt
+from pipeline.config import parse_config
 from pipeline.errors import MissingInput, UserError, cli
-from student.config import DEVICE_CHOICES, resolve_device
-from pipeline.features import FeatureStore
-from student.data import SpeechTemplate, inputs_from_manifest, pad_speech, read_split
+from student.config import EvalConfig
+from student.data import SpeechTemplate, pad_speech
+from student.inputs import HELDOUT_SETS, HeldoutSet, RunInputs, Samples, SpeechIndex
 
 
 @torch.no_grad()
@@ -79,7 +79,7 @@ def spoken_answers(model, tokenizer, evalset: "EvalSet", max_new_tokens: int, ba
     """Greedy answers to every spoken question of the eval set, read and answered a batch at a time."""
     out = []
     for i in range(0, len(evalset), batch_size):
-        out.extend(answer_speech(model, tokenizer, evalset.speech(i, i + batch_size), max_new_tokens))
+        out.extend(answer_speech(model, tokenizer, evalset.speech_of(i, i + batch_size), max_new_tokens))
     return out
 
 
@@ -88,8 +88,8 @@ class EvalSet:
     """Eval questions with one speech rendition each; the speech is read when asked for, a batch at a time."""
 
     rows: list[dict]  # sample_id, prompt, response
-    clips: list[int]  # FeatureStore positions
-    features: FeatureStore
+    clips: list[int]  # positions in the speech store
+    speech: SpeechIndex
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,8 +98,8 @@ class EvalSet:
     def sample_ids(self) -> list[str]:
         return [r["sample_id"] for r in self.rows]
 
-    def speech(self, start: int, stop: int) -> list[np.ndarray]:
-        return [self.features.read(i) for i in self.clips[start:stop]]
+    def speech_of(self, start: int, stop: int) -> list[np.ndarray]:
+        return [self.speech.store.read(i) for i in self.clips[start:stop]]
 
 
 REFERENCES = ("dataset", "teacher")
@@ -121,23 +121,17 @@ def references_for(reader: CacheReader, reference: str) -> dict[str, str] | None
     return teacher_references(reader)
 
 
-def eval_set(samples_dir: Path, features_dir: Path, split: str = "eval", limit: int | None = None,
+def eval_set(samples: Samples, speech: SpeechIndex, split: str = "eval", limit: int | None = None,
              references: dict[str, str] | None = None) -> EvalSet:  # fmt: skip
-    """The split's questions that have a reference answer and speech (the first rendition by name); reads
-    only the features index, not the features. `references`: answers by sample id to score against instead
-    of the samples' own (the teacher's, from the cache); samples without one are left out."""
-    store = FeatureStore(features_dir)
-    first: dict[str, tuple[str, int]] = {}
-    for pos, (sid, rend) in enumerate(store.keys()):
-        if sid not in first or rend < first[sid][0]:
-            first[sid] = (rend, pos)
-    table = read_split(samples_dir, split, ("sample_id", "prompt", "response"))
-    rows = table.to_pylist()
+    """The split's questions that have a reference answer and speech (SpeechIndex.first: one clip each); reads no
+    features. `references`: answers by sample id to score against instead of the samples' own (the teacher's,
+    from the cache); samples without one are left out."""
+    rows = [samples.row(sid) for sid in samples.split(split)]
     if references is not None:
         rows = [{**r, "response": references[r["sample_id"]]} for r in rows if r["sample_id"] in references]
-    rows = [r for r in rows if r["sample_id"] in first and r["response"]]
+    rows = [r for r in rows if r["sample_id"] in speech and r["response"]]
     rows = rows[:limit] if limit else rows
-    return EvalSet(rows, [first[r["sample_id"]][1] for r in rows], store)
+    return EvalSet(rows, [speech.first(r["sample_id"]) for r in rows], speech)
 
 
 @torch.no_grad()
@@ -165,44 +159,6 @@ def evaluate_student(
     return report
 
 
-# The held-out eval sets: (report key prefix, its option, the flow's directory suffix, what it holds out)
-HELDOUT_SETS = (("heldout_voice", "heldout_features", schemas.HELDOUT_VOICE_SUFFIX, "voice"),
-                ("heldout_tts", "heldout_tts_features", schemas.HELDOUT_TTS_SUFFIX, "synthesizer"))  # fmt: skip
-
-
-def heldout_voice_features(features_dir: Path, option: str | None, suffix: str = schemas.HELDOUT_VOICE_SUFFIX,
-                           flag: str = "--heldout-features") -> Path | None:  # fmt: skip
-    """Where the eval split spoken by a voice (or synthesizer) never used in training is: `option` itself, or with
-    `auto` the flow's `<features><suffix>` beside the training features when it exists; None for ''."""
-    if option is None or option == "":
-        return None
-    if option != "auto":
-        path = Path(option)
-        if not path.is_dir():
-            raise MissingInput(f"{flag} {path}: no speech features there; make them with the flow (--heldout-voice, "
-                               f"--heldout-tts) or pipeline.speech --split eval + pipeline.features")  # fmt: skip
-        return path
-    path = Path(features_dir).parent / (Path(features_dir).name + suffix)
-    return path if path.is_dir() else None
-
-
-def heldout_sets(features_dir: Path, options: dict[str, str | None]) -> list[tuple[str, Path, str]]:
-    """(report prefix, features directory, its option's flag) of each held-out eval set there is; `options` maps
-    each set's option name (HELDOUT_SETS) to its value."""
-    found = []
-    for prefix, option, suffix, _ in HELDOUT_SETS:
-        flag = "--" + option.replace("_", "-")
-        path = heldout_voice_features(features_dir, options.get(option, "auto"), suffix, flag)
-        if path is not None:
-            found.append((prefix, path, flag))
-    return found
-
-
-def voices_of(store: FeatureStore) -> set[str]:
-    """The voices of a feature store's renditions (rendition ids are voice@rate)."""
-    return {rend.rsplit("@", 1)[0] for _, rend in store.keys()}
-
-
 @torch.no_grad()
 def evaluate_heldout_voice(model, tokenizer, evalset: EvalSet, subsets: dict[str, set[str]] | None = None,
                            max_new_tokens: int = 32, batch_size: int = 64,
@@ -212,7 +168,7 @@ def evaluate_heldout_voice(model, tokenizer, evalset: EvalSet, subsets: dict[str
     model.eval()
     rows = evalset.rows
     speech = spoken_answers(model, tokenizer, evalset, max_new_tokens, batch_size)
-    report = {key: ",".join(sorted(voices_of(evalset.features)))}
+    report = {key: ",".join(sorted(evalset.speech.voices))}
     for name, ids in {"": None, **(subsets or {})}.items():
         pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
         prefix = f"{key}_{name}_" if name else f"{key}_"
@@ -235,22 +191,31 @@ def evaluate_teacher(teacher: str, evalset: EvalSet, max_new_tokens: int = 32, d
     return exact_match(answers, [r["response"] for r in rows])
 
 
-def full_report(model, tokenizer, cache_dir: Path, samples_dir=None, features_dir=None, limit=None,
-                device="cpu", heldout_features: str | None = "auto", reference: str = "dataset",
-                heldout_tts_features: str | None = "auto") -> dict:  # fmt: skip
-    reader = CacheReader(cache_dir)
-    samples_dir, features_dir = inputs_from_manifest(reader, samples_dir, features_dir)
-    refs = references_for(reader, reference)
-    rows = eval_set(samples_dir, features_dir, limit=limit, references=refs)
+def evaluate_run(model, tokenizer, inputs: RunInputs, reference: str = "dataset",
+                 heldout: list[HeldoutSet] | None = None, finetuned: set[str] | None = None, limit: int | None = None,
+                 device=None, autocast=contextlib.nullcontext) -> dict:  # fmt: skip
+    """The one final evaluation (student/train.py's and this command's): exact match of the teacher on text, the
+    student on text and on speech over the eval split, forgetting and modality gap; per fine-tuned / other facts
+    when `finetuned` names the fine-tuned samples; and spoken accuracy in each held-out set. `autocast`: the
+    precision context the student runs in."""
+    refs = references_for(inputs.reader, reference)
+    rows = eval_set(inputs.samples, inputs.speech, limit=limit, references=refs)
     if not len(rows):
-        raise MissingInput(f"no eval samples with speech features under {samples_dir} / {features_dir}")
-    report = {"reference": reference, **evaluate_student(model, tokenizer, rows, device=device)}
-    report["teacher_text_accuracy"] = evaluate_teacher(reader.teacher, rows, device=device)
+        raise MissingInput(f"no eval samples with speech features under {inputs.samples_dir} / {inputs.features_dir}")
+    subsets = None
+    if finetuned is not None:
+        tuned = {sid for sid in rows.sample_ids if sid in finetuned}
+        subsets = {"finetuned": tuned, "not_finetuned": set(rows.sample_ids) - tuned}
+    report = {"reference": reference}
+    with autocast():
+        report.update(evaluate_student(model, tokenizer, rows, subsets=subsets, device=device))
+        report["teacher_text_accuracy"] = evaluate_teacher(inputs.reader.teacher, rows, device=device or "cpu")
     report["forgetting"] = report["teacher_text_accuracy"] - report["student_text_accuracy"]
-    options = {"heldout_features": heldout_features, "heldout_tts_features": heldout_tts_features}
-    for key, path, _ in heldout_sets(features_dir, options):
-        report.update(evaluate_heldout_voice(model, tokenizer, eval_set(samples_dir, path, limit=limit,
-                                                                        references=refs), key=key))  # fmt: skip
+    for held in heldout or ():
+        with autocast():
+            report.update(evaluate_heldout_voice(model, tokenizer, eval_set(inputs.samples, held.speech, limit=limit,
+                                                                            references=refs),
+                                                 subsets=subsets, key=held.key))  # fmt: skip
     return report
 
 
@@ -282,30 +247,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from student.model import SpeechLLM
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student", type=Path, default=Path("data/runs/student/final"))
-    parser.add_argument("--logits", type=Path, default=Path("data/cache"), help="cache (for teacher and inputs)")
-    parser.add_argument("--samples", type=Path, default=None)
-    parser.add_argument("--features", type=Path, default=None)
-    parser.add_argument("--heldout-features", default="auto",
-                        help="the eval split spoken by a voice never used in training (auto: <features>-heldout-voice "
-                             "when it exists; '': none)")  # fmt: skip
-    parser.add_argument("--heldout-tts-features", default="auto",
-                        help="the eval split spoken by a synthesizer never used in training (auto: "
-                             "<features>-heldout-tts when it exists; '': none)")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=None, help="only the first N eval questions")
-    parser.add_argument("--reference", choices=REFERENCES, default="dataset",
-                        help="score against the dataset's answers or the teacher's (a --responses teacher cache)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    args = parser.parse_args(argv)
-    if not (args.student / "student_config.json").exists():
-        raise MissingInput(f"no student at {args.student} (no student_config.json): train one with "
-                           f"`python student/train.py` or pass --student <run>/final")  # fmt: skip
-    device = resolve_device(args.device)
-    model = SpeechLLM.load(args.student).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(args.student / "backbone")
-    report = full_report(model, tokenizer, args.logits, args.samples, args.features, args.limit, device,
-                         args.heldout_features, args.reference, args.heldout_tts_features)  # fmt: skip
+    cfg = parse_config(EvalConfig, argv, description=__doc__).validate()
+    student = Path(cfg.student)
+    device = cfg.resolved_device()
+    inputs = RunInputs.open(cfg.logits, cfg.samples, cfg.features, verify=cfg.verify)
+    options = {"heldout_features": cfg.heldout_features, "heldout_tts_features": cfg.heldout_tts_features}
+    heldout = inputs.heldout_sets(options)
+    model = SpeechLLM.load(student).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(student / "backbone")
+    bf16 = cfg.resolved_precision() == "bf16"
+    report = evaluate_run(model, tokenizer, inputs, cfg.reference, heldout, limit=cfg.limit, device=device,
+                          autocast=lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                                          enabled=bf16))  # fmt: skip
     print(format_report(report))
     print(json.dumps(report))
 

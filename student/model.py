@@ -42,6 +42,10 @@ class StudentConfig:
     # backbone's embedding matrix, kept at the frames where CTC emits a token (greedy), so the backbone
     # reads soft token embeddings
     adapter: str = "mlp"
+    # the encoder's architecture, recorded when the student is built (a pretrained toy encoder's build config, a
+    # Whisper encoder's config), so a saved student loads from its own directory alone: the weights are in
+    # speech.pt, nothing is read from where the encoder first came from
+    encoder_arch: dict | None = None
 
 
 class ConvSubsampling(nn.Module):
@@ -97,14 +101,20 @@ class WhisperEncoder(nn.Module):
 
     Takes the stored, unpadded (B, T, n_mels) log-mel and pads every clip to
     Whisper's 30 s window the way WhisperFeatureExtractor does: padding is silence,
-    which after Whisper's normalization is the clip's maximum minus 2.
+    which after Whisper's normalization is the clip's maximum minus 2. `config`: build
+    the architecture from this WhisperConfig dict instead of loading `name_or_path`
+    (a saved student, whose weights are its own).
     """
 
-    def __init__(self, name_or_path: str, n_mels: int):
+    def __init__(self, name_or_path: str, n_mels: int, config: dict | None = None):
         super().__init__()
-        from transformers import WhisperModel
+        from transformers import WhisperConfig, WhisperModel
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-        self.encoder = WhisperModel.from_pretrained(name_or_path).get_encoder()
+        if config is not None:
+            self.encoder = HFWhisperEncoder(WhisperConfig.from_dict(config))
+        else:
+            self.encoder = WhisperModel.from_pretrained(name_or_path).get_encoder()
         self.out_dim = self.encoder.config.d_model
         self.window = 2 * self.encoder.config.max_source_positions  # input frames (3000 = 30 s at 10 ms)
         if n_mels != self.encoder.config.num_mel_bins:
@@ -185,13 +195,20 @@ class SpeechLLM(nn.Module):
         self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_pretrained(
             cfg.backbone, dtype=torch.float32)  # fmt: skip
         hidden = self.backbone.get_input_embeddings().embedding_dim
-        pretrained = pretrained_toy_encoder(cfg.encoder)
+        arch = cfg.encoder_arch
+        pretrained = arch is not None and arch["kind"] == "toy" or (arch is None and pretrained_toy_encoder(cfg.encoder))
         if cfg.encoder == "conv-transformer":
             self.encoder = ConvTransformerEncoder(cfg)
-        elif pretrained is not None:
+        elif arch is not None and arch["kind"] == "toy":  # a saved student: the architecture, its own weights
+            self.encoder = toy_encoder_architecture(arch["config"])
+        elif arch is not None:
+            self.encoder = WhisperEncoder(cfg.encoder, cfg.n_mels, config=arch["config"])
+        elif pretrained:
             self.encoder = load_toy_encoder(cfg.encoder, cfg.n_mels)
+            cfg.encoder_arch = {"kind": "toy", "config": pretrained_toy_encoder(cfg.encoder)["config"]}
         else:
             self.encoder = WhisperEncoder(cfg.encoder, cfg.n_mels)
+            cfg.encoder_arch = {"kind": "whisper", "config": self.encoder.encoder.config.to_dict()}
         self.adapter = Adapter(self.encoder.out_dim, cfg.adapter_hidden, hidden, cfg.stack)
         # Token recognition straight from the encoder frames (80 ms each): one class per backbone token + blank
         # (the last class). Trains the encoder to hear the words the adapter then hands to the backbone.
@@ -200,7 +217,7 @@ class SpeechLLM(nn.Module):
             raise ValueError("adapter 'ctc-embed' reads the CTC head: it needs ctc=True (--ctc-weight > 0)")
         self.ctc_head = nn.Linear(self.encoder.out_dim, vocab + 1) if cfg.ctc else None
         # a new CTC head on a pretrained (frozen) encoder, or one that is the adapter, is trained
-        head_trains = cfg.train_encoder or pretrained is not None or cfg.adapter == "ctc-embed"
+        head_trains = cfg.train_encoder or bool(pretrained) or cfg.adapter == "ctc-embed"
         for module, train in ((self.encoder, cfg.train_encoder), (self.adapter, cfg.train_adapter),
                               (self.backbone, cfg.train_backbone), (self.ctc_head, head_trains)):  # fmt: skip
             if module is not None:
@@ -277,6 +294,8 @@ class SpeechLLM(nn.Module):
 
     @classmethod
     def load(cls, out_dir: Path) -> "SpeechLLM":
+        """A saved student from its directory alone (the backbone in HF format, the speech side's architecture from
+        student_config.json, its weights from speech.pt)."""
         out_dir = Path(out_dir)
         cfg = StudentConfig(**json.loads((out_dir / "student_config.json").read_text()))
         cfg.backbone = str(out_dir / "backbone")

@@ -1,4 +1,9 @@
-"""Session-wide fixtures: a small toy world, a tiny teacher, one shared vLLM engine."""
+"""Session-wide fixtures: a small toy world, a tiny teacher, one shared vLLM engine.
+
+Any test that uses an engine- or server-backed fixture (ENGINE_FIXTURES, directly or through another fixture) is
+marked `slow` here, so `pytest -m "not slow"` (make test-fast) starts no vLLM engine; tests that start an engine,
+a Prefect server or a Ray cluster themselves carry the mark in their module.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from pipeline.samples import ingest  # noqa: E402
-from toy.teacher import TeacherConfig, build_teacher  # noqa: E402
-from toy.world import ToyWorldConfig, generate  # noqa: E402
+from tests.helpers import TINY_TEACHER, TINY_WORLD, tiny_teacher_config  # noqa: E402
+from toy.teacher import build_teacher  # noqa: E402
+from toy.world import generate  # noqa: E402
 
-TINY_WORLD = ToyWorldConfig(n_entities=6, n_additions=6, seed=1)
-TINY_TEACHER = TeacherConfig(
-    vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=1,
-    max_epochs=3, eval_every=3, target_accuracy=1.1, min_accuracy=0.0, max_minutes=2, batch_size=16,
-)  # fmt: skip
+# fixtures that start a vLLM engine (or need one): a test using any of them, even through another fixture, is slow
+ENGINE_FIXTURES = {"vllm_engine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -50,19 +59,10 @@ def tiny_teacher(data_root, samples_dir) -> Path:
     return out
 
 
-def tiny_teacher_config(model: Path, **kw):
-    """The teacher stage's config for the tiny teacher (fp32, a short context, a small KV cache, KV blocks of 32
-    tokens: prefix-cache hits fit in the 128-token context)."""
-    from pipeline.teacher_config import TeacherConfig
-
-    return TeacherConfig(**{"teacher": str(model), "dtype": "float32", "max_model_len": 128, "kv_cache_gib": 0.25,
-                            "block_size": 32, **kw})  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_teacher):
     """One CPU vLLM engine for the whole session (engine start is ~25 s)."""
-    from pipeline.teacher import make_engine
+    from pipeline.engine import make_engine
 
     llm = make_engine(tiny_teacher_config(tiny_teacher), top_k=64)
     yield llm

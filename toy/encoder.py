@@ -20,7 +20,6 @@ starts from it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -36,7 +35,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.config import config_from_args, opt, parse_args
 from pipeline.errors import cli
+from pipeline.files import atomic_write, write_json_atomic
 from pipeline.speech import ACCENTS, VARIANTS, voice_grid
 from toy.world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, STRESS, _name, phonemize
 
@@ -48,29 +49,38 @@ WEIGHTS_FILE = "encoder.pt"
 
 @dataclass(frozen=True)
 class EncoderBuildConfig:
-    utterances: int = 6000  # training sentences
-    eval_utterances: int = 300  # sentences with held-out names
-    heldout_names: int = 300
+    utterances: int = opt(6000, "training sentences")
+    eval_utterances: int = opt(300, "sentences with held-out names (the stopping criterion's)")
+    heldout_names: int = opt(300, "pseudo-names never heard in training")
     # every accent x every voice variant: the training speech's own grid (pipeline.speech.voice_grid)
-    accents: tuple[str, ...] = ACCENTS
-    variants: tuple[str, ...] = VARIANTS
+    accents: tuple[str, ...] = opt(ACCENTS, "espeak-ng voices (accents)")
+    variants: tuple[str, ...] = opt(VARIANTS, "espeak-ng variants crossed with every accent ('' = the accent's own)")
     # never used here: the build report gives the PER of held-out names spoken by it (the demo speech's
     # held-out voice is the same accent), the honest measure of how far the encoder generalizes
-    heldout_voice: str = "en-029"
-    rate_range: tuple[int, int] = (140, 185)
-    pitch_range: tuple[int, int] = (35, 65)
-    n_mels: int = 80
-    dim: int = 144
-    layers: int = 4
-    heads: int = 4
-    subsample: int = 2  # stride-2 convolutions: 2 -> 40 ms frames (8x is too coarse for 12-15 phonemes/s)
-    batch_size: int = 32
-    lr: float = 1.5e-3
-    warmup: int = 200
-    target_per: float = 0.07  # stop at this phoneme error rate on held-out names
-    max_minutes: float = 6.0  # training budget (synthesis not included)
-    eval_every: int = 100
-    seed: int = 0
+    heldout_voice: str = opt("en-029", "a voice never used in training (the build report's PER in it)")
+    rate_range: tuple[int, ...] = opt((140, 185), "speaking rates drawn from this range (words per minute)")
+    pitch_range: tuple[int, ...] = opt((35, 65), "espeak-ng pitches drawn from this range")
+    n_mels: int = opt(80, "fbank mel bins")
+    dim: int = opt(144, "encoder width")
+    layers: int = opt(4, "transformer layers")
+    heads: int = opt(4, "attention heads")
+    subsample: int = opt(2, "stride-2 convolutions: 2 -> 40 ms frames (8x is too coarse for 12-15 phonemes/s)")
+    batch_size: int = opt(32, "utterances per step")
+    lr: float = opt(1.5e-3, "peak learning rate")
+    warmup: int = opt(200, "linear warm-up steps")
+    target_per: float = opt(0.07, "stop at this phoneme error rate on held-out names")
+    max_minutes: float = opt(6.0, "training budget (synthesis not included)")
+    eval_every: int = opt(100, "steps between held-out PER checks")
+    seed: int = opt(0, "seeds the corpus, the weights and the batches")
+
+
+@dataclass
+class EncoderBuild:
+    """`python -m toy.encoder`: where the build reads and writes."""
+
+    samples: str = opt(str(schemas.SAMPLES_DIR), "the world whose words the corpus avoids")
+    out: str = opt(str(ENCODER_DIR), "where the encoder is saved")
+    force: bool = opt(False, "rebuild even if a complete build exists")
 
 
 # --- corpus ---------------------------------------------------------------------------------------
@@ -294,43 +304,24 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps({"kind": "speechkd-toy-encoder", "config": asdict(cfg),
                                                    "phonemes": inventory}, indent=2))  # fmt: skip
-    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
-    torch.save({"encoder": encoder.state_dict(), "ctc_head": head.state_dict()}, tmp)
-    tmp.replace(out_dir / WEIGHTS_FILE)
-    (out_dir / BUILD_REPORT).write_text(json.dumps(report, indent=2))  # written last: marks a complete build
+    with atomic_write(out_dir / WEIGHTS_FILE) as tmp:
+        torch.save({"encoder": encoder.state_dict(), "ctc_head": head.state_dict()}, tmp)
+    write_json_atomic(out_dir / BUILD_REPORT, report)  # written last: marks a complete build
     return report
 
 
 @cli("toy.encoder")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = EncoderBuildConfig()
-    parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="the world whose words to avoid")
-    parser.add_argument("--out", type=Path, default=ENCODER_DIR)
-    parser.add_argument("--utterances", type=int, default=d.utterances)
-    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="training budget")
-    parser.add_argument("--target-per", type=float, default=d.target_per)
-    parser.add_argument("--dim", type=int, default=d.dim, help="encoder width")
-    parser.add_argument("--layers", type=int, default=d.layers, help="transformer layers")
-    parser.add_argument("--accents", type=lambda s: tuple(s.split(",")), default=d.accents,
-                        help="comma-separated espeak-ng voices (accents)")
-    parser.add_argument("--variants", type=lambda s: tuple(s.split(",")), default=d.variants,
-                        help="comma-separated espeak-ng variants crossed with every accent ('' = the accent's own)")
-    parser.add_argument("--heldout-voice", default=d.heldout_voice, help="a voice never used in training")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    args = parser.parse_args(argv)
-    if is_built(args.out) and not args.force:
-        report = json.loads((args.out / BUILD_REPORT).read_text())
-        print(f"toy encoder already built: held-out-name PER {report['heldout_per']:.1%} -> {args.out}")
+    args = parse_args(EncoderBuildConfig, EncoderBuild, argv=argv, description=__doc__)
+    cfg, run = config_from_args(EncoderBuildConfig, args), config_from_args(EncoderBuild, args)
+    out = Path(run.out)
+    if is_built(out) and not run.force:
+        report = json.loads((out / BUILD_REPORT).read_text())
+        print(f"toy encoder already built: held-out-name PER {report['heldout_per']:.1%} -> {out}")
         return
-    cfg = EncoderBuildConfig(utterances=args.utterances, max_minutes=args.max_minutes, target_per=args.target_per,
-                             accents=args.accents, variants=args.variants, heldout_voice=args.heldout_voice,
-                             dim=args.dim, layers=args.layers,
-                             seed=args.seed)  # fmt: skip
-    r = build_encoder(args.samples, args.out, cfg)
+    r = build_encoder(Path(run.samples), out, cfg)
     print(f"toy encoder: held-out-name PER {r['heldout_per']:.1%} (heard names {r['heard_per']:.1%}) after "
-          f"{r['steps']} steps, {r['seconds'] / 60:.1f} min in all -> {args.out}")
+          f"{r['steps']} steps, {r['seconds'] / 60:.1f} min in all -> {out}")
 
 
 if __name__ == "__main__":

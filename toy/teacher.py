@@ -12,19 +12,19 @@ id in its place.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.config import config_from_args, opt, parse_args
 from pipeline.errors import cli
 from pipeline.chat import encode_pair, encode_prompt, exact_match
 from pipeline.samples import load_samples
@@ -40,22 +40,33 @@ CHAT_TEMPLATE = (
 
 
 @dataclass
-class TeacherConfig:
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 2  # head_dim 64
-    max_position_embeddings: int = 256
-    lr: float = 3e-3
-    batch_size: int = 32
-    max_epochs: int = 60
-    eval_every: int = 5  # epochs
-    target_accuracy: float = 0.95  # stop training once eval exact match reaches this
-    min_accuracy: float = 0.90  # the command fails below this
-    max_minutes: float = 5.0
-    seed: int = 0
-    threads: int = field(default_factory=lambda: torch.get_num_threads())
+class ToyTeacherConfig:
+    """The toy teacher's build: tokenizer size, model size, training budget."""
+
+    vocab_size: int = opt(1024, "byte-level BPE vocabulary")
+    hidden_size: int = opt(128, "model width")
+    intermediate_size: int = opt(384, "MLP width")
+    num_layers: int = opt(4, "transformer layers")
+    num_heads: int = opt(2, "attention heads (head_dim = hidden / heads)")
+    max_position_embeddings: int = opt(256, "context length")
+    lr: float = opt(3e-3, "peak learning rate")
+    batch_size: int = opt(32, "examples per step")
+    max_epochs: int = opt(60, "epochs at most")
+    eval_every: int = opt(5, "evaluate every N epochs")
+    target_accuracy: float = opt(0.95, "stop training once eval exact match reaches this")
+    min_accuracy: float = opt(0.90, "the command fails below this")
+    max_minutes: float = opt(5.0, "training budget")
+    seed: int = opt(0, "seeds the tokenizer's data order, the weights and the batches")
+    threads: int = opt(None, "torch threads (default: torch's)", factory=lambda: torch.get_num_threads())
+
+
+@dataclass
+class ToyTeacherBuild:
+    """`python -m toy.teacher`: where the build reads and writes."""
+
+    samples: str = opt(str(schemas.SAMPLES_DIR), "samples directory")
+    out: str = opt(str(schemas.TEACHER_DIR), "where to save the HF model")
+    force: bool = opt(False, "rebuild even if a complete build exists")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -79,7 +90,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return fast
 
 
-def make_model(tokenizer, cfg: TeacherConfig):
+def make_model(tokenizer, cfg: ToyTeacherConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -141,7 +152,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     return out
 
 
-def build_teacher(samples_dir: Path, out_dir: Path, cfg: TeacherConfig, progress: bool = True) -> dict:
+def build_teacher(samples_dir: Path, out_dir: Path, cfg: ToyTeacherConfig, progress: bool = True) -> dict:
     """Train tokenizer + model, save both to `out_dir`, return the build report."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -235,23 +246,17 @@ def is_built(out_dir: Path) -> bool:
 
 @cli("toy.teacher")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TeacherConfig()
-    parser.add_argument("--samples", type=Path, default=schemas.SAMPLES_DIR, help="samples directory")
-    parser.add_argument("--out", type=Path, default=schemas.TEACHER_DIR, help="where to save the HF model")
-    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    for name, value in asdict(d).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    if is_built(args.out) and not args.force:
-        report = json.loads((args.out / BUILD_REPORT).read_text())
-        print(f"teacher: already built at {args.out} (eval exact match {report['eval_accuracy']:.1%}); --force rebuilds")
+    args = parse_args(ToyTeacherConfig, ToyTeacherBuild, argv=argv, description=__doc__)
+    cfg, run = config_from_args(ToyTeacherConfig, args), config_from_args(ToyTeacherBuild, args)
+    out = Path(run.out)
+    if is_built(out) and not run.force:
+        report = json.loads((out / BUILD_REPORT).read_text())
+        print(f"teacher: already built at {out} (eval exact match {report['eval_accuracy']:.1%}); --force rebuilds")
         return 0
-    cfg = TeacherConfig(**{k: getattr(args, k) for k in asdict(d)})
-    report = build_teacher(args.samples, args.out, cfg)
+    report = build_teacher(Path(run.samples), out, cfg)
     print(
         f"teacher: eval exact match {report['eval_accuracy']:.1%} on {report['n_eval']} held-out-template questions "
-        f"after {report['epochs']} epochs, {report['seconds']:.0f}s ({report['parameters'] / 1e6:.1f}M params) -> {args.out}"
+        f"after {report['epochs']} epochs, {report['seconds']:.0f}s ({report['parameters'] / 1e6:.1f}M params) -> {out}"
     )
     if report["n_eval"] and report["eval_accuracy"] < cfg.min_accuracy:
         print(

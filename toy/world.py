@@ -5,12 +5,11 @@ founding year, plus small additions. Every fact is asked through several
 paraphrase templates; the `eval` split asks each fact through templates that
 `train` never uses, so evaluation measures knowledge, not string memory.
 
-    python -m toy.world --out data/raw/toy_world.jsonl
+    python -m toy.world                 # -> data/raw/toy_world.jsonl, the default source of pipeline.samples
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -18,7 +17,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import config_from_args, opt, parse_args
 from pipeline.errors import cli
+from pipeline.files import write_text_atomic
+from pipeline.samples import TOY_WORLD_JSONL
 
 # Prompts are compositional: a question core (several per relation) inside a
 # conversational wrapper. Every (wrapper, core) pair is one template; for each
@@ -134,9 +136,20 @@ def _unique(rng: random.Random, make, used: set[str], sounds: set[str]) -> str:
 
 @dataclass(frozen=True)
 class ToyWorldConfig:
-    n_entities: int = 60
-    n_additions: int = 60  # distinct (a, b) pairs, a, b in [0, 20)
-    seed: int = 0
+    n_entities: int = opt(60, "fictional countries", aliases=("--entities",))
+    n_additions: int = opt(60, "addition facts: distinct (a, b) pairs, a, b in [0, 20)", aliases=("--additions",))
+    seed: int = opt(0, "seeds every name and value")
+
+
+# The name the flow (and the benches) know the embedded default corpus by: `--source toy-world`.
+SOURCE_NAME = "toy-world"
+
+
+@dataclass
+class WorldExport:
+    """`python -m toy.world`: where the world's samples are written."""
+
+    out: str = opt(str(TOY_WORLD_JSONL), "JSONL to write (pipeline.samples' default source)")
 
 
 def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
@@ -181,21 +194,31 @@ def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
     return rows
 
 
+def write_jsonl(path: Path | str = TOY_WORLD_JSONL, config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
+    """The world's samples as a JSONL source (what pipeline.samples ingests); its rows."""
+    rows = generate(config)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def ingest_world(samples_dir: Path | str, config: ToyWorldConfig = ToyWorldConfig(), source: Path | None = None,
+                 progress: bool = False):  # fmt: skip
+    """Write the world as JSONL (`source`, default <samples_dir>/../raw/toy_world.jsonl) and ingest it like any
+    source into `samples_dir`: what the flow and the benches do for the embedded default."""
+    from pipeline.samples import ingest
+
+    source = Path(source) if source else Path(samples_dir).parent / "raw" / TOY_WORLD_JSONL.name
+    write_jsonl(source, config)
+    return ingest(str(source), Path(samples_dir), progress=progress)
+
+
 @cli("toy.world")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/raw/toy_world.jsonl"), help="JSONL to write")
-    parser.add_argument("--entities", type=int, default=ToyWorldConfig.n_entities, help="fictional countries")
-    parser.add_argument("--additions", type=int, default=ToyWorldConfig.n_additions, help="addition facts")
-    parser.add_argument("--seed", type=int, default=ToyWorldConfig.seed)
-    args = parser.parse_args(argv)
-    rows = generate(ToyWorldConfig(args.entities, args.additions, args.seed))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    args = parse_args(ToyWorldConfig, WorldExport, argv=argv, description=__doc__)
+    cfg, run = config_from_args(ToyWorldConfig, args), config_from_args(WorldExport, args)
+    rows = write_jsonl(run.out, cfg)
     n_eval = sum(r["split"] == "eval" for r in rows)
-    print(f"toy world: {len(rows)} samples ({len(rows) - n_eval} train, {n_eval} eval) -> {args.out}")
+    print(f"toy world: {len(rows)} samples ({len(rows) - n_eval} train, {n_eval} eval) -> {run.out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 from pipeline.cache import CacheReader
 from pipeline.query import connect
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 

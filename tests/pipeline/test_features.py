@@ -41,7 +41,7 @@ def test_features_shape_and_determinism(audio_index, tmp_path):
     assert feature_config_of(tmp_path / "a") == cfg
     count, frames = duckdb.sql(f"SELECT count(*), sum(n_frames) FROM '{tmp_path / 'a'}/*.parquet'").fetchall()[0]
     assert count == len(index) and frames == sum(f.shape[0] for f in fa.values())
-    # one value per clip (version 2), not dictionary-encoded (4x slower to decode), in 64-clip row groups
+    # one value per clip (since version 2), not dictionary-encoded (4x slower to decode), in 64-clip row groups
     for path in a.shards:
         meta = pq.ParquetFile(path).metadata
         fbank = [meta.schema.column(i).path for i in range(meta.num_columns)].index("fbank")
@@ -51,33 +51,43 @@ def test_features_shape_and_determinism(audio_index, tmp_path):
             assert meta.row_group(g).num_rows <= 64
 
 
-def as_version_1(path: Path, out: Path) -> None:
-    """A version 2 features shard rewritten as version 1 wrote it: list<halffloat> features, every column
-    dictionary-encoded (pyarrow's default)."""
+def as_older_version(path: Path, out: Path, version: int) -> None:
+    """A version 3 features shard rewritten as an older version wrote it: no voice column (version 2); and
+    list<halffloat> features, every column dictionary-encoded, pyarrow's default (version 1)."""
     table = pq.read_table(path)
-    lists = pa.array([np.frombuffer(b, "<f2") for b in table["fbank"].to_pylist()], pa.list_(pa.float16()))
-    meta = {**table.schema.metadata, b"speechkd.version": b"1"}
-    table = table.set_column(3, pa.field("fbank", pa.list_(pa.float16()), nullable=False), lists)
+    table = table.drop_columns(["voice"])
+    if version == 1:
+        lists = pa.array([np.frombuffer(b, "<f2") for b in table["fbank"].to_pylist()], pa.list_(pa.float16()))
+        table = table.set_column(table.schema.get_field_index("fbank"),
+                                 pa.field("fbank", pa.list_(pa.float16()), nullable=False), lists)  # fmt: skip
+    meta = {**table.schema.metadata, b"speechkd.version": str(version).encode()}
     pq.write_table(table.replace_schema_metadata(meta), out, compression="zstd")
 
 
-def test_version_1_shards_read_beside_version_2_and_a_short_clip_is_refused(audio_index, tmp_path):
+def test_older_versions_read_beside_version_3_and_a_short_clip_is_refused(audio_index, tmp_path):
     cfg = FeatureConfig(n_mels=40)
     a = extract_all(audio_index, tmp_path / "a", cfg, rows_per_shard=7, progress=False)
     expected = load_features(tmp_path / "a")
-    as_version_1(a.shards[0], tmp_path / "v1.parquet")
-    os.replace(tmp_path / "v1.parquet", a.shards[0])  # a store made before version 2, then appended to
+    voices = dict(zip(FeatureStore(tmp_path / "a").keys(), FeatureStore(tmp_path / "a").voices))
+    assert set(voices.values()) == {"en-us"}  # the voice column (version 3): the audio index's voice
+    for shard, version in ((0, 1), (2, 2)):  # a store made before versions 2 and 3, then appended to
+        as_older_version(a.shards[shard], tmp_path / "old.parquet", version)
+        os.replace(tmp_path / "old.parquet", a.shards[shard])
     assert pq.read_schema(a.shards[0]).field("fbank").type == pa.list_(pa.float16())
+    assert "voice" not in pq.read_schema(a.shards[2]).names
     mixed = load_features(tmp_path / "a")
     assert mixed.keys() == expected.keys()
     for key, feats in expected.items():
         assert mixed[key].dtype == np.float16
         np.testing.assert_array_equal(mixed[key], feats)
-    assert extract_all(audio_index, tmp_path / "a", cfg, progress=False).written == 0  # resumes over both
+    store = FeatureStore(tmp_path / "a")
+    assert dict(zip(store.keys(), store.voices)) == voices  # older shards: the voice of the rendition id
+    assert extract_all(audio_index, tmp_path / "a", cfg, progress=False).written == 0  # resumes over all three
     # a clip whose bytes do not hold n_frames x n_mels values is corrupt data, named, never reshaped
     table = pq.read_table(a.shards[1])
     clipped = pa.array([b[:-2] if i == 0 else b for i, b in enumerate(table["fbank"].to_pylist())], pa.binary())
-    pq.write_table(table.set_column(3, table.schema.field("fbank"), clipped), a.shards[1])
+    fbank = table.schema.get_field_index("fbank")
+    pq.write_table(table.set_column(fbank, table.schema.field("fbank"), clipped), a.shards[1])
     store = FeatureStore(tmp_path / "a")
     first = int(np.flatnonzero((store.shard == 1) & (store.row == 0))[0])
     assert store.sample_ids[first] == table["sample_id"][0].as_py()

@@ -18,9 +18,9 @@ from pipeline.query import connect
 from pipeline.samples import load_samples
 from pipeline.schemas import read_metadata
 from pipeline.teacher import cache_teacher_logits
-from tests.conftest import tiny_teacher_config
+from tests.helpers import tiny_teacher_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -127,7 +127,7 @@ def test_two_ray_workers_one_killed_mid_run_give_the_one_worker_cache(tiny_teach
     from student.data import StudentData
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
-    parted, single = StudentData(data / "cache", tok), StudentData(ref_dir, tok, features_dir=data / "features")
+    parted, single = StudentData.open(data / "cache", tok), StudentData.open(ref_dir, tok, features_dir=data / "features")
     assert len(parted) == len(single) > 0
     examples = {(e.sample_id, e.rendition): e for e in (parted.example(i) for i in range(len(parted)))}
     for i in range(len(single)):

@@ -17,9 +17,9 @@ from pipeline.cache import CacheReader, FingerprintMismatch
 from pipeline.errors import CorruptData
 from pipeline.teacher import cache_teacher_logits
 from pipeline.teacher_config import TeacherConfig
-from tests.conftest import tiny_teacher_config
+from tests.helpers import tiny_teacher_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -128,9 +128,9 @@ def test_edited_samples_are_rescored_and_the_student_skips_stale_rows(small_cach
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     for split in ("train", "eval"):
-        data = StudentData(out, tok, samples, need_speech=False, split=split)
+        data = StudentData.open(out, tok, samples, need_speech=False, split=split)
         stale = set(data.report.stale)
-        assert stale == {sid for sid in edited if sid in data.prompt_of}
+        assert stale == {sid for sid in edited if data.samples.split_of[sid] == split}
         assert not stale & {data.sample_id(i) for i in range(len(data))}
         if stale:
             assert "stale" in data.report.summary()
@@ -147,7 +147,6 @@ def test_edited_samples_are_rescored_and_the_student_skips_stale_rows(small_cach
 
 def test_a_rewrite_killed_between_journal_and_rename_is_rolled_back_then_redone(small_cache, tiny_teacher,
                                                                                 vllm_engine, monkeypatch):  # fmt: skip
-    from pipeline import cache as cache_mod
     from pipeline.cache import CacheEncoding, CacheWriter
 
     samples, out = small_cache
@@ -163,7 +162,7 @@ def test_a_rewrite_killed_between_journal_and_rename_is_rolled_back_then_redone(
         return real_replace(src, dst, *a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(cache_mod.os, "replace", killed)
+        m.setattr(os, "replace", killed)
         with pytest.raises(KeyboardInterrupt):
             with CacheWriter(out, reader.fingerprint, enc, inputs={}) as w:
                 w.remove(set(victim))
@@ -182,7 +181,7 @@ def test_dtype_auto_is_the_checkpoint_dtype_and_another_dtype_is_refused(small_c
                                                                          tmp_path):  # fmt: skip
     from transformers import AutoConfig
 
-    from pipeline.teacher import resolve_dtype
+    from pipeline.engine import resolve_dtype
 
     assert resolve_dtype("auto", str(tiny_teacher)) == "float32"  # what the toy teacher was saved in
     bf16 = tmp_path / "bf16"

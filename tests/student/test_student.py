@@ -12,7 +12,7 @@ import torch
 
 from student import losses
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- losses -------------------------------------------------------------------
@@ -212,15 +212,14 @@ def test_whisper_encoder_trains_from_whisper_features_and_refuses_fbank(student_
 def test_finetune_fraction_keeps_whole_groups_and_evaluates_both_sides(student_cache, tmp_path):
     import csv
 
-    from pipeline.cache import CacheReader
     from pipeline.samples import load_samples
-    from student.data import inputs_from_manifest
+    from student.inputs import RunInputs
     from student.train import TrainConfig, finetune_groups, train
 
-    samples_dir, _ = inputs_from_manifest(CacheReader(student_cache), None, None)
-    assert finetune_groups(samples_dir, TrainConfig(finetune_fraction=1.0)) is None
-    group, kept = finetune_groups(samples_dir, TrainConfig(finetune_fraction=0.5, seed=3))
-    rows = load_samples(samples_dir).to_pylist()
+    samples = RunInputs.open(student_cache, need_speech=False).samples
+    assert finetune_groups(samples, TrainConfig(finetune_fraction=1.0)) is None
+    group, kept = finetune_groups(samples, TrainConfig(finetune_fraction=0.5, seed=3))
+    rows = load_samples(samples.dir).to_pylist()
     train_groups = {group[r["sample_id"]] for r in rows if r["split"] == "train"}
     assert len(kept) == round(0.5 * len(train_groups)) and kept < train_groups
     entity = {r["sample_id"]: json.loads(r["meta"])["entity"] for r in rows}
@@ -235,14 +234,14 @@ def test_finetune_fraction_keeps_whole_groups_and_evaluates_both_sides(student_c
 
 
 def test_final_eval_reports_a_held_out_voice_and_refuses_one_training_heard(student_cache, tmp_path):
-    from pipeline.cache import CacheReader
     from pipeline.features import FeatureConfig, extract_all
     from pipeline.speech import Flite, synthesize_all
     from student.config import ConfigError
-    from student.data import inputs_from_manifest
+    from student.inputs import RunInputs
     from student.train import train
 
-    samples_dir, features_dir = inputs_from_manifest(CacheReader(student_cache), None, None)
+    inputs = RunInputs.open(student_cache, need_speech=False)
+    samples_dir, features_dir = inputs.samples_dir, inputs.features_dir
     held = tmp_path / "features-held"
     synthesize_all(samples_dir, tmp_path / "audio-held", voices=("en-029",), rates=(160,), split="eval",
                    progress=False)  # fmt: skip
@@ -339,7 +338,7 @@ def test_streaming_batches_are_deterministic_and_ranks_split_them_disjointly(stu
     from student.data import BlockShuffleSampler, StepBatches, StudentData, shard_of_batch
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
-    data = StudentData(student_cache, tok)
+    data = StudentData.open(student_cache, tok)
     every = np.arange(len(data))
     a = BlockShuffleSampler(every, data.block_of(), 8, seed=5, window=2)
     b = BlockShuffleSampler(every, data.block_of(), 8, seed=5, window=2)
@@ -355,7 +354,7 @@ def test_streaming_batches_are_deterministic_and_ranks_split_them_disjointly(stu
     assert sum(len(p) for p in shares) == len(g)
     # a step's batch read by a fresh dataset (a resumed run, a worker process) is the same tensors
     s1 = StepBatches(data, [(0, a)], tok.pad_token_id)[3][0]
-    s2 = StepBatches(StudentData(student_cache, tok), [(0, b)], tok.pad_token_id)[3][0]
+    s2 = StepBatches(StudentData.open(student_cache, tok), [(0, b)], tok.pad_token_id)[3][0]
     assert s1.keys() == s2.keys()
     for key in s1:
         assert torch.equal(s1[key], s2[key]), key
@@ -489,7 +488,7 @@ def test_a_relative_cache_trains_from_another_directory_with_a_second_architectu
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     from pipeline.teacher import cache_teacher_logits
-    from tests.conftest import tiny_teacher_config
+    from tests.helpers import tiny_teacher_config
 
     proj = tmp_path / "proj"
     shutil.copytree(samples_dir, proj / "data" / "samples")
@@ -573,13 +572,13 @@ def test_a_sampled_cache_trains_with_rs_kd_at_its_draw_temperature(student_cache
     from student.config import ConfigError
     from student.data import StudentData, collate
     from student.train import train
-    from tests.conftest import tiny_teacher_config
+    from tests.helpers import tiny_teacher_config
 
     cache = tmp_path / "cache-sampled"
     cache_teacher_logits(tiny_teacher_config(tiny_teacher, samples=samples_dir, out=cache, targets="sampled", draws=12,
                                              features=student_cache.parent / "features"), False, vllm_engine)  # fmt: skip
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
-    data = StudentData(cache, tok)
+    data = StudentData.open(cache, tok)
     batch = collate([data.example(i) for i in range(6)], tok.pad_token_id or 0)
     assert "topk_ids" not in batch and batch["draw_ids"].shape[:2] == batch["mask"].shape
     assert (batch["draw_counts"].sum(-1)[batch["mask"]] == 12).all()  # N draws at every real position

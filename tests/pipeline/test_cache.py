@@ -21,9 +21,9 @@ from pipeline.parquet_io import rejects_path
 from pipeline.query import connect
 from pipeline.samples import ingest
 from pipeline.teacher import cache_teacher_logits, extract_response_logprobs
-from tests.conftest import tiny_teacher_config
+from tests.helpers import tiny_teacher_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(samples_dir, out, tiny_teacher, **kw):
@@ -320,7 +320,7 @@ def test_response_only_scoring_skips_prompt_positions_and_caches_the_same_rows(s
 
 def test_lm_head_batches_follow_the_memory_budget_and_the_engine_step_is_left_to_vllm():
     from pipeline.response_scoring import BATCH_LOGIT_BYTES, batch_rows
-    from pipeline.teacher import engine_step_tokens
+    from pipeline.engine import engine_step_tokens
 
     gib = 1 << 30
     assert batch_rows(151936, gib, sampled=False, on_cpu=False) == gib // (151936 * 6) == 1177
@@ -527,8 +527,9 @@ def test_sampled_targets_are_draws_from_the_teachers_tempered_distribution(sampl
 RETRY_IN_ONE_PROCESS = """
 import sys
 from pathlib import Path
-from pipeline.teacher import LazyEngine, cache_teacher_logits
-from tests.conftest import tiny_teacher_config
+from pipeline.engine import LazyEngine
+from pipeline.teacher import cache_teacher_logits
+from tests.helpers import tiny_teacher_config
 
 teacher, samples, out = map(Path, sys.argv[1:4])
 cfg = tiny_teacher_config(teacher, samples=samples, out=out, top_k=8, limit=12)

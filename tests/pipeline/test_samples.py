@@ -103,7 +103,7 @@ def _cli(args, tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     return subprocess.run([sys.executable, "-m", "pipeline.samples", *args], cwd=repo, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
 

@@ -152,3 +152,32 @@ def test_ctc_alignment_trains_the_speech_side_alone_and_ctc_stays_on_in_fine_tun
     assert any(not torch.equal(state["encoder." + k], v) for k, v in before.items())  # --no-freeze-encoder: trained
     with pytest.raises(Exception, match="--ctc-weight"):
         TrainConfig(logits=str(student_cache), align="ctc", ctc_weight=0.0).validate()
+
+
+def test_a_saved_student_loads_from_its_own_directory_with_the_encoder_directory_gone(built_encoder, student_cache,
+                                                                                     tmp_path):  # fmt: skip
+    """final/ is self-contained: the encoder's architecture is in student_config.json, its (trained) weights in
+    speech.pt; nothing is read from the directory the encoder was built in."""
+    import shutil
+
+    from student.data import pad_speech
+    from student.model import SpeechLLM
+    from student.train import TrainConfig, train
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(built_encoder, encoder)
+    cfg = TrainConfig(logits=str(student_cache), out=str(tmp_path / "run"), encoder=str(encoder), align="ctc",
+                      adapter="ctc-embed", freeze_encoder=False, steps=3, align_steps=2, batch_size=4, eval_every=0,
+                      num_workers=0, warmup=1, final_eval=False)  # fmt: skip
+    train(cfg, progress=False)
+    trained = SpeechLLM.load(tmp_path / "run" / "final").eval()
+    shutil.rmtree(encoder)  # the encoder's own directory is gone
+    again = SpeechLLM.load(tmp_path / "run" / "final").eval()
+    clips = pad_speech([torch.randn(80, 40).numpy(), torch.randn(50, 40).numpy()])
+    with torch.no_grad():
+        a = trained.speech_embeddings(clips["speech"], clips["speech_lengths"])
+        b = again.speech_embeddings(clips["speech"], clips["speech_lengths"])
+    torch.testing.assert_close(a[0], b[0])
+    assert a[1].tolist() == b[1].tolist()
+    built = torch.load(built_encoder / te.WEIGHTS_FILE, weights_only=True)["encoder"]
+    assert any(not torch.equal(again.encoder.state_dict()[k], v) for k, v in built.items())  # the trained weights

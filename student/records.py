@@ -1,0 +1,45 @@
+"""A run's records: metrics.csv (one row per optimizer step), eval.csv (one row per periodic eval), loss.png."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from student.objective import PARTS
+
+METRIC_FIELDS = ["step", "loss", *PARTS, "lr_speech", "lr_backbone", "data_s", "step_s"]
+EVAL_FIELDS = ["step", "student_text_accuracy", "student_speech_accuracy", "n_eval"]
+RECORDS = {"metrics.csv": METRIC_FIELDS, "eval.csv": EVAL_FIELDS}
+
+
+def append_csv(path: Path, fieldnames: list[str], row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot(metrics_csv: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in ("loss", "align", "ctc", "kd_T", "kd_S", "ce_T", "ce_S"):
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("student training losses")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+"""Helpers the tests share (fixtures are in conftest.py): the tiny fixtures' sizes, the tiny teacher's stage
+config, and how a command line is run and its one-line error checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from toy.teacher import ToyTeacherConfig
+from toy.world import ToyWorldConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_WORLD = ToyWorldConfig(n_entities=6, n_additions=6, seed=1)
+TINY_TEACHER = ToyTeacherConfig(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=1,
+    max_epochs=3, eval_every=3, target_accuracy=1.1, min_accuracy=0.0, max_minutes=2, batch_size=16,
+)  # fmt: skip
+
+
+def tiny_teacher_config(model: Path, **kw):
+    """The teacher stage's config for the tiny teacher (fp32, a short context, a small KV cache, KV blocks of 32
+    tokens: prefix-cache hits fit in the 128-token context)."""
+    from pipeline.teacher_config import TeacherConfig
+
+    return TeacherConfig(**{"teacher": str(model), "dtype": "float32", "max_model_len": 128, "kv_cache_gib": 0.25,
+                            "block_size": 32, **kw})  # fmt: skip
+
+
+def run(args: list[str], cwd=REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A command line of this project (`[module or script, args...]`) in a fresh Python process."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    """A user error: exit `code`, no traceback, and its last line holding every needle; that line."""
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
