@@ -87,10 +87,12 @@ def build_caches(names: list[str], samples: Path, features: Path, teacher: str |
 
 
 @torch.no_grad()
-def heldout_kl(model, teacher_model, data, template, limit: int, batch_size: int = 32) -> dict[str, float]:
+def heldout_kl(model, teacher_model, data, limit: int, batch_size: int = 32) -> dict[str, float]:
     """Mean KL(teacher || student) per response position at T = 1 over the first `limit` examples of `data`: the
     student on the typed prompt (text) and on the spoken one (speech), the teacher on the typed prompt."""
-    from student.data import collate, gather_positions, speech_inputs
+    import torch.nn.functional as F
+
+    from student.data import collate, gather_positions
 
     model.eval()
     totals, positions = {"text": 0.0, "speech": 0.0}, 0
@@ -100,12 +102,9 @@ def heldout_kl(model, teacher_model, data, template, limit: int, batch_size: int
         mask = b["mask"]
         t = gather_positions(teacher_model(input_ids=b["text_ids"], attention_mask=b["text_attention"]).logits,
                              b["text_response_pos"]).float().log_softmax(-1)  # fmt: skip
-        text = gather_positions(model.forward_embeds(model.embed(b["text_ids"]), b["text_attention"]),
-                                b["text_response_pos"])  # fmt: skip
-        embeds, attention, pos = speech_inputs(model, template, b)
-        speech = gather_positions(model.forward_embeds(embeds, attention), pos)
-        for key, logits in (("text", text), ("speech", speech)):
-            s = logits.float().log_softmax(-1)
+        weight, bias = model.head()
+        for key, channel in (("text", "T"), ("speech", "S")):
+            s = F.linear(model.response_hidden(b, channel), weight, bias).float().log_softmax(-1)
             totals[key] += (t.exp() * (t - s)).sum(-1)[mask].sum().item()
         positions += int(mask.sum())
     return {key: value / positions for key, value in totals.items()}
@@ -115,7 +114,7 @@ def run_student(name: str, cache: str, base, aligned: Path, runs: Path, limit: i
     """Fine-tune from the aligned checkpoint against `cache`'s targets; its held-out KL and exact match."""
     from transformers import AutoTokenizer
 
-    from student.data import SpeechTemplate, StudentData
+    from student.data import StudentData
     from student.evaluate import eval_set, evaluate_student
     from student.model import SpeechLLM
     from student.train import train
@@ -132,8 +131,8 @@ def run_student(name: str, cache: str, base, aligned: Path, runs: Path, limit: i
     model = SpeechLLM.load(Path(cfg.out) / "final").eval()
     tok = AutoTokenizer.from_pretrained(Path(cfg.out) / "final" / "backbone")
     data = StudentData.open(cache, tok, split="eval")
-    kl = heldout_kl(model, teacher_model, data, SpeechTemplate.from_tokenizer(tok), limit)
-    match = evaluate_student(model, tok, eval_set(data.samples, data.inputs.speech, limit=limit))
+    kl = heldout_kl(model, teacher_model, data, limit)
+    match = evaluate_student(model, eval_set(data.samples, data.inputs.speech, limit=limit))
     return {"kl_text": kl["text"], "kl_speech": kl["speech"], "text": match["student_text_accuracy"],
             "speech": match["student_speech_accuracy"], "minutes": round(minutes, 2)}  # fmt: skip
 

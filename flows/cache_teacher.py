@@ -124,7 +124,7 @@ class CacheFlowConfig:
 
 
 # TeacherConfig fields the flow sets itself (paths under --data-dir; every split; every partition)
-FLOW_SETS = ("samples", "out", "features", "split", "partition")
+FLOW_SETS = ("samples", "out", "features", "audio", "split", "partition")
 
 
 def retry_unless_config_error(task, task_run, state) -> bool:
@@ -315,7 +315,8 @@ def split_parameters(params: dict) -> tuple[CacheFlowConfig, TeacherConfig]:
         flow_cfg.heldout_tts = "espeak-ng" if flow_cfg.tts == "flite" else "flite"
     data = Path(flow_cfg.data_dir)
     teacher_cfg = TeacherConfig(**{k: v for k, v in params.items() if k not in own}, samples=str(data / "samples"),
-                                out=str(data / "cache"), features=str(data / "features"))  # fmt: skip
+                                out=str(data / "cache"), features=str(data / "features"),
+                                audio=str(data / "audio"))  # fmt: skip
     return flow_cfg.validate(), check_platform(teacher_cfg.validate(require_teacher=teacher_cfg.teacher is not None))
 
 

@@ -26,6 +26,15 @@ def render_prompt(tokenizer, prompt: str) -> str:
     )
 
 
+def render_user_turn(template_owner, prompt: str | None) -> str:
+    """A user turn and the assistant header in the template of a multimodal processor (or tokenizer) that takes
+    content parts: the typed `prompt` as a text part, or with `prompt` None one audio part (the processor expands its
+    placeholder to the clip's length). What a pretrained speech LLM student reads before the cached response."""
+    part = {"type": "audio"} if prompt is None else {"type": "text", "text": prompt}
+    return template_owner.apply_chat_template([{"role": "user", "content": [part]}], tokenize=False,
+                                              add_generation_prompt=True)  # fmt: skip
+
+
 def end_of_turn(tokenizer) -> str:
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos_token: speechkd needs one to mark the end of a response")

@@ -30,15 +30,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import soundfile as sf
 import torch
 import torchaudio.compliance.kaldi as kaldi
-import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.audio import BadAudio, load_audio, read_audio_index  # noqa: F401 - load_audio: the features' input
 from pipeline.config import ConfigError, config_from_args, opt, parse_args
-from pipeline.errors import CorruptData, InputMismatch, MissingInput, cli
+from pipeline.errors import CorruptData, MissingInput, cli
 from pipeline.parquet_io import (
     next_shard_path,
     reject,
@@ -96,26 +95,6 @@ class ExtractConfig:
     out: str = opt(str(schemas.FEATURES_DIR), "features directory")
     rows_per_shard: int = opt(1000, "clips per Parquet shard")
     overwrite: bool = opt(False, "replace shards made with another feature config")
-
-
-class BadAudio(ValueError):
-    """An audio file that cannot give features; the message says why."""
-
-
-def load_audio(path: Path, sample_rate: int) -> torch.Tensor:
-    """Mono float32 waveform at `sample_rate`, or BadAudio saying what is wrong."""
-    if not path.exists():
-        raise BadAudio(f"audio file not found: {path}")
-    try:
-        wave, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as exc:  # noqa: BLE001 - any decoder error means corrupt audio
-        raise BadAudio(f"not decodable audio ({type(exc).__name__}: {exc})") from exc
-    if wave.shape[0] == 0:
-        raise BadAudio("audio is empty (0 samples)")
-    mono = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1)))
-    if sr != sample_rate:
-        mono = AF.resample(mono, sr, sample_rate)
-    return mono
 
 
 def fbank(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
@@ -198,21 +177,6 @@ def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = Fals
         t = pq.read_table(path, columns=["sample_id", "rendition"])
         keys.update(zip(t["sample_id"].to_pylist(), t["rendition"].to_pylist()))
     return keys
-
-
-def read_audio_index(index_path: Path) -> list[dict]:
-    table = pq.read_table(index_path)
-    missing = {"sample_id", "rendition", "path"} - set(table.column_names)
-    if missing:
-        raise InputMismatch(f"{index_path}: audio index lacks column(s) {sorted(missing)}; it needs sample_id, "
-                            f"rendition, path (and voice)")  # fmt: skip
-    columns = ["sample_id", "rendition", "path"] + (["voice"] if "voice" in table.column_names else [])
-    rows = table.select(columns).to_pylist()
-    for r in rows:
-        p = Path(r["path"])
-        r["path"] = p if p.is_absolute() else index_path.parent / p
-        r.setdefault("voice", schemas.voice_of_rendition(r["rendition"]))
-    return rows
 
 
 @dataclass

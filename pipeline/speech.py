@@ -34,14 +34,13 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.audio import INDEX_FILE, SAMPLE_RATE
 from pipeline.config import listed, opt, parse_config
 from pipeline.errors import UserError, cli
 from pipeline.files import atomic_write
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
 from pipeline.samples import load_samples
 
-SAMPLE_RATE = 16_000
-INDEX_FILE = "index.parquet"
 # espeak-ng's English accents, and its voice variants: other speakers' timbre (+m1..+m7, +f1..+f5, +klatt).
 # British English is "en": espeak-ng 1.51 ignores a variant after "en-gb" ("en-gb+f2" is "en-gb"), silently.
 ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")

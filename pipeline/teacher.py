@@ -167,7 +167,8 @@ class CacheSetup:
                                      draw_temperature=cfg.draw_temperature, draw_seed=cfg.seed)  # fmt: skip
         else:
             encoding = CacheEncoding(cfg.top_k, vocab, cfg.logprob_step)
-        inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir), "teacher": cfg.model}
+        inputs = {"samples_dir": str(cfg.samples_dir), "features_dir": str(cfg.features_dir),
+                  "audio_dir": str(cfg.audio_dir), "teacher": cfg.model}
         return cls(tokenizer, generation, fingerprint, encoding, inputs)
 
     def open_layout(self, cfg: TeacherConfig) -> int:

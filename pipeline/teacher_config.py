@@ -24,6 +24,8 @@ class TeacherConfig:
     out: str = opt(str(schemas.CACHE_DIR), "cache directory")
     features: str = opt(str(schemas.FEATURES_DIR), "speech features of these samples (recorded in the cache "
                                                    "manifest for the student)")  # fmt: skip
+    audio: str = opt(str(schemas.AUDIO_DIR), "the speech audio of these samples (recorded in the manifest: a student "
+                                             "that runs its own processor on the audio reads it)")  # fmt: skip
     split: str | None = opt(None, "cache only this split (default: every split)")
     limit: int | None = opt(None, "cache only the first N samples (smoke runs)")
     # --- the teacher
@@ -106,6 +108,10 @@ class TeacherConfig:
     @property
     def features_dir(self) -> Path:
         return Path(self.features)
+
+    @property
+    def audio_dir(self) -> Path:
+        return Path(self.audio)
 
     def validate(self, require_teacher: bool = True) -> "TeacherConfig":
         """Every option checked before any engine starts: ConfigError naming the option and what is allowed.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import config as stage_config
-from pipeline.config import ConfigError, opt  # noqa: F401 - ConfigError is this stage's error type too
+from pipeline.config import ConfigError, listed, opt  # noqa: F401 - ConfigError is this stage's error type too
 
 KD_CHOICES = ("forward_kl", "forward_kl_tail", "reverse_kl", "sampled")
 TOPK_KD_DEFAULT, TOPK_TAU_DEFAULT = "forward_kl", 2.0
@@ -22,6 +22,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 CHANNELS = ("T", "S")
 ALIGN_CHOICES = ("transcribe", "behave", "both", "ctc")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class StudentInputs:
     logits: str = opt("data/cache", "the teacher logit cache (its manifest names the samples, features and teacher)")
     samples: str | None = opt(None, "samples directory (default: from the cache manifest)")
     features: str | None = opt(None, "speech features directory (default: from the cache manifest)")
+    audio: str | None = opt(None, "speech audio directory (an audio index), read by a student that runs its own "
+                                  "processor (--student): default from the cache manifest, else <features>/../audio")  # fmt: skip
     heldout_features: str = opt("auto", "speech features of the eval split in a voice never used in training, "
                                         "for the final eval's held-out-voice column (auto: <features>-heldout-voice, "
                                         "which the flow writes, when it exists; '': none)")  # fmt: skip
@@ -84,8 +87,12 @@ class TrainConfig(StudentInputs):
     shuffle_blocks: int = opt(8, "shuffle window, in cache row groups (256 rows each): examples are shuffled "
                                  "within a window of this many randomly ordered row groups; memory grows with it, "
                                  "not with the cache")  # fmt: skip
-    # --- model
-    backbone: str | None = opt(None, "backbone LLM, HF id or path (default: the teacher named in the cache manifest)")
+    # --- model: a pretrained speech LLM (--student), or one composed of --encoder + --adapter + --backbone
+    student: str | None = opt(None, "a pretrained speech LLM to distil into, HF id or path (Qwen2-Audio, the "
+                                    "Qwen2.5-Omni thinker; student/hf.py): loaded with its own class and processor. "
+                                    "None: the composed student, --encoder + --adapter + --backbone")  # fmt: skip
+    backbone: str | None = opt(None, "composed student: backbone LLM, HF id or path (default: the teacher named in "
+                                     "the cache manifest)")  # fmt: skip
     encoder: str = opt("conv-transformer", "speech encoder: conv-transformer (from scratch), a pretrained toy encoder "
                                            "(python -m toy.encoder: data/models/encoder) or a Whisper id/path")  # fmt: skip
     encoder_dropout: float = opt(0.1, "dropout in the conv-transformer encoder")
@@ -93,12 +100,24 @@ class TrainConfig(StudentInputs):
                               "the CTC head's token posteriors x the backbone's embeddings, at CTC emissions)",
                        ("mlp", "ctc-embed"))  # fmt: skip
     freeze_encoder: bool | None = opt(None, "do not train the speech encoder (or its CTC head); default: frozen when "
-                                            "it is a pretrained toy encoder, trained otherwise")  # fmt: skip
+                                            "it is pretrained (a toy encoder, a speech LLM's audio tower), trained "
+                                            "otherwise")  # fmt: skip
     freeze_adapter: bool = opt(False, "do not train the adapter")
     freeze_backbone: bool = opt(False, "do not train the backbone LLM")
+    lora_rank: int = opt(0, "LoRA adapters of this rank on the LM (peft); 0: full fine-tuning")
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (the update is alpha / rank x B A)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA adapters' input")
+    lora_targets: list[str] = listed(DEFAULT_LORA_TARGETS, "module names (inside the LM) that get adapters")
+    lora_audio: bool = opt(False, "LoRA adapters on a speech LLM's audio tower too (its attention and MLP) instead "
+                                  "of training it whole or freezing it")  # fmt: skip
+    merge: bool = opt(False, "with --lora-rank: also write final/merged/, the adapters merged into a plain model")
+    loss_chunk: int = opt(512, "response positions per chunk of the LM head + KD/CE loss (peak memory of the loss "
+                               "is chunk x vocabulary; 0: all at once)")  # fmt: skip
     # --- schedule
     steps: int = opt(600, "optimizer steps in all, alignment included")
-    align_steps: int = opt(300, "first: the speech side is aligned to the frozen backbone (see --align)")
+    align_steps: int | None = opt(None, "first: the speech side is aligned to the frozen backbone (see --align); "
+                                        "default 300 for the composed student, 0 for a pretrained speech LLM "
+                                        "(--student), which hears already")  # fmt: skip
     align: str = opt("transcribe", "alignment loss: transcribe (the spoken prompt -> its own tokens, + CTC), behave "
                                    "(the spoken prompt -> the teacher's cached response distribution: KD + CE, as "
                                    "BLSP/DiVA align behaviour; + CTC), both, or ctc (token CTC of the encoder "
@@ -136,6 +155,15 @@ class TrainConfig(StudentInputs):
     resume: bool = opt(False, "continue from <out>/checkpoint.pt")
     stop_after: int | None = opt(None, "train this many steps now (checkpointed), --resume later")
 
+    def __post_init__(self):
+        if self.align_steps is None:
+            self.align_steps = 0 if self.student else 300
+
+    @property
+    def kind(self) -> str:
+        """The student's kind: hf (a pretrained speech LLM, --student) or composed."""
+        return "hf" if self.student else "composed"
+
     def ce_set(self) -> set[str]:
         return {c.strip() for c in self.ce_channels.split(",") if c.strip()}
 
@@ -146,7 +174,25 @@ class TrainConfig(StudentInputs):
         if bad:
             raise ConfigError(f"--ce-channels {self.ce_channels!r}: unknown channel(s) {sorted(bad)}; use T, S or T,S")
         positive = ("steps", "batch_size", "grad_accum", "shuffle_blocks")
-        nonneg = ("align_steps", "num_workers", "warmup", "eval_every", "eval_limit", "save_every", "lr",
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        if self.lora_rank and not self.lora_targets:
+            raise ConfigError("--lora-targets: give at least one module name (e.g. q_proj,v_proj)")
+        if self.merge and not self.lora_rank:
+            raise ConfigError("--merge merges LoRA adapters: it needs --lora-rank > 0")
+        if self.lora_audio and not (self.lora_rank and self.student):
+            raise ConfigError("--lora-audio puts adapters on a speech LLM's audio tower: it needs --student and "
+                              "--lora-rank > 0")  # fmt: skip
+        if self.student:
+            composed_only = {"backbone": None, "encoder": "conv-transformer", "adapter": "mlp"}
+            for name, default in composed_only.items():
+                if getattr(self, name) != default:
+                    raise ConfigError(f"--{_flag(name)} is the composed student's; a pretrained speech LLM "
+                                      f"(--student {self.student}) has its own")  # fmt: skip
+            if self.align_steps:
+                raise ConfigError(f"--align-steps {self.align_steps}: a pretrained speech LLM (--student) is aligned "
+                                  f"already; speechkd distils into it directly (--align-steps 0)")  # fmt: skip
+        nonneg = ("align_steps", "num_workers", "loss_chunk", "lora_dropout", "warmup", "eval_every", "eval_limit", "save_every", "lr",
                   "backbone_lr", "weight_decay", "alpha", "beta", "gamma", "ctc_weight", "encoder_dropout")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -209,11 +255,11 @@ class EvalConfig(StudentInputs):
     limit: int | None = opt(None, "only the first N eval questions")
 
     def validate(self) -> "EvalConfig":
-        if not (Path(self.student) / "student_config.json").exists():
+        if not any((Path(self.student) / name).exists() for name in ("student_config.json", "speechkd_student.json")):
             from pipeline.errors import MissingInput
 
-            raise MissingInput(f"no student at {self.student} (no student_config.json): train one with "
-                               f"`python student/train.py` or pass --student <run>/final")  # fmt: skip
+            raise MissingInput(f"no student at {self.student} (no student_config.json or speechkd_student.json): "
+                               f"train one with `python student/train.py` or pass --student <run>/final")  # fmt: skip
         self.check_inputs()
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")

@@ -1,10 +1,14 @@
-"""Joins the teacher cache with the speech features and builds the two student inputs.
+"""The training examples of a split (cache rows joined with their speech) and the two student inputs of each.
 
 Channel T: the chat-templated text prompt, then the response tokens.
-Channel S: the same template with the speech embeddings in place of the prompt
-text, then the response tokens. In both, the response tokens are exactly the
-cached ones, so logits at the response positions line up with the cached
-teacher targets.
+Channel S: the same template with the speech in place of the prompt text, then
+the response tokens. In both, the response tokens are exactly the cached ones,
+so the student's hidden states at the response positions line up with the
+cached teacher targets. What a prompt becomes is the student kind's
+(`ComposedPrompts`: speechkd's own speech stack reads the teacher's template
+and stored features; `SpeechLLMPrompts`: a pretrained speech LLM's own template
+and processor on the waveform); the targets and their padding are shared
+(`collate`).
 """
 
 from __future__ import annotations
@@ -16,28 +20,40 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader
-from pipeline.chat import render_prompt
-from pipeline.errors import InputMismatch
+from pipeline.chat import render_prompt, render_user_turn
 from pipeline.fingerprint import tokenizer_sha256
 from student.config import ConfigError
 from student.inputs import RunInputs
+from student.vocab import TokenizerMismatch, VocabCheck, check_vocab
 
 PLACEHOLDER = "\u2047SPEECH\u2047"
 
 
-class TokenizerMismatch(InputMismatch):
-    pass
-
-
-def check_tokenizer(reader: CacheReader, tokenizer) -> None:
-    """Refuse a cache whose token ids mean something else to the student."""
+def check_tokenizer(reader: CacheReader, tokenizer) -> VocabCheck:
+    """Whether the cache's ids mean the same tokens to the student (student.vocab's rule): the fingerprint's
+    tokenizer hash when it is the student's (nothing else to read), else an id-by-id comparison with the teacher's
+    tokenizer; TokenizerMismatch (one line: the first id that differs, both tokens) when they do not."""
     mine, theirs = tokenizer_sha256(tokenizer), reader.fingerprint.get("tokenizer_sha256")
-    if mine != theirs:
-        raise TokenizerMismatch(
-            f"the cache at {reader.dir} was made with a different tokenizer (sha256 {theirs[:12]}…) than the "
-            f"student backbone's ({mine[:12]}…): its token ids would not mean the same tokens. Use a backbone with "
-            f"the teacher's tokenizer (--backbone {reader.fingerprint.get('model')}) or rebuild the cache"
-        )
+    if mine == theirs:
+        return VocabCheck(True, len(tokenizer), len(tokenizer))
+    from transformers import AutoTokenizer
+
+    teacher = reader.teacher
+    try:
+        teacher_tok = AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as exc:
+        raise TokenizerMismatch(f"the cache at {reader.dir} was made with a different tokenizer than the student's, "
+                                f"and the teacher's tokenizer ({teacher}) cannot be read to compare them id by id "
+                                f"({type(exc).__name__}); make it readable there or use a student with the "
+                                f"teacher's tokenizer") from None  # fmt: skip
+    if tokenizer_sha256(teacher_tok) != theirs:
+        raise TokenizerMismatch(f"the teacher's tokenizer at {teacher} is not the one the cache at {reader.dir} was "
+                                f"made with (its sha256 differs from the fingerprint's): rebuild the cache, or point "
+                                f"the manifest's teacher at the original")  # fmt: skip
+    try:
+        return check_vocab(teacher_tok, tokenizer, reader.dir)
+    except TokenizerMismatch as exc:
+        raise TokenizerMismatch(f"the cache at {reader.dir} was made with a different tokenizer: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -57,19 +73,61 @@ class SpeechTemplate:
         return cls(enc(before), enc(after))
 
 
+class ComposedPrompts:
+    """The composed student's inputs for a prompt: the teacher's template (its backbone is the teacher's LLM) with
+    the text, and the stored features of the clip (channel S puts its speech embeddings in the prompt's place)."""
+
+    kind = "composed"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def example_inputs(self, prompt: str, clip) -> dict:
+        tok = self.tokenizer
+        return {"prompt_ids": tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"],
+                "transcript_ids": tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                "speech": clip}  # fmt: skip
+
+
+class SpeechLLMPrompts:
+    """A pretrained speech LLM's inputs for a prompt: its own chat template with the typed prompt (channel T), and
+    with an audio part whose placeholder its processor expands to the clip's length while its feature extractor
+    computes the clip's features from the waveform (channel S): the model's own audio path, exactly as at inference."""
+
+    kind = "hf"
+
+    def __init__(self, processor):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self._speech_text = render_user_turn(processor, None)
+
+    def example_inputs(self, prompt: str, wave) -> dict:
+        tok = self.tokenizer
+        out = {"prompt_ids": tok(render_user_turn(self.processor, prompt), add_special_tokens=False)["input_ids"],
+               "transcript_ids": tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}  # fmt: skip
+        if wave is not None:
+            enc = self.processor(text=self._speech_text, audio=[wave], sampling_rate=16_000, return_tensors="np")
+            out.update(speech_prompt_ids=enc["input_ids"][0].tolist(), input_features=enc["input_features"][0],
+                       feature_mask=enc["feature_attention_mask"][0])  # fmt: skip
+        return out
+
+
 @dataclass
 class Example:
     sample_id: str
     rendition: str | None
     prompt_ids: list[int]  # channel T: templated text prompt
     transcript_ids: list[int]  # the prompt text alone + end-of-turn (speech alignment target)
-    speech: np.ndarray | None  # channel S: (frames, n_mels) float16
+    speech: np.ndarray | None  # channel S (composed): (frames, n_mels) float16
     response_ids: np.ndarray  # (n,)
     topk_ids: np.ndarray | None = None  # (n, k); None when the targets were not decoded (alignment)
     topk_logprobs: np.ndarray | None = None  # (n, k)
     tail_logmass: np.ndarray | None = None  # (n,)
     draw_ids: np.ndarray | None = None  # (n, m) a sampled cache's distinct drawn ids per position (instead of top-k)
     draw_counts: np.ndarray | None = None  # (n, m) how often each was drawn (0: padding)
+    speech_prompt_ids: list[int] | None = None  # channel S (a speech LLM): its template with the audio placeholders
+    input_features: np.ndarray | None = None  # (n_mels, frames) its processor's features of the clip
+    feature_mask: np.ndarray | None = None  # (frames,) which of those frames are the clip's
+    dropped_targets: int = 0  # target entries dropped (ids that mean other tokens to the student: student.vocab)
 
 
 @dataclass
@@ -101,10 +159,13 @@ class StudentData:
     recent ones kept per process (CacheReader, FeatureStore).
     """
 
-    def __init__(self, inputs: RunInputs, tokenizer, split: str = "train"):
+    def __init__(self, inputs: RunInputs, tokenizer, split: str = "train", prompts=None):
+        """`prompts`: what a prompt becomes for the student (ComposedPrompts over `tokenizer` by default)."""
         self.inputs, self.reader, self.samples = inputs, inputs.reader, inputs.samples
-        check_tokenizer(self.reader, tokenizer)
+        self.vocab = check_tokenizer(self.reader, tokenizer)
+        self.dropped = np.array(sorted(self.vocab.dropped), dtype=np.int64)
         self.tokenizer = tokenizer
+        self.prompts = prompts or ComposedPrompts(tokenizer)
         speech = inputs.speech
         self.features = speech.store if speech is not None else None
         ids = inputs.samples.split(split)
@@ -145,9 +206,12 @@ class StudentData:
 
     @classmethod
     def open(cls, cache: Path | str | CacheReader, tokenizer, samples_dir: Path | None = None,
-             features_dir: Path | None = None, split: str = "train", need_speech: bool = True) -> "StudentData":  # fmt: skip
+             features_dir: Path | None = None, split: str = "train", need_speech: bool = True,
+             prompts=None) -> "StudentData":  # fmt: skip
         """A split's examples straight from a cache directory (the inputs it names unless given)."""
-        return cls(RunInputs.open(cache, samples_dir, features_dir, need_speech), tokenizer, split)
+        speech = "audio" if prompts is not None and prompts.kind == "hf" else "features"
+        return cls(RunInputs.open(cache, samples_dir, features_dir, need_speech, speech=speech), tokenizer, split,
+                   prompts)  # fmt: skip
 
     @property
     def samples_dir(self) -> Path:
@@ -172,16 +236,36 @@ class StudentData:
         _, s, g, r = self.rows[self.ex_row[i]].tolist()
         row = self.reader.decode_table_row(self.reader.read_row_group(s, g), r, targets=targets)
         sid = row["sample_id"]
-        prompt = self.samples.prompt[sid]
-        tok = self.tokenizer
-        prompt_ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
-        transcript_ids = tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         clip = int(self.ex_clip[i])
         speech = self.features.read(clip) if clip >= 0 and self.features is not None else None
         rendition = self.features.renditions[clip] if clip >= 0 and self.features is not None else None
-        return Example(sid, rendition, prompt_ids, transcript_ids, speech, row["token_ids"], row.get("topk_ids"),
-                       row.get("topk_logprobs"), row.get("tail_logmass"), row.get("draw_ids"),
-                       row.get("draw_counts"))  # fmt: skip
+        made = self.prompts.example_inputs(self.samples.prompt[sid], speech)
+        ex = Example(sid, rendition, made["prompt_ids"], made["transcript_ids"], made.get("speech"),
+                     row["token_ids"], row.get("topk_ids"), row.get("topk_logprobs"), row.get("tail_logmass"),
+                     row.get("draw_ids"), row.get("draw_counts"), made.get("speech_prompt_ids"),
+                     made.get("input_features"), made.get("feature_mask"))  # fmt: skip
+        if len(self.dropped):
+            self._drop_targets(ex)
+        return ex
+
+    def _drop_targets(self, ex: Example) -> None:
+        """Ids the student reads as other tokens (student.vocab) are never trained toward: a cached response token
+        that is one is refused; in the targets their probability is set to 0 (the losses renormalize) and counted."""
+        bad = np.isin(ex.response_ids, self.dropped)
+        if bad.any():
+            tid = int(ex.response_ids[np.flatnonzero(bad)[0]])
+            raise TokenizerMismatch(f"sample {ex.sample_id!r}: its cached response has token id {tid}, "
+                                    f"{self.vocab.dropped[tid][0]!r} to the teacher but {self.vocab.dropped[tid][1]!r} "
+                                    f"to the student; a student cannot be trained toward it: use a student whose "
+                                    f"tokenizer gives that id the teacher's token")  # fmt: skip
+        if ex.topk_ids is not None:
+            hit = np.isin(ex.topk_ids, self.dropped)
+            ex.topk_logprobs = np.where(hit, -np.inf, ex.topk_logprobs).astype(np.float32)
+            ex.dropped_targets = int(hit.sum())
+        if ex.draw_ids is not None:
+            hit = np.isin(ex.draw_ids, self.dropped) & (ex.draw_counts > 0)
+            ex.draw_counts = np.where(hit, 0, ex.draw_counts)
+            ex.dropped_targets = int(hit.sum())
 
 
 def load_examples(
@@ -312,6 +396,9 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         batch["text_attention"][b, : len(ids)] = 1
         p = len(e.prompt_ids)
         batch["text_response_pos"][b, : len(e.response_ids)] = torch.arange(p - 1, p - 1 + len(e.response_ids))
+    if examples[0].speech_prompt_ids is not None:  # channel S of a speech LLM: its own prompt ids and features
+        batch.update(speech_llm_inputs(examples, pad_id))
+    batch["dropped_targets"] = torch.tensor(sum(e.dropped_targets for e in examples), dtype=torch.long)
     m = max(len(e.transcript_ids) for e in examples)
     batch["transcript_ids"] = torch.full((B, m), pad_id, dtype=torch.long)
     batch["transcript_mask"] = torch.zeros(B, m, dtype=torch.bool)
@@ -321,6 +408,31 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     if examples[0].speech is not None:
         batch.update(pad_speech([e.speech for e in examples]))
     return batch
+
+
+def speech_llm_inputs(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """A speech LLM's channel S for a batch: its prompt ids (audio placeholders expanded) + the response,
+    right-padded, `speech_response_pos[b, t]` where response token t is predicted; its processor's features,
+    padded in time to the batch's longest with their frame mask."""
+    B, n = len(examples), max(len(e.response_ids) for e in examples)
+    L = max(len(e.speech_prompt_ids) + len(e.response_ids) for e in examples)
+    out = {"speech_ids": torch.full((B, L), pad_id, dtype=torch.long),
+           "speech_attention": torch.zeros(B, L, dtype=torch.long),
+           "speech_response_pos": torch.zeros(B, n, dtype=torch.long)}  # fmt: skip
+    for b, e in enumerate(examples):
+        ids = e.speech_prompt_ids + e.response_ids.tolist()
+        out["speech_ids"][b, : len(ids)] = torch.tensor(ids)
+        out["speech_attention"][b, : len(ids)] = 1
+        p = len(e.speech_prompt_ids)
+        out["speech_response_pos"][b, : len(e.response_ids)] = torch.arange(p - 1, p - 1 + len(e.response_ids))
+    frames = max(e.input_features.shape[-1] for e in examples)
+    feats = torch.zeros(B, examples[0].input_features.shape[0], frames)
+    mask = torch.zeros(B, frames, dtype=torch.long)
+    for b, e in enumerate(examples):
+        feats[b, :, : e.input_features.shape[-1]] = torch.from_numpy(np.asarray(e.input_features, dtype=np.float32))
+        mask[b, : e.feature_mask.shape[-1]] = torch.from_numpy(np.asarray(e.feature_mask, dtype=np.int64))
+    out.update(input_features=feats, feature_attention_mask=mask)
+    return out
 
 
 def pad_speech(clips: list[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,63 +22,19 @@ from pipeline.chat import exact_match, render_prompt
 from pipeline.config import parse_config
 from pipeline.errors import MissingInput, UserError, cli
 from student.config import EvalConfig
-from student.data import SpeechTemplate, pad_speech
 from student.inputs import HELDOUT_SETS, HeldoutSet, RunInputs, Samples, SpeechIndex
-
-
-@torch.no_grad()
-def generate_from_embeds(backbone, tokenizer, rows: list[torch.Tensor], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of left-padded input embeddings (on the rows' device)."""
-    L = max(r.shape[0] for r in rows)
-    H = rows[0].shape[-1]
-    device = rows[0].device
-    embeds = torch.zeros(len(rows), L, H, dtype=rows[0].dtype, device=device)
-    mask = torch.zeros(len(rows), L, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        embeds[b, L - r.shape[0] :] = r
-        mask[b, L - r.shape[0] :] = 1
-    out = backbone.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
 def _device_of(module) -> torch.device:
     return next(module.parameters()).device
 
 
-@torch.no_grad()
-def answer_text(backbone, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    embed = backbone.get_input_embeddings()
-    device = _device_of(backbone)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        rows = [embed(torch.tensor(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"],
-                                   device=device))
-                for p in prompts[i : i + batch_size]]  # fmt: skip
-        out.extend(generate_from_embeds(backbone, tokenizer, rows, max_new_tokens))
-    return out
-
-
-@torch.no_grad()
-def answer_speech(model, tokenizer, clips: list[np.ndarray], max_new_tokens: int) -> list[str]:
-    """Greedy answers to spoken prompts (one batch of clips)."""
-    template = SpeechTemplate.from_tokenizer(tokenizer)
-    device = _device_of(model)
-    embed = model.embed
-    prefix = embed(torch.tensor(template.prefix_ids, dtype=torch.long, device=device))
-    suffix = embed(torch.tensor(template.suffix_ids, dtype=torch.long, device=device))
-    padded = pad_speech(clips)
-    sp, lens = model.speech_embeddings(padded["speech"].to(device), padded["speech_lengths"].to(device))
-    rows = [torch.cat([prefix, sp[b, : lens[b]], suffix]) for b in range(len(clips))]
-    return generate_from_embeds(model.backbone, tokenizer, rows, max_new_tokens)
-
-
-def spoken_answers(model, tokenizer, evalset: "EvalSet", max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to every spoken question of the eval set, read and answered a batch at a time."""
+def spoken_answers(model, evalset: "EvalSet", max_new_tokens: int, batch_size: int) -> list[str]:
+    """The student's greedy answers to every spoken question of the eval set, read and answered a batch at a time
+    (its speech: stored features or waveforms, whatever its kind reads)."""
     out = []
     for i in range(0, len(evalset), batch_size):
-        out.extend(answer_speech(model, tokenizer, evalset.speech_of(i, i + batch_size), max_new_tokens))
+        out.extend(model.answer_speech(evalset.speech_of(i, i + batch_size), max_new_tokens))
     return out
 
 
@@ -136,7 +91,7 @@ def eval_set(samples: Samples, speech: SpeechIndex, split: str = "eval", limit: 
 
 @torch.no_grad()
 def evaluate_student(
-    model, tokenizer, evalset: EvalSet, max_new_tokens: int = 32, subsets: dict[str, set[str]] | None = None,
+    model, evalset: EvalSet, max_new_tokens: int = 32, subsets: dict[str, set[str]] | None = None,
     device=None, batch_size: int = 64,
 ) -> dict:  # fmt: skip
     """Student text/speech exact match and modality gap; with `subsets` ({name: sample ids}) also per subset.
@@ -145,8 +100,8 @@ def evaluate_student(
     if device is not None and _device_of(model) != torch.device(device):
         raise ValueError(f"the student is on {_device_of(model)}, evaluation asked for {device}")
     rows = evalset.rows
-    text = answer_text(model.backbone, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    speech = spoken_answers(model, tokenizer, evalset, max_new_tokens, batch_size)
+    text = model.answer_text([r["prompt"] for r in rows], max_new_tokens, batch_size)
+    speech = spoken_answers(model, evalset, max_new_tokens, batch_size)
     report = {}
     for name, ids in {"": None, **(subsets or {})}.items():
         pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
@@ -160,14 +115,14 @@ def evaluate_student(
 
 
 @torch.no_grad()
-def evaluate_heldout_voice(model, tokenizer, evalset: EvalSet, subsets: dict[str, set[str]] | None = None,
+def evaluate_heldout_voice(model, evalset: EvalSet, subsets: dict[str, set[str]] | None = None,
                            max_new_tokens: int = 32, batch_size: int = 64,
                            key: str = "heldout_voice") -> dict:  # fmt: skip
     """Spoken exact match on the eval split in a voice (or synthesizer) never heard in training (overall and per
     subset), under report keys `key`_..."""
     model.eval()
     rows = evalset.rows
-    speech = spoken_answers(model, tokenizer, evalset, max_new_tokens, batch_size)
+    speech = spoken_answers(model, evalset, max_new_tokens, batch_size)
     report = {key: ",".join(sorted(evalset.speech.voices))}
     for name, ids in {"": None, **(subsets or {})}.items():
         pick = [i for i, r in enumerate(rows) if ids is None or r["sample_id"] in ids]
@@ -183,15 +138,20 @@ def evaluate_teacher(teacher: str, evalset: EvalSet, max_new_tokens: int = 32, d
     """The text teacher's own accuracy (transformers, loaded for evaluation only, on `device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from student.model import generate_from_embeds
+
     tok = AutoTokenizer.from_pretrained(teacher)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
-    rows = evalset.rows
-    answers = answer_text(model, tok, [r["prompt"] for r in rows], max_new_tokens)
+    rows, embed, answers = evalset.rows, model.get_input_embeddings(), []
+    for i in range(0, len(rows), 64):
+        embeds = [embed(torch.tensor(tok(render_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"],
+                                     device=device)) for r in rows[i : i + 64]]  # fmt: skip
+        answers.extend(generate_from_embeds(model, tok, embeds, max_new_tokens))
     del model
     return exact_match(answers, [r["response"] for r in rows])
 
 
-def evaluate_run(model, tokenizer, inputs: RunInputs, reference: str = "dataset",
+def evaluate_run(model, inputs: RunInputs, reference: str = "dataset",
                  heldout: list[HeldoutSet] | None = None, finetuned: set[str] | None = None, limit: int | None = None,
                  device=None, autocast=contextlib.nullcontext) -> dict:  # fmt: skip
     """The one final evaluation (student/train.py's and this command's): exact match of the teacher on text, the
@@ -208,12 +168,12 @@ def evaluate_run(model, tokenizer, inputs: RunInputs, reference: str = "dataset"
         subsets = {"finetuned": tuned, "not_finetuned": set(rows.sample_ids) - tuned}
     report = {"reference": reference}
     with autocast():
-        report.update(evaluate_student(model, tokenizer, rows, subsets=subsets, device=device))
+        report.update(evaluate_student(model, rows, subsets=subsets, device=device))
         report["teacher_text_accuracy"] = evaluate_teacher(inputs.reader.teacher, rows, device=device or "cpu")
     report["forgetting"] = report["teacher_text_accuracy"] - report["student_text_accuracy"]
     for held in heldout or ():
         with autocast():
-            report.update(evaluate_heldout_voice(model, tokenizer, eval_set(inputs.samples, held.speech, limit=limit,
+            report.update(evaluate_heldout_voice(model, eval_set(inputs.samples, held.speech, limit=limit,
                                                                             references=refs),
                                                  subsets=subsets, key=held.key))  # fmt: skip
     return report
@@ -243,20 +203,17 @@ def format_report(r: dict) -> str:
 
 @cli("evaluate.py")
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
-    from student.model import SpeechLLM
+    from student.interface import load_student
 
     cfg = parse_config(EvalConfig, argv, description=__doc__).validate()
-    student = Path(cfg.student)
     device = cfg.resolved_device()
-    inputs = RunInputs.open(cfg.logits, cfg.samples, cfg.features, verify=cfg.verify)
+    model = load_student(cfg.student).to(device)
+    inputs = RunInputs.open(cfg.logits, cfg.samples, cfg.features, verify=cfg.verify,
+                            speech="audio" if model.kind == "hf" else "features", audio_dir=cfg.audio)  # fmt: skip
     options = {"heldout_features": cfg.heldout_features, "heldout_tts_features": cfg.heldout_tts_features}
     heldout = inputs.heldout_sets(options)
-    model = SpeechLLM.load(student).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(student / "backbone")
     bf16 = cfg.resolved_precision() == "bf16"
-    report = evaluate_run(model, tokenizer, inputs, cfg.reference, heldout, limit=cfg.limit, device=device,
+    report = evaluate_run(model, inputs, cfg.reference, heldout, limit=cfg.limit, device=device,
                           autocast=lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                                                           enabled=bf16))  # fmt: skip
     print(format_report(report))

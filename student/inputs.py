@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import schemas
+from pipeline.audio import AudioStore
 from pipeline.cache import CacheReader
 from pipeline.errors import MissingInput
 from pipeline.features import FeatureStore
@@ -51,9 +52,10 @@ class Samples:
 
 class SpeechIndex:
     """The clips of one speech store, by sample: their positions in the store sorted by rendition id, and every
-    clip's voice. Reads the store's index only, never its features."""
+    clip's voice. Reads the store's index only, never its features. A store is a FeatureStore (stored features) or
+    an AudioStore (the audio itself, for a student that runs its own processor): the same interface."""
 
-    def __init__(self, store: FeatureStore):
+    def __init__(self, store: FeatureStore | AudioStore):
         self.store = store
         self.dir = store.dir
         self._clips: dict[str, list[tuple[str, int]]] = {}
@@ -63,7 +65,10 @@ class SpeechIndex:
             clips.sort()
 
     @classmethod
-    def open(cls, directory: Path | str, keep_row_groups: int = 32) -> "SpeechIndex":
+    def open(cls, directory: Path | str, keep_row_groups: int = 32, speech: str = "features") -> "SpeechIndex":
+        """The index of a features directory, or with speech="audio" of an audio directory (its index.parquet)."""
+        if speech == "audio":
+            return cls(AudioStore(directory))
         return cls(FeatureStore(directory, keep_row_groups=keep_row_groups))
 
     def clips(self, sample_id: str) -> list[int]:
@@ -97,7 +102,7 @@ class HeldoutSet:
     speech: SpeechIndex
 
 
-def heldout_dir(features_dir: Path, option: str | None, suffix: str, flag: str) -> Path | None:
+def heldout_dir(speech_dir: Path, option: str | None, suffix: str, flag: str) -> Path | None:
     """Where the eval split spoken by a voice (or synthesizer) never used in training is: `option` itself, or with
     `auto` the flow's `<features><suffix>` beside the training features when it exists; None for ''."""
     if option is None or option == "":
@@ -108,7 +113,7 @@ def heldout_dir(features_dir: Path, option: str | None, suffix: str, flag: str) 
             raise MissingInput(f"{flag} {path}: no speech features there; make them with the flow (--heldout-voice, "
                                f"--heldout-tts) or pipeline.speech --split eval + pipeline.features")  # fmt: skip
         return path
-    path = Path(features_dir).parent / (Path(features_dir).name + suffix)
+    path = Path(speech_dir).parent / (Path(speech_dir).name + suffix)
     return path if path.is_dir() else None
 
 
@@ -118,24 +123,31 @@ class RunInputs:
 
     reader: CacheReader
     samples: Samples
-    features_dir: Path
+    features_dir: Path  # the training speech's directory: stored features, or (speech "audio") an audio index
     speech: SpeechIndex | None  # the training speech (None: a run that needs no speech)
+    kind: str = "features"  # what the speech is: features (stored) | audio (read by the student's processor)
 
     @classmethod
     def open(cls, cache: Path | str | CacheReader, samples_dir: Path | str | None = None,
              features_dir: Path | str | None = None, need_speech: bool = True, verify: bool = True,
-             keep_row_groups: int = 64) -> "RunInputs":  # fmt: skip
-        """The cache (every shard checked once, here), the samples and speech features it names unless given
-        (resolved against the cache directory, so any working directory works)."""
+             keep_row_groups: int = 64, speech: str = "features", audio_dir: Path | str | None = None) -> "RunInputs":  # fmt: skip
+        """The cache (every shard checked once, here), the samples and speech it names unless given (resolved
+        against the cache directory, so any working directory works). speech="audio": the audio itself (`audio_dir`,
+        else the manifest's, else the features directory's sibling `audio`), for a student with its own processor."""
         reader = cache if isinstance(cache, CacheReader) else CacheReader(cache, verify=verify)
         samples_dir = samples_dir or reader.input_path("samples_dir")
         features_dir = features_dir or reader.input_path("features_dir")
         if not samples_dir or not features_dir:
             raise MissingInput(f"{reader.dir}/manifest.json does not say where the samples/features are: pass "
                                f"--samples and --features")  # fmt: skip
+        where = Path(features_dir)
+        if speech == "audio":  # given, else the manifest's, else beside the features
+            recorded = reader.input_path("audio_dir")
+            where = Path(audio_dir or (recorded if recorded and Path(recorded).is_dir() else
+                                       Path(features_dir).parent / "audio"))  # fmt: skip
         # a shuffle window of 8 cache row groups touches ~40 feature row groups (64 clips each)
-        speech = SpeechIndex.open(features_dir, keep_row_groups) if need_speech else None
-        return cls(reader, Samples(samples_dir), Path(features_dir), speech)
+        index = SpeechIndex.open(where, keep_row_groups, speech) if need_speech else None
+        return cls(reader, Samples(samples_dir), where, index, speech)
 
     @property
     def samples_dir(self) -> Path:
@@ -150,7 +162,7 @@ class RunInputs:
             path = heldout_dir(self.features_dir, options.get(option, "auto"), suffix, flag)
             if path is None:
                 continue
-            held = SpeechIndex.open(path)
+            held = SpeechIndex.open(path, speech=self.kind)
             heard = held.voices & self.speech.voices if self.speech is not None else set()
             if heard:
                 raise ConfigError(f"{flag} {path}: voice(s) {sorted(heard)} are also in the training speech "

@@ -130,3 +130,56 @@ def dense_reverse_kl(student_logits, teacher_logits, mask, tau: float = 1.0):
     t = torch.log_softmax(teacher_logits.float() / tau, -1)
     s = torch.log_softmax(student_logits.float() / tau, -1)
     return _masked_mean((s.exp() * (s - t)).sum(-1), mask)
+
+
+# --- the LM head and the losses in chunks of positions ---------------------------------------------------------
+
+
+def response_losses(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None, mask: torch.Tensor,
+                    targets: dict | None, kd=None, response_ids: torch.Tensor | None = None, tau: float = 1.0,
+                    normalizer=None, chunk: int = 512) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The KD and CE terms of one channel from the student's last hidden states at the response positions, with
+    the LM head applied here, `chunk` real positions at a time: only one chunk's logits (chunk x vocabulary) exist
+    at once, forward and backward (each chunk's head + loss is recomputed in the backward pass, activation
+    checkpointing), so the loss's peak memory is bounded by the chunk, not by batch x positions x vocabulary (at a
+    152k vocabulary, 4096 positions of fp32 logits are 2.5 GB, and log_softmax and its gradient as much again).
+
+    hidden (B, T, H) at the response positions; head_weight (V, H) (and bias); mask (B, T) the real positions;
+    `targets`: the KD targets (`teacher_ids`, `teacher_logprobs`, `tail_logmass` of a top-k cache, or
+    `sample_ids`, `sample_counts` of a sampled one), each (B, T, ...), with `kd` the loss function (KD_LOSSES) or
+    None for no KD; `response_ids` (B, T) for CE, or None. Returns {"kd": ..., "ce": ...} for those asked, each the
+    sum over real positions divided by `normalizer` (their count by default): the same values and gradients as the
+    losses on the whole (B, T, V) logits (tested), and padding is never computed at all. `chunk` <= 0: no chunks.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    keep = mask.bool()
+    denom = keep.sum().clamp_min(1) if normalizer is None else normalizer
+    h = hidden[keep]  # (N, H): the real positions only
+    picked = {name: value[keep] for name, value in (targets or {}).items() if value is not None}
+    ids = response_ids[keep] if response_ids is not None else None
+    n = h.shape[0]
+    wanted = [name for name, on in (("kd", kd is not None), ("ce", ids is not None)) if on]
+    if not wanted or n == 0:
+        zero = hidden.sum() * 0.0 + head_weight.sum() * 0.0  # keeps the graph (and DDP's bookkeeping) connected
+        return {name: zero for name in wanted}
+    step = n if chunk <= 0 else chunk
+    names = sorted(picked)
+
+    def chunk_terms(h_c, ids_c, *values):
+        logits = F.linear(h_c, head_weight, head_bias)[None]  # (1, c, V)
+        ones = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        out = []
+        if kd is not None:
+            out.append(kd(logits, **{k: v[None] for k, v in zip(names, values)}, mask=ones, tau=tau, normalizer=denom))
+        if ids_c is not None:
+            out.append(response_ce(logits, ids_c[None], ones, denom))
+        return torch.stack(out)
+
+    total = None
+    for start in range(0, n, step):
+        sl = slice(start, start + step)
+        args = (h[sl], ids[sl] if ids is not None else None, *(picked[k][sl] for k in names))
+        part = chunk_terms(*args) if chunk <= 0 else checkpoint(chunk_terms, *args, use_reentrant=False)
+        total = part if total is None else total + part
+    return dict(zip(wanted, total.unbind(0)))

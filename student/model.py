@@ -46,6 +46,7 @@ class StudentConfig:
     # Whisper encoder's config), so a saved student loads from its own directory alone: the weights are in
     # speech.pt, nothing is read from where the encoder first came from
     encoder_arch: dict | None = None
+    lora: dict | None = None  # LoRA adapters on the backbone (student.lora.LoraSettings), None: trained whole
 
 
 class ConvSubsampling(nn.Module):
@@ -187,13 +188,22 @@ class Adapter(nn.Module):
 
 
 class SpeechLLM(nn.Module):
-    def __init__(self, cfg: StudentConfig, backbone=None):
+    """The composed student (speechkd's own speech encoder + adapter + a text LLM), with the student interface the
+    objective, the loop and the evaluation use (student.interface.Student)."""
+
+    kind = "composed"
+
+    def __init__(self, cfg: StudentConfig, backbone=None, tokenizer=None):
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_pretrained(
             cfg.backbone, dtype=torch.float32)  # fmt: skip
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(cfg.backbone)
+        from student.data import SpeechTemplate
+
+        self.template = SpeechTemplate.from_tokenizer(self.tokenizer)
         hidden = self.backbone.get_input_embeddings().embedding_dim
         arch = cfg.encoder_arch
         pretrained = arch is not None and arch["kind"] == "toy" or (arch is None and pretrained_toy_encoder(cfg.encoder))
@@ -222,7 +232,44 @@ class SpeechLLM(nn.Module):
                               (self.backbone, cfg.train_backbone), (self.ctc_head, head_trains)):  # fmt: skip
             if module is not None:
                 module.requires_grad_(train)
+        if cfg.lora is not None:  # adapters on the backbone's LM; its own weights stay
+            from student.lora import LoraSettings, apply_lora
 
+            self.backbone = apply_lora(self.backbone, LoraSettings(**cfg.lora))
+
+    def backbone_parameters(self):
+        """The backbone LLM's parameters (LoRA adapters included), trained at --backbone-lr."""
+        yield from self.backbone.parameters()
+
+    @property
+    def _backbone_model(self) -> nn.Module:
+        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The backbone's LM head (weight, bias): the objective applies it in chunks (student.losses)."""
+        lm_head = self._backbone_model.get_output_embeddings()
+        return lm_head.weight, getattr(lm_head, "bias", None)
+
+    def hidden_from_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states (B, L, H) for input embeddings: its forward with the LM head left out."""
+        base = self._backbone_model
+        lm_head = base.get_output_embeddings()
+        base.set_output_embeddings(nn.Identity())
+        try:
+            return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            base.set_output_embeddings(lm_head)
+
+    def response_hidden(self, batch: dict, channel: str, encoded=None) -> torch.Tensor:
+        """Hidden states (B, n, H) at the positions that predict the response tokens: channel T (the typed prompt)
+        or S (the speech embeddings in the prompt's place); `encoded`: the encoder's output, when run already."""
+        from student.data import gather_positions, speech_inputs
+
+        if channel == "T":
+            hidden = self.hidden_from_embeds(self.embed(batch["text_ids"]), batch["text_attention"])
+            return gather_positions(hidden, batch["text_response_pos"])
+        embeds, attention, pos = speech_inputs(self, self.template, batch, encoded=encoded)
+        return gather_positions(self.hidden_from_embeds(embeds, attention), pos)
     def speech_parameters(self):
         """Parameters of the speech side: encoder, adapter and CTC head (trained at --lr)."""
         heads = [self.ctc_head] if self.ctc_head is not None else []
@@ -280,12 +327,52 @@ class SpeechLLM(nn.Module):
     def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
-    def save(self, out_dir: Path, tokenizer=None) -> None:
+    # --- evaluation: greedy answers -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def answer_text(self, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+        """Greedy answers to typed prompts (the backbone alone, in the teacher's template)."""
+        from pipeline.chat import render_prompt
+
+        self.eval()
+        tok, device = self.tokenizer, self.embed.weight.device
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            rows = [self.embed(torch.tensor(tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"],
+                                            device=device)) for p in prompts[i : i + batch_size]]  # fmt: skip
+            out.extend(generate_from_embeds(self.backbone, tok, rows, max_new_tokens))
+        return out
+
+    @torch.no_grad()
+    def answer_speech(self, clips: list, max_new_tokens: int) -> list[str]:
+        """Greedy answers to spoken prompts (one batch of feature clips)."""
+        from student.data import pad_speech
+
+        self.eval()
+        device = self.embed.weight.device
+        prefix = self.embed(torch.tensor(self.template.prefix_ids, dtype=torch.long, device=device))
+        suffix = self.embed(torch.tensor(self.template.suffix_ids, dtype=torch.long, device=device))
+        padded = pad_speech(clips)
+        sp, lens = self.speech_embeddings(padded["speech"].to(device), padded["speech_lengths"].to(device))
+        rows = [torch.cat([prefix, sp[b, : lens[b]], suffix]) for b in range(len(clips))]
+        return generate_from_embeds(self.backbone, self.tokenizer, rows, max_new_tokens)
+
+    # --- save / load ------------------------------------------------------------------------------------------
+
+    def save(self, out_dir: Path, tokenizer=None, merge: bool = False) -> None:
+        """final/: the backbone in HF format (with LoRA: the adapters merged into it, and the adapter alone in
+        PEFT's format under adapter/), the speech side's weights and architecture; it loads from this directory
+        alone. (`merge`: LoRA adapters are always merged into backbone/ here.)"""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out_dir / "backbone")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir / "backbone")
+        backbone = self.backbone
+        if self.cfg.lora is not None:
+            import copy
+
+            self.backbone.save_pretrained(out_dir / "adapter")
+            backbone = copy.deepcopy(self.backbone).merge_and_unload()
+        backbone.save_pretrained(out_dir / "backbone")
+        (tokenizer or self.tokenizer).save_pretrained(out_dir / "backbone")
         speech = {"encoder": self.encoder.state_dict(), "adapter": self.adapter.state_dict()}
         if self.ctc_head is not None:
             speech["ctc_head"] = self.ctc_head.state_dict()
@@ -299,6 +386,7 @@ class SpeechLLM(nn.Module):
         out_dir = Path(out_dir)
         cfg = StudentConfig(**json.loads((out_dir / "student_config.json").read_text()))
         cfg.backbone = str(out_dir / "backbone")
+        cfg.lora = None  # backbone/ has the adapters merged in
         model = cls(cfg)
         state = torch.load(out_dir / "speech.pt", map_location="cpu", weights_only=True)
         model.encoder.load_state_dict(state["encoder"])
@@ -306,3 +394,20 @@ class SpeechLLM(nn.Module):
         if model.ctc_head is not None and "ctc_head" in state:
             model.ctc_head.load_state_dict(state["ctc_head"])
         return model
+
+
+@torch.no_grad()
+def generate_from_embeds(backbone, tokenizer, rows: list[torch.Tensor], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of left-padded input embeddings (on the rows' device)."""
+    L = max(r.shape[0] for r in rows)
+    H = rows[0].shape[-1]
+    device = rows[0].device
+    embeds = torch.zeros(len(rows), L, H, dtype=rows[0].dtype, device=device)
+    mask = torch.zeros(len(rows), L, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        embeds[b, L - r.shape[0] :] = r
+        mask[b, L - r.shape[0] :] = 1
+    out = backbone.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    return tokenizer.batch_decode(out, skip_special_tokens=True)

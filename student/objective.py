@@ -15,7 +15,7 @@ import torch
 
 from student.config import TrainConfig
 from student.data import SpeechTemplate, gather_positions, speech_inputs
-from student.losses import KD_LOSSES, response_ce
+from student.losses import KD_LOSSES, response_losses
 
 PARTS = ["align", "ctc", "kd_T", "kd_S", "ce_T", "ce_S"]
 WEIGHTS = {"kd_T": lambda c: c.alpha * c.tau**2, "kd_S": lambda c: c.beta * c.tau**2, "ce_T": lambda c: c.gamma,
@@ -40,42 +40,47 @@ def step_norms(micro: list[dict], ranks) -> dict:
             "examples": counts[2].item() / ranks.world}  # fmt: skip
 
 
-def channel_losses(model, template, batch, cfg: TrainConfig, norms: dict, encoded=None) -> dict[str, torch.Tensor]:
-    """KD and CE terms of each channel the config uses. `norms`: what to divide each sum by (step_norms);
-    `encoded`: the encoder's output for the batch's speech, when the caller has it."""
+def kd_targets(batch: dict) -> dict:
+    """The batch's KD targets as the KD losses take them: top-k (ids, logprobs, tail) or sampled (ids, counts)."""
+    if "draw_ids" in batch:
+        return {"sample_ids": batch["draw_ids"], "sample_counts": batch["draw_counts"]}
+    return {"teacher_ids": batch["topk_ids"], "teacher_logprobs": batch["topk_logprobs"],
+            "tail_logmass": batch["tail_logmass"]}  # fmt: skip
+
+
+def channel_losses(model, batch, cfg: TrainConfig, norms: dict, encoded=None) -> dict[str, torch.Tensor]:
+    """KD and CE terms of each channel the config uses, from the student's hidden states at the response positions
+    and its LM head, in chunks of --loss-chunk positions (student.losses.response_losses). `norms`: what to divide
+    each sum by (step_norms); `encoded`: the encoder's output for the batch's speech, when the caller has it."""
     kd = KD_LOSSES[cfg.kd]
     ce_channels = cfg.ce_set()
+    weight, bias = model.head()
     out = {}
-    if "draw_ids" in batch:  # sampled targets
-        targets = dict(sample_ids=batch["draw_ids"], sample_counts=batch["draw_counts"], mask=batch["mask"],
-                       tau=cfg.tau, normalizer=norms["response"])  # fmt: skip
-    else:
-        targets = dict(teacher_ids=batch["topk_ids"], teacher_logprobs=batch["topk_logprobs"], mask=batch["mask"],
-                       tau=cfg.tau, tail_logmass=batch["tail_logmass"], normalizer=norms["response"])  # fmt: skip
-    if cfg.alpha > 0 or "T" in ce_channels:
-        logits = model.forward_embeds(model.embed(batch["text_ids"]), batch["text_attention"])
-        logits = gather_positions(logits, batch["text_response_pos"])
-        if cfg.alpha > 0:
-            out["kd_T"] = kd(logits, **targets)
-        if "T" in ce_channels:
-            out["ce_T"] = response_ce(logits, batch["response_ids"], batch["mask"], norms["response"])
-    if cfg.beta > 0 or "S" in ce_channels:
-        embeds, attention, pos = speech_inputs(model, template, batch, encoded=encoded)
-        logits = gather_positions(model.forward_embeds(embeds, attention), pos)
-        if cfg.beta > 0:
-            out["kd_S"] = kd(logits, **targets)
-        if "S" in ce_channels:
-            out["ce_S"] = response_ce(logits, batch["response_ids"], batch["mask"], norms["response"])
+    for channel, kd_weight in (("T", cfg.alpha), ("S", cfg.beta)):
+        with_kd, with_ce = kd_weight > 0, channel in ce_channels
+        if not (with_kd or with_ce):
+            continue
+        hidden = model.response_hidden(batch, channel, encoded=encoded if channel == "S" else None)
+        terms = response_losses(hidden, weight, bias, batch["mask"], kd_targets(batch) if with_kd else None,
+                                kd if with_kd else None, batch["response_ids"] if with_ce else None, cfg.tau,
+                                norms["response"], cfg.loss_chunk)  # fmt: skip
+        if with_kd:
+            out[f"kd_{channel}"] = terms["kd"]
+        if with_ce:
+            out[f"ce_{channel}"] = terms["ce"]
     return out
 
 
 def alignment_loss(model, batch, cfg: TrainConfig, norms: dict) -> dict[str, torch.Tensor]:
-    """Speech alignment: from the speech alone, predict the prompt's own tokens, through the backbone
-    (`align`) and, with --ctc-weight > 0, straight from the encoder frames by CTC (`ctc`)."""
+    """Speech alignment (the composed student): from the speech alone, predict the prompt's own tokens, through the
+    backbone (`align`) and, with --ctc-weight > 0, straight from the encoder frames by CTC (`ctc`)."""
     encoded = model.encoder(batch["speech"], batch["speech_lengths"])
     embeds, attention, pos = speech_inputs(model, SpeechTemplate([], []), batch, target="transcript", encoded=encoded)
-    logits = gather_positions(model.forward_embeds(embeds, attention), pos)
-    parts = {"align": response_ce(logits, batch["transcript_ids"], batch["transcript_mask"], norms["transcript"])}
+    hidden = gather_positions(model.hidden_from_embeds(embeds, attention), pos)
+    weight, bias = model.head()
+    parts = {"align": response_losses(hidden, weight, bias, batch["transcript_mask"], None, None,
+                                      batch["transcript_ids"], normalizer=norms["transcript"],
+                                      chunk=cfg.loss_chunk)["ce"]}  # fmt: skip
     if cfg.ctc_weight > 0:
         # the transcript without its end-of-turn token
         parts["ctc"] = model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1,
@@ -87,19 +92,19 @@ class Objective(torch.nn.Module):
     """The student and its losses as one module: what DistributedDataParallel wraps, since DDP synchronises
     the gradients of what its forward ran."""
 
-    def __init__(self, model, template: SpeechTemplate, cfg: TrainConfig):
+    def __init__(self, model, cfg: TrainConfig):
         super().__init__()
-        self.model, self.template, self.cfg = model, template, cfg
+        self.model, self.cfg = model, cfg
 
     def forward(self, batch: dict, aligning: bool, norms: dict) -> dict[str, torch.Tensor]:
         if not aligning:
-            if not (self.cfg.adapter == "ctc-embed" and self.cfg.ctc_weight > 0):
-                return channel_losses(self.model, self.template, batch, self.cfg, norms)
+            if self.model.kind != "composed" or not (self.cfg.adapter == "ctc-embed" and self.cfg.ctc_weight > 0):
+                return channel_losses(self.model, batch, self.cfg, norms)
             # the ctc-embed interface reads greedy CTC emissions, which no KD/CE gradient sees: token CTC stays
             # on so fine-tuning cannot pull the head off what it emits (without it fine-tuning undid the alignment:
             # docs/design.md, "How the toy student hears")
             encoded = self.model.encoder(batch["speech"], batch["speech_lengths"])
-            parts = channel_losses(self.model, self.template, batch, self.cfg, norms, encoded)
+            parts = channel_losses(self.model, batch, self.cfg, norms, encoded)
             parts["ctc"] = self.token_ctc(batch, norms, encoded)
             return parts
         parts = {}
@@ -110,7 +115,7 @@ class Objective(torch.nn.Module):
         if self.cfg.align in ("behave", "both"):
             # behaviour alignment: from the spoken prompt, the frozen backbone should give the teacher's cached
             # distribution over the response (KD) and the response itself (CE), through the S channel only
-            parts.update(channel_losses(self.model, self.template, batch, self.behave_cfg, norms))
+            parts.update(channel_losses(self.model, batch, self.behave_cfg, norms))
         return parts
 
     def token_ctc(self, batch: dict, norms: dict, encoded=None) -> torch.Tensor:

@@ -59,15 +59,15 @@ from tqdm import tqdm
 from pipeline.cache import CacheReader, read_manifest
 from pipeline.config import dump_toml, parse_config
 from pipeline.errors import cli
-from pipeline.features import feature_config_of
 from pipeline.files import write_json_atomic, write_text_atomic
 from student.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from student.config import ConfigError, TrainConfig
-from student.data import BlockShuffleSampler, SpeechTemplate, StepBatches, StudentData, check_tokenizer, to_device
+from student.data import (BlockShuffleSampler, ComposedPrompts, SpeechLLMPrompts, StepBatches, StudentData,
+                          check_tokenizer, to_device)
 from student.distributed import Dist
 from student.evaluate import eval_set, evaluate_run, evaluate_student, format_report, references_for
 from student.inputs import HELDOUT_SETS, HeldoutSet, RunInputs, Samples
-from student.model import SpeechLLM, StudentConfig, pretrained_toy_encoder
+from student.interface import Student, build_student
 from student.objective import PARTS, Objective, step_norms, total_loss
 from student.records import EVAL_FIELDS, METRIC_FIELDS, RECORDS, append_csv, plot
 
@@ -88,30 +88,10 @@ def finetune_groups(samples: Samples, cfg: TrainConfig) -> tuple[dict[str, str],
     return group, set(groups[: max(1, round(cfg.finetune_fraction * len(groups)))])
 
 
-def build_model(cfg: TrainConfig, data: StudentData, backbone: str, device) -> SpeechLLM:
-    """The composed student (encoder + adapter + the backbone LLM) for this run, on `device`."""
-    kind = feature_config_of(data.features_dir).kind
-    if cfg.encoder != "conv-transformer" and pretrained_toy_encoder(cfg.encoder) is None and kind != "whisper":
-        raise ConfigError(
-            f"--encoder {cfg.encoder} takes Whisper log-mel features but {data.features_dir} holds {kind!r} "
-            f"features: run `python -m pipeline.features --kind whisper --out data/features_whisper` and pass "
-            f"--features data/features_whisper"
-        )
-    freeze_encoder = cfg.freeze_encoder
-    if freeze_encoder is None:  # a pretrained toy encoder is kept as built, as speech LLMs keep Whisper
-        freeze_encoder = pretrained_toy_encoder(cfg.encoder) is not None
-    scfg = StudentConfig(backbone=backbone, encoder=cfg.encoder, n_mels=data.features.cfg.n_mels,
-                         dropout=cfg.encoder_dropout, train_encoder=not freeze_encoder,
-                         train_adapter=not cfg.freeze_adapter, train_backbone=not cfg.freeze_backbone,
-                         ctc=cfg.ctc_weight > 0 or cfg.adapter == "ctc-embed", adapter=cfg.adapter)  # fmt: skip
-    torch.manual_seed(cfg.seed)
-    return SpeechLLM(scfg).to(device)
-
-
-def make_optimizer(model: SpeechLLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [
         {"name": "speech", "params": [p for p in model.speech_parameters() if p.requires_grad], "lr": cfg.lr},
-        {"name": "backbone", "params": [p for p in model.backbone.parameters() if p.requires_grad],
+        {"name": "backbone", "params": [p for p in model.backbone_parameters() if p.requires_grad],
          "lr": cfg.backbone_lr},
     ]  # fmt: skip
     groups = [g for g in groups if g["params"]]
@@ -152,7 +132,7 @@ class Run:
     inputs: RunInputs
     data: StudentData
     tokenizer: object
-    model: SpeechLLM
+    model: Student
     optim: torch.optim.Optimizer
     objective: torch.nn.Module
     batches: StepBatches
@@ -161,6 +141,7 @@ class Run:
     finetune_examples: int
     start: int  # the first step to run (a resumed run's checkpoint step)
     out: Path
+    dropped_targets: int = 0  # KD target entries dropped so far on this rank (ids that mean other tokens: vocab)
 
     @property
     def autocast(self):
@@ -178,16 +159,28 @@ def setup(cfg: TrainConfig, ranks: Dist, final_eval: bool) -> Run:
     from transformers import AutoTokenizer
 
     reader = CacheReader(cfg.logits, verify=cfg.verify)  # every shard checked once, here
-    backbone = cfg.backbone or reader.teacher
-    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    backbone = None
+    if cfg.kind == "hf":  # a pretrained speech LLM: its own template and processor
+        from transformers import AutoProcessor
+
+        from student.hf import model_class
+
+        model_class(cfg.student)  # a model speechkd cannot train is refused before anything else is read
+        processor = AutoProcessor.from_pretrained(cfg.student)
+        tokenizer, prompts = processor.tokenizer, SpeechLLMPrompts(processor)
+    else:
+        backbone = cfg.backbone or reader.teacher
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        prompts = ComposedPrompts(tokenizer)
     check_tokenizer(reader, tokenizer)  # before any other input is read: a mismatch fails at once
-    inputs = RunInputs.open(reader, cfg.samples, cfg.features)
-    data = StudentData(inputs, tokenizer, split="train")
+    inputs = RunInputs.open(reader, cfg.samples, cfg.features, speech="audio" if cfg.kind == "hf" else "features",
+                            audio_dir=cfg.audio)  # fmt: skip
+    data = StudentData(inputs, tokenizer, split="train", prompts=prompts)
     if not len(data):
         raise ConfigError(f"no training examples: {data.report.summary()}")
     options = {option: getattr(cfg, option) for _, option, _, _ in HELDOUT_SETS}
     heldout = inputs.heldout_sets(options) if final_eval else []
-    model = build_model(cfg, data, backbone, ranks.device)
+    model = build_student(cfg, data, backbone, ranks.device)
     optim = make_optimizer(model, cfg)
 
     # the data order: alignment over every example, fine-tuning over the kept groups' examples
@@ -218,14 +211,19 @@ def setup(cfg: TrainConfig, ranks: Dist, final_eval: bool) -> Run:
     if ranks.main:
         write_text_atomic(out / "config.toml", dump_toml(cfg, "the options of this run (python student/train.py "
                                                               "--config this-file repeats it)"))  # fmt: skip
+        write_json_atomic(out / "tokenizer_check.json", data.vocab.to_dict())  # what was decided about the ids
     ranks.barrier()
-    objective = Objective(model, SpeechTemplate.from_tokenizer(tokenizer), cfg)
+    objective = Objective(model, cfg)
     if ranks.world > 1:
         # the CTC head runs only while aligning, the T channel only while fine-tuning: unused parameters
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
     run = Run(cfg, ranks, inputs, data, tokenizer, model, optim, objective, batches, heldout, finetuned, len(ft),
               start, out)  # fmt: skip
-    run.say(f"student data: {data.report.summary()}")
+    run.say(f"student data: {data.report.summary()}; {data.vocab.summary()}")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.say(f"student: {model.kind} ({cfg.student or 'composed: ' + cfg.encoder + ' + ' + cfg.adapter + ' + ' + backbone}"
+            f"), {trained / 1e6:.2f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters trained"
+            + (f" (LoRA rank {cfg.lora_rank})" if cfg.lora_rank else ""))  # fmt: skip
     if finetuned is not None:
         run.say(f"fine-tuning on {len(ft)} of {len(data)} examples ({cfg.finetune_fraction:g} of the "
                 f"{cfg.finetune_group!r} groups); alignment on all")  # fmt: skip
@@ -263,6 +261,7 @@ def train_step(run: Run, step: int, micro: list[dict]) -> dict:
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
     run.optim.step()
     logged = ranks.all_sum(logged) / ranks.world  # the global batch's mean losses
+    run.dropped_targets += sum(int(b["dropped_targets"]) for b in micro)
     lrs = {f"lr_{g['name']}": g["lr"] for g in run.optim.param_groups}
     return {"step": step + 1, "loss": logged[0].item(), **lrs,
             **{name: logged[1 + i].item() for i, name in enumerate(PARTS) if name in parts}}  # fmt: skip
@@ -297,7 +296,7 @@ def run_steps(run: Run, stop_at: int, progress: bool) -> dict:
                 save_checkpoint(out / CHECKPOINT, run.model, run.optim, done, cfg)
             if eval_rows and done % cfg.eval_every == 0 and done != cfg.steps:
                 with run.autocast():
-                    r = evaluate_student(run.model, run.tokenizer, eval_rows, device=ranks.device)
+                    r = evaluate_student(run.model, eval_rows, device=ranks.device)
                 append_csv(out / "eval.csv", EVAL_FIELDS, {"step": done, **r})
                 tqdm.write(f"step {done}: student text {r['student_text_accuracy']:.1%}, "
                            f"speech {r['student_speech_accuracy']:.1%} (on {r['n_eval']})")  # fmt: skip
@@ -318,12 +317,13 @@ def finish(run: Run, stop_at: int, timing: dict, final_eval: bool) -> dict:
     result = {"final_loss": timing["last"].get("loss"), "steps": cfg.steps, "examples": len(run.data),
               "finetune_examples": run.finetune_examples, "data_fraction": timing["data_s"] / timing["step_s"] if timing["step_s"] else 0.0,
               "world_size": ranks.world, "device": str(ranks.device), "precision": cfg.resolved_precision(),
-              "step_s_mean": timing["step_s"] / steps_run}  # fmt: skip
+              "step_s_mean": timing["step_s"] / steps_run, "student_kind": run.model.kind,
+              "kd_targets_dropped": int(ranks.all_sum(torch.tensor([run.dropped_targets], dtype=torch.float64))[0])}  # fmt: skip
     if ranks.main:
         plot(out / "metrics.csv", out / "loss.png")
-        run.model.save(out / "final", run.tokenizer)
+        run.model.save(out / "final", run.tokenizer, merge=cfg.merge)
         if final_eval:
-            result.update(evaluate_run(run.model, run.tokenizer, run.inputs, cfg.reference, run.heldout,
+            result.update(evaluate_run(run.model, run.inputs, cfg.reference, run.heldout,
                                        finetuned=run.finetuned, device=ranks.device, autocast=run.autocast))  # fmt: skip
             print(format_report(result))
         write_json_atomic(out / "result.json", result)

@@ -94,7 +94,7 @@ def student_cache(samples_dir, tiny_teacher, vllm_engine, tmp_path_factory):
     synthesize_all(samples_dir, root / "audio", voices=("en-us",), rates=(170,), progress=False)
     extract_all(root / "audio" / "index.parquet", root / "features", FeatureConfig(n_mels=40), progress=False)
     cfg = tiny_teacher_config(tiny_teacher, samples=samples_dir, out=root / "cache", features=root / "features",
-                              top_k=8)  # fmt: skip
+                              audio=root / "audio", top_k=8)  # fmt: skip
     cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
     return root / "cache"
 

@@ -20,7 +20,7 @@ ENTRY_POINTS = {  # [project.scripts] name -> module:function (every stage, the 
     "speechkd-query": "pipeline.query:main", "speechkd-flow": "flows.cache_teacher:main",
     "speechkd-train": "student.train:main", "speechkd-evaluate": "student.evaluate:main",
     "speechkd-toy-world": "toy.world:main", "speechkd-toy-teacher": "toy.teacher:main",
-    "speechkd-toy-encoder": "toy.encoder:main",
+    "speechkd-toy-encoder": "toy.encoder:main", "speechkd-toy-speech-llm": "toy.speech_llm:main",
 }  # fmt: skip
 BENCHES = ("cache_throughput", "cache_scaling", "draws_devices", "paper_table", "student_data", "targets_quality")
 
