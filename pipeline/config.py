@@ -27,11 +27,12 @@ from pipeline.errors import UserError
 
 
 def opt(default, help: str, choices: tuple | None = None, aliases: tuple[str, ...] = (), positional: bool = False,
-        factory=None):
+        factory=None, const=None):
     """A config field with its CLI help (and allowed values, other flag names; `positional`: an optional positional
     argument instead of a flag; `factory`: a default computed when the config is made, e.g. the machine's
-    threads, with `default` ignored)."""
-    metadata = {"help": help, "choices": choices, "aliases": aliases, "positional": positional}
+    threads, with `default` ignored; `const`: the flag's value when it is given without one, `--resume` for
+    `--resume latest`)."""
+    metadata = {"help": help, "choices": choices, "aliases": aliases, "positional": positional, "const": const}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -128,6 +129,9 @@ def build_parser(*config_classes, defaults: dict | None = None, parser: argparse
             elif container is not None:
                 parser.add_argument(*names, dest=f.name, type=comma_list(kind, container), default=default,
                                     help=help_ + _shown(default), metavar=f.name.upper().split("_")[-1] + ",...")  # fmt: skip
+            elif f.metadata.get("const") is not None:
+                parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_ + _shown(default),
+                                    choices=f.metadata.get("choices"), nargs="?", const=f.metadata["const"])  # fmt: skip
             else:
                 parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_ + _shown(default),
                                     choices=f.metadata.get("choices"))  # fmt: skip

@@ -6,7 +6,9 @@ exits with the class's code. Anything else is a bug and keeps its traceback.
 
 Exit codes: 0 ok, 1 a bug (Python's traceback), 2 a bad option or argument,
 3 a missing input, 4 an input that does not match (another teacher,
-tokenizer, schema), 5 corrupt data.
+tokenizer, schema), 5 corrupt data, 6 an output that cannot be written (the
+disk is full, a quota, a read-only filesystem, no permission): what was
+written before stays intact, and the same command resumes once it can write.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class InputMismatch(UserError, ValueError):
 
 class CorruptData(UserError, ValueError):
     exit_code = 5
+
+
+class CannotWrite(UserError, OSError):
+    exit_code = 6
 
 
 def user_message(exc: UserError) -> str:
@@ -59,7 +65,9 @@ def run_cli(main: Callable[[], int | None], prog: str | None = None) -> int:
     except UserError as exc:
         close_progress_bars()
         name = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "speechkd")
-        print(f"{name}: error: {user_message(exc)}", file=sys.stderr)
+        # one write of the whole line: torchrun's ranks share a stderr, and a line written in one call stays whole
+        sys.stderr.write(f"{name}: error: {user_message(exc)}\n")
+        sys.stderr.flush()
         return exc.exit_code
 
 

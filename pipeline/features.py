@@ -37,7 +37,8 @@ from tqdm import tqdm
 from pipeline import schemas
 from pipeline.audio import BadAudio, load_audio, read_audio_index  # noqa: F401 - load_audio: the features' input
 from pipeline.config import ConfigError, config_from_args, opt, parse_args
-from pipeline.errors import CorruptData, MissingInput, cli
+from pipeline.errors import CorruptData, InputMismatch, MissingInput, cli
+from pipeline.files import sha256_file, write_json_atomic
 from pipeline.parquet_io import (
     next_shard_path,
     reject,
@@ -50,6 +51,7 @@ from pipeline.parquet_io import (
 )
 
 SHARD_PREFIX = "part-"
+MANIFEST = "manifest.json"  # every shard's rows, bytes and sha256, and the audio index it was extracted from
 ROW_GROUP_ROWS = 64  # clips per Parquet row group: the unit a random read decodes
 # How a features shard is written: small row groups (the student reads clips by key, a row group at a time, see
 # FeatureStore), and no dictionary encoding for the features themselves: pyarrow dictionary-encodes every column by
@@ -161,19 +163,17 @@ def encode_clip(feats: torch.Tensor) -> bytes:
 
 
 def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = False) -> set[tuple[str, str]]:
-    """Keys already stored; refuses shards made with another feature config."""
+    """Keys already stored; refuses shards made with another feature config, and names one that is not readable."""
     keys: set[tuple[str, str]] = set()
     for path in shard_paths(features_dir, SHARD_PREFIX):
-        meta = check_shard(pq.read_schema(path), path)
+        meta = check_shard(open_shard(path, Path(features_dir)).schema_arrow, path)
         stored = meta.get("feature_config")
         if stored is None or FeatureConfig.from_json(stored) != cfg:
             if overwrite:
                 path.unlink()
                 continue
-            raise ValueError(
-                f"{path} was made with feature config {meta.get('feature_config')}, not {cfg.to_json()}; "
-                "use another --out directory or pass --overwrite to replace it"
-            )
+            raise InputMismatch(f"{path} was made with feature config {meta.get('feature_config')}, not "
+                                f"{cfg.to_json()}; use another --out directory or pass --overwrite to replace it")  # fmt: skip
         t = pq.read_table(path, columns=["sample_id", "rendition"])
         keys.update(zip(t["sample_id"].to_pylist(), t["rendition"].to_pylist()))
     return keys
@@ -185,6 +185,68 @@ class FeaturesResult:
     skipped: int
     rejects: pa.Table
     shards: list[Path]
+
+
+def read_manifest(features_dir: Path) -> dict:
+    path = Path(features_dir) / MANIFEST
+    if not path.exists():
+        return {"shards": {}}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise CorruptData(f"{path}: not readable JSON; delete it and run `python -m pipeline.features` again on this "
+                          f"directory (it lists the shards there again)") from None  # fmt: skip
+
+
+def _shard_entry(path: Path) -> dict:
+    return {"rows": pq.read_metadata(path).num_rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def rebuild_command(features_dir: Path, manifest: dict | None = None) -> str:
+    index = (manifest or {}).get("audio_index") or "<the audio index>"
+    return f"`python -m pipeline.features --audio-index {index} --out {features_dir}`"
+
+
+def open_shard(path: Path, features_dir: Path, manifest: dict | None = None) -> pq.ParquetFile:
+    """A features shard opened for reading, or CorruptData naming it when it is no Parquet file any more."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptData(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]}); delete it and run "
+                          f"{rebuild_command(features_dir, manifest)} again: it re-extracts the clips that are "
+                          f"missing") from None  # fmt: skip
+
+
+def verify_shards(features_dir: Path, verify: bool = True) -> list[Path]:
+    """The store's shards, each checked against the bytes and sha256 its manifest recorded (`verify`); CorruptData
+    naming the first that differs and the command that rebuilds it. Shards a store made before manifests has no
+    entry for are read with a one-line note."""
+    features_dir = Path(features_dir)
+    manifest = read_manifest(features_dir)
+    shards = shard_paths(features_dir, SHARD_PREFIX)
+    listed = manifest["shards"]
+    fix = (f"delete it and run {rebuild_command(features_dir, manifest)} again: it re-extracts the clips that are "
+           f"missing (or read without checking, --no-verify, at your own risk)")  # fmt: skip
+    for name in listed:
+        if not (features_dir / name).exists():
+            raise CorruptData(f"{features_dir / name}: listed in {features_dir / MANIFEST} but missing; run "
+                              f"{rebuild_command(features_dir, manifest)} again: it re-extracts its clips")  # fmt: skip
+    if verify:
+        unlisted = [p.name for p in shards if p.name not in listed]
+        if unlisted:
+            print(f"note: {len(unlisted)} feature shard(s) in {features_dir} have no checksums (written by an older "
+                  f"speechkd): not verified")  # fmt: skip
+        for p in shards:
+            entry = listed.get(p.name)
+            if entry is None:
+                continue
+            if p.stat().st_size != entry["bytes"]:
+                raise CorruptData(f"{p}: {p.stat().st_size} bytes, {MANIFEST} recorded {entry['bytes']} (truncated or "
+                                  f"overwritten); {fix}")  # fmt: skip
+            if sha256_file(p) != entry["sha256"]:
+                raise CorruptData(f"{p}: its sha256 differs from the one {MANIFEST} recorded (the file changed on "
+                                  f"disk); {fix}")  # fmt: skip
+    return shards
 
 
 def extract_all(
@@ -200,6 +262,12 @@ def extract_all(
     remove_stale_temp_files(out_dir)
     done = existing_keys(out_dir, cfg, overwrite)
     rows = read_audio_index(Path(audio_index))
+    manifest = read_manifest(out_dir)
+    manifest["audio_index"] = str(Path(audio_index))
+    for path in shard_paths(out_dir, SHARD_PREFIX):  # adopt what is there: a shard the manifest missed, an old store
+        manifest["shards"].setdefault(path.name, _shard_entry(path))
+    manifest["shards"] = {n: e for n, e in manifest["shards"].items() if (out_dir / n).exists()}
+    write_json_atomic(out_dir / MANIFEST, manifest)
     todo = [r for r in rows if (r["sample_id"], r["rendition"]) not in done]
     schema = _feature_schema(cfg)
     buffer: dict[str, list] = {f.name: [] for f in schema}
@@ -208,7 +276,10 @@ def extract_all(
     def flush():
         if buffer["sample_id"]:
             table = pa.table(buffer, schema=schema)
-            shards.append(write_table_atomic(table, next_shard_path(out_dir, SHARD_PREFIX), **WRITE_OPTIONS))
+            shard = write_table_atomic(table, next_shard_path(out_dir, SHARD_PREFIX), **WRITE_OPTIONS)
+            manifest["shards"][shard.name] = _shard_entry(shard)
+            write_json_atomic(out_dir / MANIFEST, manifest)  # a shard then its entry: a kill between, adopted next run
+            shards.append(shard)
             for col in buffer.values():
                 col.clear()
 
@@ -256,10 +327,14 @@ class FeatureStore:
     The index holds three small columns per clip; features are read only when asked for.
     """
 
-    def __init__(self, features_dir: Path | str, keep_row_groups: int = 32):
+    def __init__(self, features_dir: Path | str, keep_row_groups: int = 32, verify: bool = True):
+        """Every shard is checked against its manifest's sha256 first (`verify`; never for unreadable Parquet)."""
         self.dir = Path(features_dir)
+        self.shards = verify_shards(self.dir, verify)
+        manifest = read_manifest(self.dir)
+        for path in self.shards:
+            open_shard(path, self.dir, manifest)
         self.cfg = feature_config_of(self.dir)
-        self.shards = shard_paths(self.dir, SHARD_PREFIX)
         self._groups = RowGroupReader(self.shards, keep=keep_row_groups)
         sids, rends, voices, shard_of, group_of, row_of, frames = [], [], [], [], [], [], []
         self._as_list: list[bool] = []  # per shard: version 1 (features as list<halffloat>)

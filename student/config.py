@@ -41,8 +41,9 @@ class StudentInputs:
                                             "never used, for the final eval's held-out-synthesizer column (auto: "
                                             "<features>-heldout-tts, which the flow writes, when it exists; '': "
                                             "none)")  # fmt: skip
-    verify: bool = opt(True, "check every cache shard against the sha256 its manifest recorded before reading it "
-                             "(--no-verify: skip, for people who know the files are intact)")  # fmt: skip
+    verify: bool = opt(True, "check every cache and feature shard (and a saved student's files) against the sha256 "
+                             "their manifests recorded before reading them (--no-verify: skip, for people who know "
+                             "the files are intact)")  # fmt: skip
     reference: str = opt("dataset", "what the eval's exact match compares to: the dataset's answers, or the "
                                     "teacher's cached ones (a cache made with --responses teacher)",
                          ("dataset", "teacher"))  # fmt: skip
@@ -82,7 +83,8 @@ class StudentInputs:
 class TrainConfig(StudentInputs):
     """`student/train.py`: the inputs, the model, the schedule, the losses."""
 
-    out: str = opt("data/runs/student", "run directory: metrics.csv, eval.csv, loss.png, checkpoint.pt, final/")
+    out: str = opt("data/runs/student", "run directory: config.toml, metrics.csv, eval.csv, loss.png, checkpoints/, "
+                                        "final/")  # fmt: skip
     num_workers: int = opt(1, "DataLoader worker processes reading and decoding batches (0: in the training process)")
     shuffle_blocks: int = opt(8, "shuffle window, in cache row groups (256 rows each): examples are shuffled "
                                  "within a window of this many randomly ordered row groups; memory grows with it, "
@@ -111,6 +113,11 @@ class TrainConfig(StudentInputs):
     lora_audio: bool = opt(False, "LoRA adapters on a speech LLM's audio tower too (its attention and MLP) instead "
                                   "of training it whole or freezing it")  # fmt: skip
     merge: bool = opt(False, "with --lora-rank: also write final/merged/, the adapters merged into a plain model")
+    parallel: str = opt("ddp", "under torchrun: ddp (a whole copy of the student per rank) or fsdp (FSDP2: each "
+                               "rank holds 1/N of every parameter, gradient and optimizer state; student/parallel.py)",
+                        ("ddp", "fsdp"))  # fmt: skip
+    activation_checkpointing: bool = opt(False, "recompute each transformer block in the backward pass instead of "
+                                                "keeping its activations (the same losses, less memory)")  # fmt: skip
     loss_chunk: int = opt(512, "response positions per chunk of the LM head + KD/CE loss (peak memory of the loss "
                                "is chunk x vocabulary; 0: all at once)")  # fmt: skip
     # --- schedule
@@ -151,13 +158,18 @@ class TrainConfig(StudentInputs):
     eval_every: int = opt(200, "evaluate every N steps (0: only at the end)")
     eval_limit: int = opt(300, "eval questions during training (the final eval uses all)")
     save_every: int = opt(200, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (<out>/checkpoints/step-*)")
     seed: int = opt(0, "seeds the initialisation, the data order and dropout")
-    resume: bool = opt(False, "continue from <out>/checkpoint.pt")
+    resume: str | None = opt(None, "continue from a checkpoint of <out>, verified against its manifest first: latest "
+                                   "(--resume alone) or previous (the one before it, when the newest is corrupt)",
+                             ("latest", "previous"), const="latest")  # fmt: skip
     stop_after: int | None = opt(None, "train this many steps now (checkpointed), --resume later")
 
     def __post_init__(self):
         if self.align_steps is None:
             self.align_steps = 0 if self.student else 300
+        if isinstance(self.resume, bool):  # resume=True from code (the benches): the latest checkpoint
+            self.resume = "latest" if self.resume else None
 
     @property
     def kind(self) -> str:
@@ -222,8 +234,16 @@ class TrainConfig(StudentInputs):
             )
         if self.steps > self.align_steps and not (self.alpha or self.beta or (self.gamma and self.ce_set())):
             raise ConfigError("the fine-tuning phase has no loss: set --alpha, --beta or --gamma with --ce-channels")
-        if self.resume and not (Path(self.out) / "checkpoint.pt").exists():
-            raise ConfigError(f"--resume: no checkpoint at {Path(self.out) / 'checkpoint.pt'}")
+        if self.resume:
+            from student.checkpoint import has_checkpoint
+
+            if not has_checkpoint(Path(self.out)):
+                raise ConfigError(f"--resume: no checkpoint in {Path(self.out) / 'checkpoints'}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+            raise ConfigError("--parallel fsdp shards the student over torchrun's processes: run it under torchrun "
+                              "(torchrun --nproc-per-node N student/train.py ...)")  # fmt: skip
         return self
 
     def for_targets(self, fingerprint: dict) -> "TrainConfig":

@@ -65,11 +65,13 @@ class SpeechIndex:
             clips.sort()
 
     @classmethod
-    def open(cls, directory: Path | str, keep_row_groups: int = 32, speech: str = "features") -> "SpeechIndex":
-        """The index of a features directory, or with speech="audio" of an audio directory (its index.parquet)."""
+    def open(cls, directory: Path | str, keep_row_groups: int = 32, speech: str = "features",
+             verify: bool = True) -> "SpeechIndex":  # fmt: skip
+        """The index of a features directory (every shard checked against its manifest's sha256 unless not
+        `verify`), or with speech="audio" of an audio directory (its index.parquet)."""
         if speech == "audio":
             return cls(AudioStore(directory))
-        return cls(FeatureStore(directory, keep_row_groups=keep_row_groups))
+        return cls(FeatureStore(directory, keep_row_groups=keep_row_groups, verify=verify))
 
     def clips(self, sample_id: str) -> list[int]:
         """Every clip of a sample (positions in the store), by rendition id."""
@@ -126,6 +128,7 @@ class RunInputs:
     features_dir: Path  # the training speech's directory: stored features, or (speech "audio") an audio index
     speech: SpeechIndex | None  # the training speech (None: a run that needs no speech)
     kind: str = "features"  # what the speech is: features (stored) | audio (read by the student's processor)
+    verify: bool = True  # feature shards checked against their manifest's sha256 (the held-out sets' too)
 
     @classmethod
     def open(cls, cache: Path | str | CacheReader, samples_dir: Path | str | None = None,
@@ -146,8 +149,8 @@ class RunInputs:
             where = Path(audio_dir or (recorded if recorded and Path(recorded).is_dir() else
                                        Path(features_dir).parent / "audio"))  # fmt: skip
         # a shuffle window of 8 cache row groups touches ~40 feature row groups (64 clips each)
-        index = SpeechIndex.open(where, keep_row_groups, speech) if need_speech else None
-        return cls(reader, Samples(samples_dir), where, index, speech)
+        index = SpeechIndex.open(where, keep_row_groups, speech, verify) if need_speech else None
+        return cls(reader, Samples(samples_dir), where, index, speech, verify)
 
     @property
     def samples_dir(self) -> Path:
@@ -162,7 +165,7 @@ class RunInputs:
             path = heldout_dir(self.features_dir, options.get(option, "auto"), suffix, flag)
             if path is None:
                 continue
-            held = SpeechIndex.open(path, speech=self.kind)
+            held = SpeechIndex.open(path, speech=self.kind, verify=self.verify)
             heard = held.voices & self.speech.voices if self.speech is not None else set()
             if heard:
                 raise ConfigError(f"{flag} {path}: voice(s) {sorted(heard)} are also in the training speech "

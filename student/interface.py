@@ -81,12 +81,43 @@ def build_student(cfg: TrainConfig, data, backbone: str | None, device) -> Stude
     return SpeechLLM(scfg, tokenizer=data.tokenizer).to(device)
 
 
-def load_student(path: Path | str) -> Student:
-    """A saved student (a run's final/) of either kind, from its directory alone."""
+def save_student(model: Student, out_dir: Path | str, tokenizer=None, merge: bool = False) -> Path:
+    """A run's final/ as a unit: written into final.tmp/, every file listed with its sha256 (MANIFEST.json, written
+    last), then put in place of the old one; a run stopped mid-save (a full disk) leaves no half directory."""
+    import os
+    import shutil
+
+    from pipeline.files import write_directory_manifest, write_error
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save(tmp, tokenizer, merge=merge)
+        write_directory_manifest(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except Exception as exc:
+        problem = write_error(tmp, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if problem is None:
+            raise
+        raise problem from None
+    return out_dir
+
+
+def load_student(path: Path | str, verify: bool = True) -> Student:
+    """A saved student (a run's final/) of either kind, from its directory alone; every file is checked against its
+    MANIFEST.json first (`verify`), a directory saved before manifests existed is read with a note."""
+    from pipeline.files import MANIFEST, verify_directory
     from student.hf import STUDENT_FILE, HFSpeechLLM
     from student.model import SpeechLLM
 
     path = Path(path)
+    if verify and (path / MANIFEST).exists():
+        verify_directory(path, "the saved student", "train it again, or restore the directory from a copy")
+    elif verify and is_student_dir(path):
+        print(f"note: {path} has no {MANIFEST} (saved by an older speechkd): its files are not verified")
     if (path / STUDENT_FILE).exists() and json.loads((path / STUDENT_FILE).read_text()).get("kind") == "hf":
         return HFSpeechLLM.load(path)
     if (path / "student_config.json").exists():

@@ -182,4 +182,4 @@ def response_losses(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
         args = (h[sl], ids[sl] if ids is not None else None, *(picked[k][sl] for k in names))
         part = chunk_terms(*args) if chunk <= 0 else checkpoint(chunk_terms, *args, use_reentrant=False)
         total = part if total is None else total + part
-    return dict(zip(wanted, total.unbind(0)))
+    return dict(zip(wanted, (t.clone() for t in total.unbind(0))))  # not views: a wrapper may register hooks on them

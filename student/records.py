@@ -21,6 +21,26 @@ def append_csv(path: Path, fieldnames: list[str], row: dict) -> None:
         writer.writerow(row)
 
 
+def cut_back(out: Path, step: int) -> None:
+    """A resumed run's records cut back to its checkpoint's step: the rows a killed run wrote after its last checkpoint
+    go, so every step appears once and equals the uninterrupted run's row."""
+    from pipeline.files import write_text_atomic
+
+    for name, fieldnames in RECORDS.items():
+        path = Path(out) / name
+        if not path.exists():
+            continue
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(path, buf.getvalue())
+
+
 def plot(metrics_csv: Path, out_png: Path) -> None:
     import matplotlib
 

@@ -22,7 +22,7 @@ grow with the cache). Under torchrun every rank takes a disjoint share of each
 global batch (--batch-size is global), losses are normalised by the global
 count of positions so N ranks step exactly like one process, and rank 0 alone
 writes <out>/config.toml (the options this run ran with, a recipe --config reads
-back), metrics.csv, eval.csv, loss.png, checkpoint.pt and, at the end,
+back), metrics.csv, eval.csv, loss.png, checkpoints/ and, at the end,
 <out>/final (backbone in HF format + encoder/adapter + config: it loads from that
 directory alone).
 
@@ -44,7 +44,6 @@ if __name__ == "__main__":  # check the command line before the heavy imports: a
     if _status:
         sys.exit(_status)
 
-import contextlib
 import math
 import os
 import random
@@ -60,16 +59,18 @@ from pipeline.cache import CacheReader, read_manifest
 from pipeline.config import dump_toml, parse_config
 from pipeline.errors import cli
 from pipeline.files import write_json_atomic, write_text_atomic
-from student.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from student.checkpoint import load_checkpoint, remove_partial, save_checkpoint
 from student.config import ConfigError, TrainConfig
 from student.data import (BlockShuffleSampler, ComposedPrompts, SpeechLLMPrompts, StepBatches, StudentData,
                           check_tokenizer, to_device)
 from student.distributed import Dist
 from student.evaluate import eval_set, evaluate_run, evaluate_student, format_report, references_for
 from student.inputs import HELDOUT_SETS, HeldoutSet, RunInputs, Samples
-from student.interface import Student, build_student
+from student.interface import Student, build_student, save_student
 from student.objective import PARTS, Objective, step_norms, total_loss
-from student.records import EVAL_FIELDS, METRIC_FIELDS, RECORDS, append_csv, plot
+from student.parallel import apply_activation_checkpointing, no_sync, wrap
+from student.parallel import blocks as blocks_of
+from student.records import EVAL_FIELDS, METRIC_FIELDS, RECORDS, append_csv, cut_back, plot
 
 # --- setup ----------------------------------------------------------------------------------------
 
@@ -173,15 +174,19 @@ def setup(cfg: TrainConfig, ranks: Dist, final_eval: bool) -> Run:
         tokenizer = AutoTokenizer.from_pretrained(backbone)
         prompts = ComposedPrompts(tokenizer)
     check_tokenizer(reader, tokenizer)  # before any other input is read: a mismatch fails at once
-    inputs = RunInputs.open(reader, cfg.samples, cfg.features, speech="audio" if cfg.kind == "hf" else "features",
-                            audio_dir=cfg.audio)  # fmt: skip
+    inputs = RunInputs.open(reader, cfg.samples, cfg.features, verify=cfg.verify,
+                            speech="audio" if cfg.kind == "hf" else "features", audio_dir=cfg.audio)  # fmt: skip
     data = StudentData(inputs, tokenizer, split="train", prompts=prompts)
     if not len(data):
         raise ConfigError(f"no training examples: {data.report.summary()}")
     options = {option: getattr(cfg, option) for _, option, _, _ in HELDOUT_SETS}
     heldout = inputs.heldout_sets(options) if final_eval else []
     model = build_student(cfg, data, backbone, ranks.device)
-    optim = make_optimizer(model, cfg)
+    checkpointed = apply_activation_checkpointing(model) if cfg.activation_checkpointing else 0
+    objective = Objective(model, cfg)
+    bf16 = cfg.resolved_precision() == "bf16"
+    objective = wrap(objective, cfg.parallel, ranks.world, ranks.device, bf16)  # FSDP2 shards it in place
+    optim = make_optimizer(model, cfg)  # after sharding: the optimizer holds each rank's shards
 
     # the data order: alignment over every example, fine-tuning over the kept groups' examples
     blocks = data.block_of()
@@ -201,9 +206,13 @@ def setup(cfg: TrainConfig, ranks: Dist, final_eval: bool) -> Run:
     batches = StepBatches(data, phases, tokenizer.pad_token_id or 0, ranks.rank, ranks.world, cfg.grad_accum,
                           targets_from=cfg.align_steps if cfg.align == "transcribe" else 0)  # fmt: skip
 
-    out, start = Path(cfg.out), 0
+    out, start, resumed_from = Path(cfg.out), 0, None
     if cfg.resume:
-        start = load_checkpoint(out / CHECKPOINT, model, optim)
+        remove_partial(out) if ranks.main else None
+        ranks.barrier()
+        start, resumed_from = load_checkpoint(out, model, optim, ranks, cfg.resume)
+        if ranks.main:
+            cut_back(out, start)  # metrics.csv / eval.csv: every step once, as the uninterrupted run wrote them
     elif ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         for name in RECORDS:
@@ -213,10 +222,6 @@ def setup(cfg: TrainConfig, ranks: Dist, final_eval: bool) -> Run:
                                                               "--config this-file repeats it)"))  # fmt: skip
         write_json_atomic(out / "tokenizer_check.json", data.vocab.to_dict())  # what was decided about the ids
     ranks.barrier()
-    objective = Objective(model, cfg)
-    if ranks.world > 1:
-        # the CTC head runs only while aligning, the T channel only while fine-tuning: unused parameters
-        objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
     run = Run(cfg, ranks, inputs, data, tokenizer, model, optim, objective, batches, heldout, finetuned, len(ft),
               start, out)  # fmt: skip
     run.say(f"student data: {data.report.summary()}; {data.vocab.summary()}")
@@ -230,12 +235,40 @@ def setup(cfg: TrainConfig, ranks: Dist, final_eval: bool) -> Run:
     run.say(f"device {ranks.device} ({cfg.resolved_precision()}), {ranks.world} rank(s), global batch "
             f"{cfg.batch_size} = {ranks.world} x {cfg.grad_accum} x "
             f"{cfg.batch_size // (ranks.world * cfg.grad_accum)}")  # fmt: skip
-    if cfg.resume:
-        run.say(f"resumed from {out / CHECKPOINT} at step {start}")
+    if cfg.parallel == "fsdp":
+        run.say(f"FSDP2: {ranks.world} rank(s), the student's {len(blocks_of(model))} transformer blocks and the rest "
+                f"sharded ({'bf16 compute, fp32 reduction' if ranks.device.type == 'cuda' and bf16 else 'fp32'})")  # fmt: skip
+    if checkpointed:
+        run.say(f"activation checkpointing: {checkpointed} transformer blocks recomputed in the backward pass")
+    if resumed_from is not None:
+        run.say(f"resumed from {resumed_from} at step {start}")
     return run
 
 
 # --- the loop -------------------------------------------------------------------------------------
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory: the GPU's allocated peak, or on CPU the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / (1 << 20)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gathered(run: Run):
+    """The whole trained student, unsharded, on rank 0 (None elsewhere): every rank joins the gather of the FSDP2
+    shards into one full state dict (offloaded to CPU), which rank 0 loads into a plain copy of the student."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.ranks.main:
+        return None
+    plain = build_student(run.cfg, run.data, run.cfg.backbone or run.inputs.reader.teacher
+                          if run.cfg.kind == "composed" else None, "cpu")  # fmt: skip
+    plain.load_state_dict(full)
+    return plain.to(run.ranks.device)
 
 
 def train_step(run: Run, step: int, micro: list[dict]) -> dict:
@@ -250,8 +283,7 @@ def train_step(run: Run, step: int, micro: list[dict]) -> dict:
     logged = torch.zeros(len(PARTS) + 1, dtype=torch.float64)
     run.optim.zero_grad(set_to_none=True)
     for a, batch in enumerate(micro):
-        sync = a == len(micro) - 1 or ranks.world == 1
-        with (contextlib.nullcontext() if sync else run.objective.no_sync()), run.autocast():
+        with no_sync(run.objective, last=a == len(micro) - 1), run.autocast():
             parts = run.objective(batch, aligning, norms)
             loss = total_loss(parts, cfg)
         loss.backward()
@@ -271,7 +303,10 @@ def run_steps(run: Run, stop_at: int, progress: bool) -> dict:
     """Steps run.start .. stop_at: metrics.csv per step, checkpoints, periodic evals (rank 0); timing totals."""
     cfg, ranks, out = run.cfg, run.ranks, run.out
     eval_rows = None
-    if cfg.eval_every and ranks.main:
+    if cfg.eval_every and cfg.parallel == "fsdp":
+        run.say("note: no periodic evals under --parallel fsdp (the model is sharded over the ranks); the final eval "
+                "runs on the gathered model")  # fmt: skip
+    elif cfg.eval_every and ranks.main:
         refs = references_for(run.inputs.reader, cfg.reference)
         eval_rows = eval_set(run.inputs.samples, run.inputs.speech, limit=cfg.eval_limit, references=refs)
     loader = torch.utils.data.DataLoader(run.batches, batch_size=None, sampler=range(run.start, stop_at),
@@ -292,8 +327,9 @@ def run_steps(run: Run, stop_at: int, progress: bool) -> dict:
         bar.set_postfix(loss=f"{last['loss']:.3f}")
         if ranks.main:
             append_csv(out / "metrics.csv", METRIC_FIELDS, last)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:  # always at the end
-                save_checkpoint(out / CHECKPOINT, run.model, run.optim, done, cfg)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:  # always at the end; every rank
+            save_checkpoint(out, run.model, run.optim, done, cfg, ranks, cfg.keep_checkpoints)
+        if ranks.main:
             if eval_rows and done % cfg.eval_every == 0 and done != cfg.steps:
                 with run.autocast():
                     r = evaluate_student(run.model, eval_rows, device=ranks.device)
@@ -314,16 +350,21 @@ def finish(run: Run, stop_at: int, timing: dict, final_eval: bool) -> dict:
     """Save the final student (rank 0), then the final evaluation: the function student/evaluate.py runs."""
     cfg, ranks, out = run.cfg, run.ranks, run.out
     steps_run = max(1, stop_at - run.start)
+    memory = ranks.all_gather_float(peak_memory_mib(ranks.device))
     result = {"final_loss": timing["last"].get("loss"), "steps": cfg.steps, "examples": len(run.data),
               "finetune_examples": run.finetune_examples, "data_fraction": timing["data_s"] / timing["step_s"] if timing["step_s"] else 0.0,
               "world_size": ranks.world, "device": str(ranks.device), "precision": cfg.resolved_precision(),
               "step_s_mean": timing["step_s"] / steps_run, "student_kind": run.model.kind,
+              "parallel": cfg.parallel, "peak_memory_mib": [round(m) for m in memory],
+              "parameters": sum(p.numel() for p in run.model.parameters()),
+              "parameters_trained": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
               "kd_targets_dropped": int(ranks.all_sum(torch.tensor([run.dropped_targets], dtype=torch.float64))[0])}  # fmt: skip
+    model = gathered(run) if cfg.parallel == "fsdp" else run.model  # every rank takes part in the gather
     if ranks.main:
         plot(out / "metrics.csv", out / "loss.png")
-        run.model.save(out / "final", run.tokenizer, merge=cfg.merge)
+        save_student(model, out / "final", run.tokenizer, merge=cfg.merge)
         if final_eval:
-            result.update(evaluate_run(run.model, run.inputs, cfg.reference, run.heldout,
+            result.update(evaluate_run(model, run.inputs, cfg.reference, run.heldout,
                                        finetuned=run.finetuned, device=ranks.device, autocast=run.autocast))  # fmt: skip
             print(format_report(result))
         write_json_atomic(out / "result.json", result)
@@ -338,15 +379,15 @@ def train(cfg: TrainConfig, progress: bool = True, final_eval: bool | None = Non
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     cfg = cfg.for_targets(read_manifest(Path(cfg.logits))["fingerprint"])  # --kd / --tau for the cache's targets
     final_eval = cfg.final_eval if final_eval is None else final_eval
-    ranks = Dist(cfg.resolved_device())
+    ranks = Dist(cfg.resolved_device(), group=cfg.parallel == "fsdp")
     try:
         run = setup(cfg, ranks, final_eval)
         stop_at = min(cfg.steps, run.start + cfg.stop_after) if cfg.stop_after else cfg.steps
         timing = run_steps(run, stop_at, progress)
         if stop_at < cfg.steps:
-            if ranks.main:
-                save_checkpoint(run.out / CHECKPOINT, run.model, run.optim, stop_at, cfg)
-                run.say(f"stopped after step {stop_at} (--stop-after); continue with --resume")
+            if not cfg.save_every or stop_at % cfg.save_every:  # else run_steps saved it already
+                save_checkpoint(run.out, run.model, run.optim, stop_at, cfg, ranks, cfg.keep_checkpoints)
+            run.say(f"stopped after step {stop_at} (--stop-after); continue with --resume")
             ranks.barrier()
             return {"stopped_at": stop_at}
         return finish(run, stop_at, timing, final_eval)

@@ -32,6 +32,20 @@ def run(args: list[str], cwd=REPO, timeout: int = 600, env: dict | None = None) 
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def torchrun(script_args: list[str], nproc: int, cwd=REPO, timeout: int = 600, check: bool = True,
+             script: Path = REPO / "student" / "train.py") -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node nproc student/train.py ...` (gloo on CPU, one thread a rank)."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
+           *script_args]  # fmt: skip
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
 def one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
     """A user error: exit `code`, no traceback, and its last line holding every needle; that line."""
     assert r.returncode == code, (r.returncode, r.stderr[-3000:])

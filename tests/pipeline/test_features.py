@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def test_older_versions_read_beside_version_3_and_a_short_clip_is_refused(audio_
     for shard, version in ((0, 1), (2, 2)):  # a store made before versions 2 and 3, then appended to
         as_older_version(a.shards[shard], tmp_path / "old.parquet", version)
         os.replace(tmp_path / "old.parquet", a.shards[shard])
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    for shard in (0, 2):  # a store made before checksums: those shards have no entry
+        del manifest["shards"][a.shards[shard].name]
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
     assert pq.read_schema(a.shards[0]).field("fbank").type == pa.list_(pa.float16())
     assert "voice" not in pq.read_schema(a.shards[2]).names
     mixed = load_features(tmp_path / "a")
@@ -88,7 +93,9 @@ def test_older_versions_read_beside_version_3_and_a_short_clip_is_refused(audio_
     clipped = pa.array([b[:-2] if i == 0 else b for i, b in enumerate(table["fbank"].to_pylist())], pa.binary())
     fbank = table.schema.get_field_index("fbank")
     pq.write_table(table.set_column(fbank, table.schema.field("fbank"), clipped), a.shards[1])
-    store = FeatureStore(tmp_path / "a")
+    with pytest.raises(CorruptData, match=r"part-00001.parquet: \d+ bytes, manifest.json recorded \d+ .* pipeline.features --audio-index"):
+        FeatureStore(tmp_path / "a")  # verified on open: the rewritten shard is refused, named, with the rebuild command
+    store = FeatureStore(tmp_path / "a", verify=False)
     first = int(np.flatnonzero((store.shard == 1) & (store.row == 0))[0])
     assert store.sample_ids[first] == table["sample_id"][0].as_py()
     with pytest.raises(CorruptData, match=r"part-00001.parquet: clip .* holds \d+ values, not n_frames \d+ x 40 mels"):

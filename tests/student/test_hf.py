@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from student.checkpoint import model_state
 from tests.helpers import REPO
 
 KINDS = ("qwen2-audio", "qwen2.5-omni")
@@ -86,7 +87,7 @@ def test_a_tiny_speech_llm_trains_on_both_channels_evaluates_saves_and_reloads(k
     # the saved student is the trained one: its outputs equal the checkpoint's
     from student.interface import build_student
 
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    state = model_state(tmp_path / "run")
     again = build_student(_cfg(student_cache, student, tmp_path / "x"), None, None, "cpu")
     again.load_state_dict(state)
     assert _loss(again.eval(), batch) == pytest.approx(after, abs=1e-5)
@@ -185,7 +186,7 @@ def test_lora_trains_only_its_adapters_resumes_exactly_and_merges_to_the_same_lo
     cfg = dict(lora_rank=4, lora_alpha=8, steps=6, save_every=3, merge=True)
     train(_cfg(student_cache, student, tmp_path / "full", **cfg), progress=False, final_eval=False)
     base = model_class(str(student)).from_pretrained(student).state_dict()
-    state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    state = model_state(tmp_path / "full")
     def original(key: str) -> str:  # the base model's name of a PEFT-wrapped weight
         return key.replace("model.base_model.model.", "", 1).replace(".base_layer", "").replace(".original_module", "")
 
@@ -234,8 +235,7 @@ def test_two_gloo_ranks_with_lora_step_like_one_process(speech_llms, student_cac
     _torchrun(args(tmp_path / "one"), 1)
     r = _torchrun(args(tmp_path / "two"), 2)
     assert "2 rank(s), global batch 4 = 2 x 1 x 2" in r.stdout
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    one, two = model_state(tmp_path / "one"), model_state(tmp_path / "two")
     moved = 0
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=2e-5, rtol=1e-4, msg=key)

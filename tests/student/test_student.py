@@ -118,6 +118,7 @@ def test_missing_features_are_counted_not_silently_skipped(student_cache, tiny_t
     for shard in features.glob("part-*.parquet"):
         t = pq.read_table(shard)
         pq.write_table(t.filter(pc.not_equal(t["sample_id"], dropped)), shard)
+    (features / "manifest.json").unlink()  # rewritten by hand: a store without checksums (read with a note)
     examples, report = load_examples(student_cache, tok, features_dir=features, split="train")
     assert report.missing_features == [dropped]
     assert len(examples) == len(full) - 1 and dropped not in {e.sample_id for e in examples}
@@ -401,11 +402,11 @@ def test_grad_accumulation_steps_like_one_batch(student_cache, tiny_teacher, tmp
 
 
 def _assert_same_parameters(run_a: Path, run_b: Path, atol: float = 2e-5) -> None:
-    a = torch.load(run_a / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(run_b / "checkpoint.pt", weights_only=False)["model"]
+    from student.checkpoint import choose, model_state
+
+    a, b = model_state(run_a), model_state(run_b)
     assert a.keys() == b.keys()
-    start = torch.load(run_a / "checkpoint.pt", weights_only=False)["step"]
-    assert start == torch.load(run_b / "checkpoint.pt", weights_only=False)["step"]
+    assert choose(run_a).name == choose(run_b).name  # the same step
     moved = 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
@@ -498,7 +499,8 @@ def test_a_corrupt_feature_clip_read_in_a_dataloader_worker_is_one_line_naming_i
         pq.write_table(t.set_column(t.schema.get_field_index("fbank"), t.schema.field("fbank"), short), shard)
     r = subprocess.run([sys.executable, str(REPO / "student" / "train.py"), "--logits", str(student_cache),
                         "--features", str(features), "--out", str(tmp_path / "run"), "--steps", "2",
-                        "--align-steps", "1", "--batch-size", "4", "--eval-every", "0", "--num-workers", "1"],
+                        "--align-steps", "1", "--batch-size", "4", "--eval-every", "0", "--num-workers", "1",
+                        "--no-verify"],  # past the checksums (tested apart): the clip's own check, in a worker
                        cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 5, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]

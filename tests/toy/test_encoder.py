@@ -99,7 +99,9 @@ def test_student_loads_the_built_encoder_frozen_and_aligns_by_behaviour(built_en
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert rows[0]["kd_S"] and rows[0]["ce_S"] and not rows[0]["align"]  # behaviour alignment
     assert float(rows[0]["lr_backbone"]) == 0.0  # the backbone stays frozen while aligning
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    from student.checkpoint import model_state
+
+    state = model_state(tmp_path / "run")
     for key, value in saved.items():  # frozen by default: the encoder is still the built one
         assert torch.equal(state["encoder." + key], value), key
 
@@ -148,7 +150,9 @@ def test_ctc_alignment_trains_the_speech_side_alone_and_ctc_stays_on_in_fine_tun
     assert all(float(r["lr_backbone"]) == 0.0 for r in aligning)
     assert all(r["ctc"] and r["kd_S"] and r["kd_T"] for r in tuning)
     assert float(tuning[0]["lr_speech"]) == pytest.approx(1e-5)  # --finetune-lr (warm-up of 1 step)
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    from student.checkpoint import model_state
+
+    state = model_state(tmp_path / "run")
     assert any(not torch.equal(state["encoder." + k], v) for k, v in before.items())  # --no-freeze-encoder: trained
     with pytest.raises(Exception, match="--ctc-weight"):
         TrainConfig(logits=str(student_cache), align="ctc", ctc_weight=0.0).validate()
