@@ -146,6 +146,54 @@ def measure(cache: str, mode: str, steps: int, batch_size: int, workers: int) ->
             "worker_peak_rss_mib": round(worker_rss)}  # fmt: skip
 
 
+def measure_speech_llm(data_dir: Path, student: str, steps: int, batch_size: int, workers: int) -> list[dict]:
+    """A pretrained speech LLM's speech path, two ways, each `steps` batches in a DataLoader with `workers` workers:
+    its processor on each clip's waveform (what the student does: read the FLAC, the feature extractor at 30 s, the
+    audio placeholders expanded), and, for contrast, Whisper log-mel of 128 bins stored by pipeline.features and padded
+    to the 30 s window (read + pad only: a lower bound of what that path would cost, before matching the extractor's
+    normalization)."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+
+    from pipeline.features import FeatureConfig, extract_all
+    from student.data import BlockShuffleSampler, SpeechLLMPrompts, StepBatches, StudentData
+    from student.inputs import SpeechIndex
+
+    processor = AutoProcessor.from_pretrained(student)
+    data = StudentData.open(data_dir / "cache", processor.tokenizer, prompts=SpeechLLMPrompts(processor))
+    sampler = BlockShuffleSampler(np.arange(len(data)), data.block_of(), batch_size, seed=0)
+    loader = torch.utils.data.DataLoader(StepBatches(data, [(0, sampler)], processor.tokenizer.pad_token_id),
+                                         batch_size=None, sampler=range(steps), num_workers=workers)  # fmt: skip
+    t = time.perf_counter()
+    for _ in loader:
+        pass
+    processor_rate = steps * batch_size / (time.perf_counter() - t)
+    stored = data_dir / "bench" / "features-whisper128"
+    extract_all(data_dir / "audio" / "index.parquet", stored, FeatureConfig(kind="whisper", n_mels=128), progress=False)
+    index = SpeechIndex.open(stored, verify=False)
+
+    class Padded(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1 << 62
+
+        def __getitem__(self, step):
+            rows = sampler.indices(step)
+            feats = torch.zeros(len(rows), 128, 3000)
+            for b, i in enumerate(rows):
+                clip = index.store.read(index.first(data.sample_id(int(i))))
+                feats[b, :, : clip.shape[0]] = torch.from_numpy(clip.astype(np.float32).T)
+            return feats
+
+    loader = torch.utils.data.DataLoader(Padded(), batch_size=None, sampler=range(steps), num_workers=workers)
+    t = time.perf_counter()
+    for _ in loader:
+        pass
+    stored_rate = steps * batch_size / (time.perf_counter() - t)
+    return [{"mode": "speech LLM: processor on the waveform", "examples_per_s": round(processor_rate, 1)},
+            {"mode": "speech LLM: stored Whisper-128 features, read + padded", "examples_per_s": round(stored_rate, 1)}]
+
+
 @dataclass
 class StudentDataBench:
     data: str = opt("data", "the demo's data directory")
@@ -157,6 +205,9 @@ class StudentDataBench:
     compare_formats: bool = opt(False, "also stream at --scale x from features stored as version 1, plain and "
                                        "dictionary-encoded")  # fmt: skip
     measure: list[str] = listed((), "internal: measure CACHE,MODE in this process and print its JSON")
+    speech_llm: str | None = opt(None, "instead: a pretrained speech LLM's speech path (its processor on the audio vs "
+                                       "stored Whisper features), with this student's processor (python -m "
+                                       "toy.speech_llm makes one)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.measure[0], args.measure[1], args.steps, args.batch_size, args.workers)))
         return 0
     data = Path(args.data)
+    if args.speech_llm:
+        rows = measure_speech_llm(data, args.speech_llm, args.steps, args.batch_size, args.workers)
+        lines = [f"the demo's data, batches of {args.batch_size}, {args.steps} batches, {args.workers} DataLoader "
+                 f"worker(s); processor: {args.speech_llm}", "", "| speech path | examples/s |", "|---|---|"]  # fmt: skip
+        lines += [f"| {r['mode']} | {r['examples_per_s']} |" for r in rows]
+        write_results("student_data_speech_llm", rows, "\n".join(lines))
+        print("\n".join(lines))
+        return 0
     root = data / "bench" / "student_data"
     results = []
     modes = ("streaming", *(() if args.skip_in_memory else ("in-memory",)))
