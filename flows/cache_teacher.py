@@ -49,6 +49,7 @@ from pipeline import schemas
 from pipeline import samples as samples_stage
 from pipeline import speech as speech_stage
 from pipeline.cache import read_manifest
+from pipeline.chat import SPEAK
 from pipeline.config import ConfigError, flow_parameters, listed, opt, parse_args
 from pipeline.engine import check_platform, on_cpu
 from pipeline.errors import UserError, cli
@@ -82,6 +83,8 @@ class CacheFlowConfig:
                                    "last)")  # fmt: skip
     rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
     per_sample: int = opt(1, "speech renditions per sample")
+    speak: str = opt("last-user", "which user turns of a conversation are spoken: the last, or all-user (system "
+                                  "prompts and assistant turns stay text)", choices=SPEAK)  # fmt: skip
     heldout_voice: str | None = opt("auto", "also speak the eval split in this voice, never a training one ('auto': "
                                             "the TTS's own, espeak-ng en-029, vits its last speaker, flite none; "
                                             "'': none)")  # fmt: skip
@@ -178,11 +181,12 @@ def build_default_encoder(samples_dir: Path, encoder_dir: Path) -> dict:
 
 @task(name="synthesize-speech", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
 def synthesize_speech(samples_dir: Path, audio_dir: Path, tts: str, tts_model: str | None, voices: list[str],
-                      rates: list[int], per_sample: int, split: str | None = None) -> dict:  # fmt: skip
+                      rates: list[int], per_sample: int, split: str | None = None, speak: str = "last-user") -> dict:  # fmt: skip
     """`voices` empty: the backend's own defaults."""
     backend = speech_stage.make_backend(tts, tts_model)
     r = speech_stage.synthesize_all(samples_dir, audio_dir, backend, voices=tuple(voices) or None,
-                                    rates=tuple(rates), per_sample=per_sample, progress=False, split=split)  # fmt: skip
+                                    rates=tuple(rates), per_sample=per_sample, progress=False, split=split,
+                                    speak=speak)  # fmt: skip
     return {"clips": r.index.num_rows, "synthesized": r.synthesized, "rejected": r.rejects.num_rows}
 
 
@@ -336,7 +340,7 @@ def run_cache_teacher(**params) -> dict:
     if toy:
         build_default_teacher(samples_dir, data / "models" / "teacher")
     speech = synthesize_speech(samples_dir, audio_dir, flow_cfg.tts, flow_cfg.tts_model, flow_cfg.voices,
-                               flow_cfg.rates, flow_cfg.per_sample)  # fmt: skip
+                               flow_cfg.rates, flow_cfg.per_sample, speak=flow_cfg.speak)  # fmt: skip
     feats = extract_features(audio_dir, features_dir, flow_cfg.n_mels)
     heldout = None
     if flow_cfg.heldout_voice:

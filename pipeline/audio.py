@@ -1,5 +1,5 @@
 """Audio clips as the stages read them: one file decoded to a mono 16 kHz waveform, and an audio index (the one
-pipeline.speech writes, or one's own) read as a store of clips by (sample_id, rendition).
+pipeline.speech writes, or one's own) read as a store of clips by (sample_id, rendition, turn).
 
 `AudioStore` has the interface of pipeline.features.FeatureStore (`keys`, `voices`, `read`), so a student that runs
 its own processor on the audio (a pretrained speech LLM, student/hf.py) is joined with its samples by the same
@@ -44,25 +44,27 @@ def load_audio(path: Path, sample_rate: int) -> torch.Tensor:
 
 
 def read_audio_index(index_path: Path) -> list[dict]:
-    """The index's rows (sample_id, rendition, voice, path resolved against the index's directory); an index without
-    a voice column (one's own) gets each rendition id's voice."""
+    """The index's rows (sample_id, rendition, turn, voice, path resolved against the index's directory); an index
+    without a voice column (one's own) gets each rendition id's voice, one without a turn column (version 1, or
+    one's own) turn 0: each clip speaks its sample's one user turn."""
     table = pq.read_table(index_path)
     missing = {"sample_id", "rendition", "path"} - set(table.column_names)
     if missing:
         raise InputMismatch(f"{index_path}: audio index lacks column(s) {sorted(missing)}; it needs sample_id, "
                             f"rendition, path (and voice)")  # fmt: skip
-    columns = ["sample_id", "rendition", "path"] + (["voice"] if "voice" in table.column_names else [])
+    columns = ["sample_id", "rendition", "path"] + [c for c in ("voice", "turn") if c in table.column_names]
     rows = table.select(columns).to_pylist()
     for r in rows:
         p = Path(r["path"])
         r["path"] = p if p.is_absolute() else index_path.parent / p
         r.setdefault("voice", schemas.voice_of_rendition(r["rendition"]))
+        r.setdefault("turn", 0)
     return rows
 
 
 class AudioStore:
     """The clips of an audio index by position: their sample ids, renditions and voices, each read as a mono
-    float32 waveform at 16 kHz (`read`). `directory` holds index.parquet (or is the index file)."""
+    float32 waveform at 16 kHz (`read`), keyed by (sample_id, rendition, turn). `directory` holds index.parquet (or is the index file)."""
 
     def __init__(self, directory: Path | str, sample_rate: int = SAMPLE_RATE):
         path = Path(directory)
@@ -75,13 +77,15 @@ class AudioStore:
         self.sample_ids = np.array([r["sample_id"] for r in rows], dtype=object)
         self.renditions = np.array([r["rendition"] for r in rows], dtype=object)
         self.voices = np.array([r["voice"] for r in rows], dtype=object)
+        self.turns = np.array([r["turn"] for r in rows], dtype=np.int64)
         self.paths = [r["path"] for r in rows]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def keys(self):
-        return zip(self.sample_ids.tolist(), self.renditions.tolist())
+        """(sample_id, rendition, turn) of every clip, by position."""
+        return zip(self.sample_ids.tolist(), self.renditions.tolist(), self.turns.tolist())
 
     def read(self, i: int) -> np.ndarray:
         """Clip i: (samples,) float32 at the store's rate; CorruptData naming the file when it cannot be read."""

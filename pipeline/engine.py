@@ -110,6 +110,8 @@ def make_engine(cfg: TeacherConfig, top_k: int | None = None):
         dtype=resolve_dtype(cfg.dtype, cfg.model),
         max_model_len=model_len,
         max_logprobs=max(top_k or cfg.logprobs_per_position, 1),
+        # generated tokens' top-k from the raw logits (before temperature and penalties): the cache's distribution
+        logprobs_mode="raw_logprobs",
         max_num_seqs=cfg.max_num_seqs,
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,

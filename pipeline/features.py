@@ -12,7 +12,7 @@ for whisper-large-v3).
 
 Input is an audio index (sample_id, rendition, path; paths relative to the
 index's directory or absolute), the one `pipeline.speech` writes or your own.
-Output: zstd Parquet shards keyed by (sample_id, rendition) with n_frames and
+Output: zstd Parquet shards keyed by (sample_id, rendition, turn) with n_frames and
 the fbank as float16 (frame-major); the feature config is in each file's
 metadata. Resumable: clips already in a shard are skipped; corrupt, empty or
 missing audio goes to data/rejects/features.parquet with the reason.
@@ -162,9 +162,10 @@ def encode_clip(feats: torch.Tensor) -> bytes:
     return feats.to(torch.float16).numpy().astype(schemas.FEATURES_DTYPE, copy=False).tobytes()
 
 
-def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = False) -> set[tuple[str, str]]:
-    """Keys already stored; refuses shards made with another feature config, and names one that is not readable."""
-    keys: set[tuple[str, str]] = set()
+def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = False) -> set[tuple[str, str, int]]:
+    """Keys (sample_id, rendition, turn) already stored; refuses shards made with another feature config, and names
+    one that is not readable."""
+    keys: set[tuple[str, str, int]] = set()
     for path in shard_paths(features_dir, SHARD_PREFIX):
         meta = check_shard(open_shard(path, Path(features_dir)).schema_arrow, path)
         stored = meta.get("feature_config")
@@ -174,8 +175,9 @@ def existing_keys(features_dir: Path, cfg: FeatureConfig, overwrite: bool = Fals
                 continue
             raise InputMismatch(f"{path} was made with feature config {meta.get('feature_config')}, not "
                                 f"{cfg.to_json()}; use another --out directory or pass --overwrite to replace it")  # fmt: skip
-        t = pq.read_table(path, columns=["sample_id", "rendition"])
-        keys.update(zip(t["sample_id"].to_pylist(), t["rendition"].to_pylist()))
+        t = pq.read_table(path)
+        turns = t["turn"].to_pylist() if "turn" in t.column_names else [0] * t.num_rows  # before version 4: turn 0
+        keys.update(zip(t["sample_id"].to_pylist(), t["rendition"].to_pylist(), turns))
     return keys
 
 
@@ -268,7 +270,7 @@ def extract_all(
         manifest["shards"].setdefault(path.name, _shard_entry(path))
     manifest["shards"] = {n: e for n, e in manifest["shards"].items() if (out_dir / n).exists()}
     write_json_atomic(out_dir / MANIFEST, manifest)
-    todo = [r for r in rows if (r["sample_id"], r["rendition"]) not in done]
+    todo = [r for r in rows if (r["sample_id"], r["rendition"], r["turn"]) not in done]
     schema = _feature_schema(cfg)
     buffer: dict[str, list] = {f.name: [] for f in schema}
     rejected, shards = [], []
@@ -293,6 +295,7 @@ def extract_all(
         buffer["sample_id"].append(r["sample_id"])
         buffer["rendition"].append(r["rendition"])
         buffer["voice"].append(r["voice"])
+        buffer["turn"].append(r["turn"])
         buffer["n_frames"].append(feats.shape[0])
         buffer["fbank"].append(encode_clip(feats))
         written += 1
@@ -312,15 +315,15 @@ def feature_config_of(features_dir: Path) -> FeatureConfig:
     return FeatureConfig.from_json(meta["feature_config"])
 
 
-def load_features(features_dir: Path = schemas.FEATURES_DIR) -> dict[tuple[str, str], np.ndarray]:
-    """All stored features as {(sample_id, rendition): (n_frames, n_mels) float16}. Loads everything: for
+def load_features(features_dir: Path = schemas.FEATURES_DIR) -> dict[tuple[str, str, int], np.ndarray]:
+    """All stored features as {(sample_id, rendition, turn): (n_frames, n_mels) float16}. Loads everything: for
     tests and small sets; the student reads through FeatureStore instead."""
     store = FeatureStore(features_dir)
-    return store.get([(sid, rend) for sid, rend in store.keys()])
+    return store.get(list(store.keys()))
 
 
 class FeatureStore:
-    """Clips by (sample_id, rendition) without loading the store: an index of where each clip is
+    """Clips by (sample_id, rendition, turn) without loading the store: an index of where each clip is
     (shard, row group, row) and reads of whole row groups (parquet_io.RowGroupReader), the last
     `keep_row_groups` of them kept per process.
 
@@ -336,7 +339,7 @@ class FeatureStore:
             open_shard(path, self.dir, manifest)
         self.cfg = feature_config_of(self.dir)
         self._groups = RowGroupReader(self.shards, keep=keep_row_groups)
-        sids, rends, voices, shard_of, group_of, row_of, frames = [], [], [], [], [], [], []
+        sids, rends, voices, turns, shard_of, group_of, row_of, frames = [], [], [], [], [], [], [], []
         self._as_list: list[bool] = []  # per shard: version 1 (features as list<halffloat>)
         for s, path in enumerate(self.shards):
             pf = self._groups.file(s)
@@ -345,9 +348,11 @@ class FeatureStore:
             if FeatureConfig.from_json(meta["feature_config"]) != self.cfg:
                 raise ValueError(f"{path} holds features of another config than {self.shards[0]}; re-extract them")
             has_voice = "voice" in pf.schema_arrow.names  # version 3; before, the voice is in the rendition id
+            has_turn = "turn" in pf.schema_arrow.names  # version 4; before, every clip is turn 0 (a plain sample's)
+            extra = (["voice"] if has_voice else []) + (["turn"] if has_turn else [])
             for g in range(pf.num_row_groups):
-                t = self._groups.read(s, g, ["sample_id", "rendition", "n_frames"] + (["voice"] if has_voice else []),
-                                      keep=False)  # fmt: skip
+                t = self._groups.read(s, g, ["sample_id", "rendition", "n_frames"] + extra, keep=False)
+                turns.extend(t["turn"].to_pylist() if has_turn else [0] * t.num_rows)
                 sids.extend(t["sample_id"].to_pylist())
                 rends.extend(t["rendition"].to_pylist())
                 voices.extend(t["voice"].to_pylist() if has_voice else
@@ -360,14 +365,16 @@ class FeatureStore:
         self.sample_ids = np.array(sids, dtype=object)
         self.renditions = np.array(rends, dtype=object)
         self.voices = np.array(voices, dtype=object)
+        self.turns = np.array(turns, dtype=np.int64)
         self.n_frames, self.shard, self.group, self.row = cat(frames), cat(shard_of), cat(group_of), cat(row_of)
-        self._pos = {key: i for i, key in enumerate(zip(sids, rends))}
+        self._pos = {key: i for i, key in enumerate(zip(sids, rends, turns))}
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     def keys(self):
-        return zip(self.sample_ids.tolist(), self.renditions.tolist())
+        """(sample_id, rendition, turn) of every clip, by position."""
+        return zip(self.sample_ids.tolist(), self.renditions.tolist(), self.turns.tolist())
 
     def read(self, i: int) -> np.ndarray:
         """Clip at index position i: (n_frames, n_mels) float16."""
@@ -384,8 +391,8 @@ class FeatureStore:
                               "the clips that are missing")  # fmt: skip
         return values.reshape(int(self.n_frames[i]), self.cfg.n_mels).astype(np.float16, copy=False)
 
-    def get(self, keys) -> dict[tuple[str, str], np.ndarray]:
-        """{(sample_id, rendition): features} for the keys, read in storage order."""
+    def get(self, keys) -> dict[tuple[str, str, int], np.ndarray]:
+        """{(sample_id, rendition, turn): features} for the keys, read in storage order."""
         pos = sorted((self._pos[k], k) for k in keys)
         return {k: self.read(i) for i, k in pos}
 

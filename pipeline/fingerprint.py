@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.chat import conversation, to_score
 from pipeline.files import sha256_file, write_json_atomic
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -93,8 +94,14 @@ def diff(expected: dict, found: dict, keys: list[str]) -> list[str]:
 def content_sha256(sample: dict, generation: dict | None = None) -> str:
     """What a cache row scored, the one rule every writer and reader of a cache uses: the sample's prompt and its
     response (dataset responses), or its prompt and the generation settings (teacher-written responses: the
-    teacher writes the response from those, and the sample's own response is not used). A sample whose hash
-    differs from its cache row's has changed since it was cached."""
-    payload = ({"prompt": sample["prompt"], "response": sample["response"]} if generation is None
-               else {"prompt": sample["prompt"], "generation": generation})  # fmt: skip
+    teacher writes the response from those, and the sample's own response is not used); a conversation's turns
+    in place of the prompt and response (without its final assistant turn when the teacher writes that). A sample
+    whose hash differs from its cache row's has changed since it was cached."""
+    messages = sample.get("messages") or ""
+    if messages:
+        turns = to_score(conversation(sample), "dataset" if generation is None else "teacher")
+        payload = {"messages": turns} if generation is None else {"messages": turns, "generation": generation}
+    else:
+        payload = ({"prompt": sample["prompt"], "response": sample["response"]} if generation is None
+                   else {"prompt": sample["prompt"], "generation": generation})  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

@@ -4,15 +4,20 @@
     python -m pipeline.query --cache data/cache --views
 
 Views (each only when its files exist):
-  samples          sample_id, prompt, response, split, meta
+  samples          sample_id, prompt, response, split, meta, messages (a conversation's turns as JSON; "" for a
+                   plain prompt/response sample)
+  sample_turns     one row per sample and turn: turn (its message index), role, content
   rejects          every stage's rejects: stage, sample_id, rendition, source_position, field, reason
-  audio            the speech index: sample_id, rendition, voice, rate_wpm, path, duration_s
-  features         sample_id, rendition, voice, n_frames, fbank (the clip's float16 features as bytes; version 1
+  audio            the speech index: sample_id, rendition, turn (the spoken user turn), voice, rate_wpm, path,
+                   duration_s
+  features         sample_id, rendition, voice, turn, n_frames, fbank (the clip's float16 features as bytes; version 1
                    shards: a list; versions 1-2 have no voice column: NULL here)
   cache            the raw cache rows (packed top-k columns included), every partition's
   responses        per cached sample: the response the teacher was scored on (and, with
                    --responses teacher, wrote), response_source (dataset | teacher) and
                    the dataset's own response (samples.parquet is never changed)
+  teacher_turns    one row per cached sample and scored assistant turn: turn (0, 1, ... in the row), start (its
+                   first position in the conversation's tokens; -1 in a version 3 cache), n_tokens
   teacher_tokens   one row per sample and response position: position, token_id,
                    token_logprob, top1_id, top1_logprob, entropy (of the kept
                    top-k), tail_mass, tail_logmass
@@ -77,6 +82,22 @@ FROM cache
 """
 
 
+SAMPLE_TURNS = """
+SELECT sample_id, split, generate_subscripts(m, 1) - 1 AS turn, unnest(m).role AS role, unnest(m).content AS content
+FROM (SELECT sample_id, split,
+             CASE WHEN messages <> '' THEN from_json(messages, '[{"role": "VARCHAR", "content": "VARCHAR"}]')
+                  ELSE list_filter([{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': response}],
+                                   lambda x: x.content <> '') END AS m
+      FROM samples)
+"""
+
+# a version 3 shard has no turn columns (NULL under union_by_name): one turn, start unknown
+TEACHER_TURNS = """
+SELECT sample_id, unnest(range(len(l))) AS turn, unnest(s) AS start, unnest(l) AS n_tokens
+FROM (SELECT sample_id, coalesce(turn_starts, [-1]) AS s, coalesce(turn_lengths, [n_tokens]) AS l FROM cache)
+"""
+
+
 def _glob(directory: Path, pattern: str) -> str | None:
     return str(directory / pattern) if any(directory.glob(pattern)) else None
 
@@ -95,12 +116,17 @@ def connect(data_dir: Path = schemas.DATA_DIR, cache_dir: Path | None = None) ->
         if glob is not None:
             # union_by_name: a features store may hold shards of several versions (a voice column since version 3)
             con.sql(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
+    if sources["samples"]:
+        if "messages" not in con.sql("SELECT * FROM samples LIMIT 0").columns:  # a version 1 samples file
+            con.sql(f"CREATE OR REPLACE VIEW samples AS SELECT *, '' AS messages FROM read_parquet('{sources['samples']}')")
+        con.sql(f"CREATE VIEW sample_turns AS {SAMPLE_TURNS}")
     # the shards the cache's manifests list (all partitions), not whatever files match a glob
     shards = [str(path) for path, _ in cache_shards(cache_dir)]
     sources["cache"] = shards or None
     if shards:
         files = ", ".join(f"'{p}'" for p in shards)
-        con.sql(f"CREATE VIEW cache AS SELECT * FROM read_parquet([{files}])")
+        con.sql(f"CREATE VIEW cache AS SELECT * FROM read_parquet([{files}], union_by_name=true)")
+        con.sql(f"CREATE VIEW teacher_turns AS {TEACHER_TURNS}")
         fingerprint = (read_manifest(cache_dir) or {}).get("fingerprint", {})
         source = fingerprint.get("responses", "dataset")
         dataset = "s.response" if sources["samples"] else "NULL"

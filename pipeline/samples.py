@@ -3,11 +3,20 @@
     python -m pipeline.samples                          # the embedded toy world (python -m toy.world writes it)
     python -m pipeline.samples --source my.jsonl --prompt-field question --response-field answer
     python -m pipeline.samples --source some/hf-dataset --hf-split test --split eval
+    python -m pipeline.samples --source chats.jsonl                   # rows with a `messages` list: conversations
+    python -m pipeline.samples --source Open-Orca/OpenOrca --prompt-field question   # + its system_prompt column
 
-A sample is (sample_id, prompt, response, split, meta). `sample_id` is kept when
+A sample is (sample_id, prompt, response, split, meta, messages). A plain one is
+a prompt and its response; a conversation is its `messages`, a list of
+{role, content} turns (system first if any, then user and assistant in turn;
+ShareGPT's {from, value} with human/gpt read too), from a messages column, or
+a plain row with a non-empty system prompt column (Open-Orca). A conversation's
+`prompt` is its last user turn and its `response` its final assistant turn ("" when
+it ends with the user: the teacher writes the answer). `sample_id` is kept when
 the source has one, else it is a stable hash of the content. Rows that cannot be
 used are never dropped silently: each goes to rejects.parquet with its position
-in the source, the field at fault and the reason (data/rejects/samples.parquet).
+in the source, the field at fault (e.g. messages[2].role) and the reason
+(data/rejects/samples.parquet).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import schemas
+from pipeline.chat import ROLES
 from pipeline.config import opt, parse_config
 from pipeline.errors import InputMismatch, MissingInput, UserError, cli
 from pipeline.parquet_io import reject, rejects_path, rejects_table, write_table_atomic
@@ -45,13 +55,18 @@ class SamplesConfig:
     id_field: str = opt("sample_id", "source column holding the id (else a hash of the content)")
     split_field: str = opt("split", "source column holding the split")
     meta_field: str = opt("meta", "source column holding a dict of metadata")
+    messages_field: str = opt("messages", "source column holding a conversation: a list of {role, content} turns "
+                                          "(roles system, user, assistant; or ShareGPT's {from, value})")  # fmt: skip
+    system_field: str = opt("system_prompt", "source column holding a system prompt (Open-Orca): a row with a "
+                                             "non-empty one is a conversation (system, user, assistant)")  # fmt: skip
     split: str = opt("train", "split of rows whose source has no split column")
     hf_split: str = opt("train", "which split of a Hugging Face dataset to read")
     max_chars: int = opt(8000, "longer prompts/responses are rejected")
 
     @property
     def fields(self) -> "FieldMap":
-        return FieldMap(self.prompt_field, self.response_field, self.id_field, self.split_field, self.meta_field)
+        return FieldMap(self.prompt_field, self.response_field, self.id_field, self.split_field, self.meta_field,
+                        self.messages_field or None, self.system_field or None)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,8 @@ class FieldMap:
     sample_id: str | None = "sample_id"
     split: str | None = "split"
     meta: str | None = "meta"
+    messages: str | None = "messages"
+    system: str | None = "system_prompt"
 
 
 @dataclass
@@ -82,10 +99,61 @@ def _text_problem(field: str, value, max_chars: int, allow_empty: bool) -> tuple
     return None
 
 
-def content_id(prompt: str, response: str) -> str:
+def content_id(prompt: str, response: str, messages: str = "") -> str:
     """Stable id for a sample whose source gives none: a hash of its content."""
-    digest = hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([prompt, response] + ([messages] if messages else [])).encode()).hexdigest()
     return f"h{digest[:20]}"
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}  # fmt: skip
+
+
+def read_conversation(value, max_chars: int) -> tuple[list[dict] | None, tuple[str, str] | None]:
+    """(turns, None) for a usable conversation, else (None, (field, reason)) naming the turn at fault: a list
+    (or its JSON text) of {role, content} (or ShareGPT {from, value}) turns, an optional system turn first, then
+    user and assistant turns in turn, starting with the user; every content a non-empty string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            return None, ("messages", f"not a JSON list of turns ({exc.msg})")
+    if not isinstance(value, (list, tuple)):
+        return None, ("messages", f"must be a list of {{role, content}} turns, got {_type_name(value)}")
+    if not value:
+        return None, ("messages", "empty: no turns")
+    turns: list[dict] = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            return None, (where, f"must be an object {{role, content}}, got {_type_name(m)}")
+        sharegpt = "role" not in m and "from" in m
+        role, content = (m.get("from"), m.get("value")) if sharegpt else (m.get("role"), m.get("content"))
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        role = SHAREGPT_ROLES.get(role, role) if sharegpt else role
+        if role not in ROLES:
+            return None, (f"{where}.{role_key}", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        expected = ("system", "user") if i == 0 else ("user",) if turns[-1]["role"] != "user" else ("assistant",)
+        if role not in expected:
+            return None, (f"{where}.{role_key}", (f"a {role} turn here is out of order: expected "
+                                                  f"{' or '.join(expected)} (an optional system turn first, then "
+                                                  f"user and assistant turns in turn)"))  # fmt: skip
+        problem = _text_problem(f"{where}.{content_key}", content, max_chars, allow_empty=False)
+        if problem:
+            return None, problem
+        turns.append({"role": role, "content": content})
+    if not any(t["role"] == "user" for t in turns):
+        return None, ("messages", "has no user turn")
+    return turns, None
+
+
+def as_sample_text(turns: list[dict]) -> tuple[str, str, str]:
+    """(prompt, response, messages) of a conversation: a single user turn with at most its answer is a plain
+    sample (messages ""), so the two forms of the same exchange are the same sample."""
+    users = [t["content"] for t in turns if t["role"] == "user"]
+    response = turns[-1]["content"] if turns[-1]["role"] == "assistant" else ""
+    plain = [t["role"] for t in turns] in (["user"], ["user", "assistant"])
+    return users[-1], response, "" if plain else json.dumps(turns, ensure_ascii=False)
 
 
 def _type_name(value: Any) -> str:
@@ -111,7 +179,8 @@ def validate(
     accepted: dict[str, list] = {f.name: [] for f in schemas.SAMPLES_SCHEMA}
     rejected: list[dict] = []
     first_seen: dict[str, int] = {}
-    mapped = {fields.prompt, fields.response, fields.sample_id, fields.split, fields.meta}
+    mapped = {fields.prompt, fields.response, fields.sample_id, fields.split, fields.meta, fields.messages,
+              fields.system}  # fmt: skip
     if not fields.prompt:
         raise ValueError("a prompt field is required (--prompt-field)")
 
@@ -126,18 +195,31 @@ def validate(
         if "__invalid__" in row:
             bad("row", row["__invalid__"])
             continue
-        if fields.prompt not in row or row[fields.prompt] is None:
-            bad("prompt", f"missing (no value in source column {fields.prompt!r})")
-            continue
-        prompt = row[fields.prompt]
-        response = row.get(fields.response) if fields.response else None
-        response = "" if response is None else response  # may be empty: the teacher can write it
-        problem = _text_problem("prompt", prompt, max_chars, allow_empty=False) or _text_problem(
-            "response", response, max_chars, allow_empty=True
-        )
-        if problem:
-            bad(*problem)
-            continue
+        messages = ""
+        if fields.messages and row.get(fields.messages) not in (None, ""):  # "": a plain sample (a samples file)
+            turns, problem = read_conversation(row[fields.messages], max_chars)
+            if problem:
+                bad(*problem)
+                continue
+            prompt, response, messages = as_sample_text(turns)
+        else:
+            if fields.prompt not in row or row[fields.prompt] is None:
+                bad("prompt", f"missing (no value in source column {fields.prompt!r})")
+                continue
+            prompt = row[fields.prompt]
+            response = row.get(fields.response) if fields.response else None
+            response = "" if response is None else response  # may be empty: the teacher can write it
+            system = row.get(fields.system) if fields.system else None
+            problem = (_text_problem("prompt", prompt, max_chars, allow_empty=False)
+                       or _text_problem("response", response, max_chars, allow_empty=True)
+                       or (system is not None and _text_problem(fields.system, system, max_chars, True)) or None)  # fmt: skip
+            if problem:
+                bad(*problem)
+                continue
+            if system and system.strip():  # Open-Orca: the system prompt stays text, the question is the user turn
+                turns = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+                messages = json.dumps(turns + ([{"role": "assistant", "content": response}] if response else []),
+                                      ensure_ascii=False)  # fmt: skip
 
         split = row.get(fields.split) if fields.split else None
         if split is None:
@@ -147,7 +229,7 @@ def validate(
             continue
 
         if rid is None:
-            sample_id = content_id(prompt, response)
+            sample_id = content_id(prompt, response, messages)
         elif rid_text is None:
             bad("sample_id", f"must be a string (or integer), got {_type_name(rid)}")
             continue
@@ -169,6 +251,11 @@ def validate(
             continue
 
         meta_value = row.get(fields.meta) if fields.meta else None
+        if isinstance(meta_value, str):  # a JSON object's text (a samples file's own meta column)
+            try:
+                meta_value = json.loads(meta_value) if meta_value.strip() else None
+            except json.JSONDecodeError:
+                pass  # refused below, as any other non-object
         if meta_value is not None and not isinstance(meta_value, dict):
             bad("meta", f"must be an object (dict), got {_type_name(meta_value)}")
             continue
@@ -181,6 +268,7 @@ def validate(
         accepted["response"].append(response)
         accepted["split"].append(split)
         accepted["meta"].append(json.dumps(meta, default=str, sort_keys=True))
+        accepted["messages"].append(messages)
 
     schema = schemas.with_metadata(schemas.SAMPLES_SCHEMA, "samples", schemas.SAMPLES_VERSION)
     return IngestResult(pa.table(accepted, schema=schema), rejects_table(rejected))
@@ -300,7 +388,9 @@ def load_samples(samples_dir: Path | str = schemas.SAMPLES_DIR, split: str | Non
     if not path.exists():
         raise MissingInput(f"no samples at {path}: run `python -m pipeline.samples` first")
     table = pq.read_table(path)
-    schemas.check_artifact(table.schema, path, "samples", schemas.SAMPLES_VERSION)
+    schemas.check_artifact(table.schema, path, "samples", schemas.SAMPLES_VERSION, schemas.SAMPLES_READABLE_VERSIONS)
+    if "messages" not in table.column_names:  # version 1: plain samples only
+        table = table.append_column(schemas.SAMPLES_SCHEMA.field("messages"), pa.array([""] * table.num_rows))
     if split is not None:
         import pyarrow.compute as pc
 
@@ -313,12 +403,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SamplesConfig, argv, description=__doc__)
     out = Path(cfg.out)
     result = ingest(cfg.source, out, cfg.fields, cfg.split, cfg.hf_split, cfg.max_chars)
+    chats = sum(1 for m in result.samples["messages"].to_pylist() if m)
     splits: dict[str, int] = {}
     for s in result.samples["split"].to_pylist():
         splits[s] = splits.get(s, 0) + 1
     by_split = ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))
     print(
-        f"samples: {result.samples.num_rows} accepted ({by_split}), {result.rejects.num_rows} rejected"
+        f"samples: {result.samples.num_rows} accepted ({by_split}; {chats} conversations), "
+        f"{result.rejects.num_rows} rejected"
         f" -> {out / SAMPLES_FILE}" + (f" (reasons in {rejects_path(out, 'samples')})" if result.rejects.num_rows else "")
     )
 

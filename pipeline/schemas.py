@@ -30,16 +30,22 @@ ARTIFACT_KEY = b"speechkd.artifact"
 VERSION_KEY = b"speechkd.version"
 
 # --- samples: data/samples/samples.parquet
-SAMPLES_VERSION = 1
+# Version 2: a sample may be a conversation (`messages`); version 1 files read as plain prompt/response samples.
+SAMPLES_VERSION = 2
+SAMPLES_READABLE_VERSIONS = (1, 2)
 SAMPLES_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
+        # The (last) user turn: what is spoken by default.
         pa.field("prompt", pa.string(), nullable=False),
-        # May be empty: the teacher can write the response later.
+        # The final assistant turn; may be empty: the teacher can write it.
         pa.field("response", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         # Free-form JSON object (a string), e.g. {"relation": "capital"}.
         pa.field("meta", pa.string(), nullable=False),
+        # A conversation's turns as a JSON list of {"role": system|user|assistant, "content": ...}, "" for a plain
+        # prompt/response sample (pipeline.chat.conversation reads either).
+        pa.field("messages", pa.string(), nullable=False),
     ]
 )
 
@@ -57,11 +63,13 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 # --- audio index: data/audio/index.parquet (the audio itself: data/audio/<voice>/...)
-AUDIO_INDEX_VERSION = 1
+# Version 2: `turn`, the message index of the user turn a clip speaks (a conversation may have several spoken).
+AUDIO_INDEX_VERSION = 2
 AUDIO_INDEX_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("rendition", pa.string(), nullable=False),  # e.g. "en-us@160"
+        pa.field("turn", pa.int32(), nullable=False),  # the spoken user turn's index in the conversation
         pa.field("voice", pa.string(), nullable=False),
         pa.field("rate_wpm", pa.int32(), nullable=False),
         pa.field("path", pa.string(), nullable=False),  # relative to the audio dir
@@ -71,16 +79,18 @@ AUDIO_INDEX_SCHEMA = pa.schema(
 )
 
 # --- speech features: data/features/part-*.parquet
+# Version 4: `turn`, the spoken user turn's index in its conversation (a clip is keyed by sample, rendition, turn).
 # Version 3: the clip's voice is a column (it was folded into the rendition id "voice@rate" and parsed back out).
 # Version 2: the features as one bytes value per clip. Versions 1 and 2 still read: their voice is
 # voice_of_rendition(rendition).
-FEATURES_VERSION = 3
-FEATURES_READABLE_VERSIONS = (1, 2, 3)  # a store may hold shards of several (shards written since are version 3)
+FEATURES_VERSION = 4
+FEATURES_READABLE_VERSIONS = (1, 2, 3, 4)  # a store may hold shards of several (shards written since: version 4)
 FEATURES_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("rendition", pa.string(), nullable=False),
         pa.field("voice", pa.string(), nullable=False),  # who speaks the clip (the audio index's voice)
+        pa.field("turn", pa.int32(), nullable=False),  # the spoken user turn's index (older versions: the last)
         pa.field("n_frames", pa.int32(), nullable=False),
         # the clip's n_frames * n_mels features, frame-major, as little-endian float16 bytes (numpy "<f2").
         # Version 1 stored them as list<halffloat>: a row group decoded several times slower (one Parquet value
@@ -162,9 +172,14 @@ def check_artifact(
 #                       belongs to position (sum of the counts before it) // N: no per-position length is stored
 # The encoding (targets, k or N and the draw temperature and seed, id_bits, step) and the teacher fingerprint are
 # in the manifest and in each shard's metadata (speechkd.encoding, speechkd.fingerprint).
+#   turn_starts, turn_lengths   the scored assistant turns: each one's first position in the conversation's token
+#                       sequence and its length (they sum to n_tokens); one turn unless cached with --turns all
 # Version 2: content_sha256 added, fingerprint in each shard. Version 3: the targets' encoding is named
-# (`targets`: topk | sampled) and sampled targets exist.
-CACHE_VERSION = 3
+# (`targets`: topk | sampled) and sampled targets exist. Version 4: the turns (version 3 caches still read: one turn).
+CACHE_VERSION = 4
+CACHE_READABLE_VERSIONS = (3, 4)  # a version 3 cache is read, and appended to (its new shards are version 4)
+# The targets' encoding (codec) has its own version, in the fingerprint: a cache is appended to only by its own.
+CACHE_ENCODING_VERSION = 3
 CACHE_COMMON_FIELDS = [
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("content_sha256", pa.string(), nullable=False),
@@ -172,6 +187,8 @@ CACHE_COMMON_FIELDS = [
     pa.field("n_tokens", pa.int32(), nullable=False),
     pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),
+    pa.field("turn_starts", pa.list_(pa.int32()), nullable=False),
+    pa.field("turn_lengths", pa.list_(pa.int32()), nullable=False),
 ]
 CACHE_TOPK_FIELDS = [
     pa.field("top1_ids", pa.list_(pa.int32()), nullable=False),

@@ -1,13 +1,20 @@
-"""Text-to-speech of every sample's prompt: the spoken queries of the S->T channel.
+"""Text-to-speech of every sample's user turn(s): the spoken queries of the S->T channel.
 
     python -m pipeline.speech                                  # espeak-ng, 1 rendition a sample
     python -m pipeline.speech --voices en-us,en-gb --rates 150,180 --per-sample 2
+    python -m pipeline.speech --speak all-user                 # every user turn of a conversation, not the last only
     python -m pipeline.speech --backend vits --tts-model kakao-enterprise/vits-vctk   # 109 human speakers (GPU)
 
-Each rendition (a voice at a speaking rate, id "voice@rate") of a sample is one
-16 kHz mono FLAC file under the audio directory; index.parquet lists them
-(sample_id, rendition, path, duration). Re-running skips audio that exists; a
-sample whose synthesis fails is recorded in data/rejects/speech.parquet and the rest go on.
+What is spoken: a sample's last user turn (its prompt), or with `--speak all-user`
+every user turn of a conversation; a system prompt and the assistant turns are
+never spoken (they stay text in both channels). Each rendition (a voice at a
+speaking rate, id "voice@rate") of a spoken turn is one 16 kHz mono FLAC file
+under the audio directory; index.parquet lists them (sample_id, rendition, turn,
+path, duration), and a sample's turns share its rendition (one speaker per
+conversation). Re-running skips audio that exists; a turn whose synthesis fails
+is recorded in data/rejects/speech.parquet (the sample's other turns in that
+rendition are left out of the index: channel S hears all its spoken turns or none)
+and the rest go on.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from tqdm import tqdm
 
 from pipeline import schemas
 from pipeline.audio import INDEX_FILE, SAMPLE_RATE
+from pipeline.chat import SPEAK, conversation, spoken_turns
 from pipeline.config import listed, opt, parse_config
 from pipeline.errors import UserError, cli
 from pipeline.files import atomic_write
@@ -300,13 +308,34 @@ def renditions_for(sample_id: str, grid: list[Rendition], per_sample: int) -> li
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def audio_relpath(sample_id: str, rendition: Rendition) -> str:
-    """Relative path of one rendition's file; file-system safe for any sample id."""
+def audio_relpath(sample_id: str, rendition: Rendition, turn: int = 0) -> str:
+    """Relative path of one rendition's file of a sample's spoken turn (turn 0, a plain sample's only user turn,
+    has no suffix); file-system safe for any sample id."""
     digest = hashlib.sha1(sample_id.encode()).hexdigest()
     stem = _SAFE.sub("_", sample_id)[:80]
     if stem != sample_id:
         stem = f"{stem}-{digest[:10]}"
-    return f"{_SAFE.sub('_', rendition.id)}/{digest[:2]}/{stem}.flac"
+    suffix = f".t{turn}" if turn else ""
+    return f"{_SAFE.sub('_', rendition.id)}/{digest[:2]}/{stem}{suffix}.flac"
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One spoken user turn of a sample: what the synthesizer is given."""
+
+    sample_id: str
+    turn: int  # the turn's index in the sample's conversation
+    text: str
+    field: str  # the sample field it comes from (prompt, or messages[i].content): what a reject names
+
+
+def utterances(sample: dict, speak: str = "last-user") -> list[Utterance]:
+    """The user turns of a sample a spoken channel hears (pipeline.chat.spoken_turns), never a system prompt or an
+    assistant turn."""
+    turns = conversation(sample)
+    chat = bool(sample.get("messages"))
+    return [Utterance(sample["sample_id"], i, turns[i]["content"], f"messages[{i}].content" if chat else "prompt")
+            for i in spoken_turns(turns, speak)]  # fmt: skip
 
 
 def write_audio_atomic(path: Path, wave: np.ndarray, sample_rate: int) -> None:
@@ -338,26 +367,32 @@ def synthesize_all(
     jobs: int = os.cpu_count() or 1,
     progress: bool = True,
     split: str | None = None,
+    speak: str = "last-user",
 ) -> SpeechResult:
-    """Speak every sample's prompt (or only those of `split`) in `per_sample` renditions of voices x rates."""
+    """Speak every sample's user turn(s) (`speak`: the last, or all-user) of every sample (or only those of `split`)
+    in `per_sample` renditions of voices x rates."""
     backend = backend or EspeakNG()
     voices = backend.default_voices if voices is None else voices
     unknown = [v for v in voices if v not in getattr(backend, "voices", voices)]
     if unknown:
         raise UserError(f"{backend.name} has no voice(s) {', '.join(unknown)}; it has {', '.join(backend.voices)}")
+    if speak not in SPEAK:
+        raise UserError(f"--speak {speak!r} is not one of {', '.join(SPEAK)}")
     audio_dir = Path(audio_dir)
-    samples = load_samples(samples_dir, split).select(["sample_id", "prompt"]).to_pylist()
+    samples = load_samples(samples_dir, split).select(["sample_id", "prompt", "response", "messages"]).to_pylist()
     grid = [Rendition(v, r) for v in voices for r in rates]
     if not grid:
         raise UserError("no renditions: give at least one --voices entry and one --rates entry")
-    work = [(s, r) for s in samples for r in renditions_for(s["sample_id"], grid, per_sample)]
+    # every spoken turn of a sample in each of the sample's renditions
+    work = [(u, r) for s in samples for r in renditions_for(s["sample_id"], grid, per_sample)
+            for u in utterances(s, speak)]  # fmt: skip
     # A batching backend gets up to batch_size clips of one rendition per call; the others one clip per call.
     batch = max(1, int(getattr(backend, "batch_size", 1)))
-    by_rendition: dict[Rendition, list] = {}
-    for sample, rend in work:
-        by_rendition.setdefault(rend, []).append(sample)
-    if batch > 1:  # prompts of like length together: less padding to compute, and to reach into (see Vits)
-        by_rendition = {rend: sorted(group, key=lambda s: len(s["prompt"])) for rend, group in by_rendition.items()}
+    by_rendition: dict[Rendition, list[Utterance]] = {}
+    for u, rend in work:
+        by_rendition.setdefault(rend, []).append(u)
+    if batch > 1:  # texts of like length together: less padding to compute, and to reach into (see Vits)
+        by_rendition = {rend: sorted(group, key=lambda u: len(u.text)) for rend, group in by_rendition.items()}
     units = [(rend, group[i : i + batch]) for rend, group in by_rendition.items() for i in range(0, len(group), batch)]
 
     def render(texts: list[str], rend: Rendition) -> list:
@@ -374,15 +409,15 @@ def synthesize_all(
     def one(unit):
         rend, group = unit
         results, todo = {}, []
-        for sample in group:
-            rel = audio_relpath(sample["sample_id"], rend)
+        for u in group:
+            rel = audio_relpath(u.sample_id, rend, u.turn)
             if (audio_dir / rel).exists():
                 info = sf.info(audio_dir / rel)
-                results[sample["sample_id"]] = ("skipped", sample, rend, rel, info.frames / info.samplerate)
+                results[u] = ("skipped", u, rend, rel, info.frames / info.samplerate)
             else:
-                todo.append((sample, rel))
-        rendered = render([sample["prompt"] for sample, _ in todo], rend) if todo else []
-        for (sample, rel), out in zip(todo, rendered, strict=True):
+                todo.append((u, rel))
+        rendered = render([u.text for u, _ in todo], rend) if todo else []
+        for (u, rel), out in zip(todo, rendered, strict=True):
             try:
                 if isinstance(out, SynthesisError):
                     raise out
@@ -391,39 +426,31 @@ def synthesize_all(
                     raise SynthesisError("synthesized audio is empty (silent); is the prompt speakable text?")
                 write_audio_atomic(audio_dir / rel, wave, SAMPLE_RATE)
             except SynthesisError as exc:
-                results[sample["sample_id"]] = ("rejected", sample, rend, str(exc), None)
+                results[u] = ("rejected", u, rend, str(exc), None)
                 continue
-            results[sample["sample_id"]] = ("synthesized", sample, rend, rel, wave.size / SAMPLE_RATE)
-        return [results[sample["sample_id"]] for sample in group]
+            results[u] = ("synthesized", u, rend, rel, wave.size / SAMPLE_RATE)
+        return [results[u] for u in group]
 
-    index_rows, rejected, counts = [], [], {"synthesized": 0, "skipped": 0, "rejected": 0}
+    done, rejected, counts = {}, [], {"synthesized": 0, "skipped": 0, "rejected": 0}
+    failed: set[tuple[str, str]] = set()  # (sample, rendition) with a turn that could not be spoken
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(
         total=len(work), desc="speech", unit="clip", disable=not progress
     ) as bar:
         for unit_results in pool.map(one, units):
             bar.update(len(unit_results))
-            for status, sample, rend, detail, duration in unit_results:
+            for status, u, rend, detail, duration in unit_results:
                 counts[status] += 1
                 if status == "rejected":
-                    rejected.append(reject("speech", "prompt", detail, sample_id=sample["sample_id"],
-                                           rendition=rend.id))  # fmt: skip
+                    rejected.append(reject("speech", u.field, detail, sample_id=u.sample_id, rendition=rend.id))
+                    failed.add((u.sample_id, rend.id))
                     continue
-                index_rows.append(
-                    {
-                        "sample_id": sample["sample_id"],
-                        "rendition": rend.id,
-                        "voice": rend.voice,
-                        "rate_wpm": rend.rate_wpm,
-                        "path": detail,
-                        "duration_s": float(duration),
-                        "sample_rate": SAMPLE_RATE,
-                    }
-                )
-    order = {(sample["sample_id"], rend.id): i for i, (sample, rend) in enumerate(work)}
-    index_rows.sort(key=lambda row: order[(row["sample_id"], row["rendition"])])  # the samples' order, as before
-    schema = schemas.with_metadata(
-        schemas.AUDIO_INDEX_SCHEMA, "audio_index", schemas.AUDIO_INDEX_VERSION, {"tts_backend": backend.name}
-    )
+                done[(u, rend)] = {"sample_id": u.sample_id, "rendition": rend.id, "turn": u.turn, "voice": rend.voice,
+                                   "rate_wpm": rend.rate_wpm, "path": detail, "duration_s": float(duration),
+                                   "sample_rate": SAMPLE_RATE}  # fmt: skip
+    # the samples' order, as before; a sample's turns in order; none of a (sample, rendition) that lost a turn
+    index_rows = [done[(u, rend)] for u, rend in work if (u, rend) in done and (u.sample_id, rend.id) not in failed]
+    schema = schemas.with_metadata(schemas.AUDIO_INDEX_SCHEMA, "audio_index", schemas.AUDIO_INDEX_VERSION,
+                                   {"tts_backend": backend.name, "speak": speak})  # fmt: skip
     index = pa.Table.from_pylist(index_rows, schema=schema)
     rejects = rejects_table(rejected)
     write_table_atomic(index, audio_dir / INDEX_FILE)
@@ -448,6 +475,8 @@ class SpeechConfig:
     rates: list[int] = listed(DEFAULT_RATES, "speaking rates, words per minute")
     per_sample: int = opt(1, "renditions per sample")
     split: str | None = opt(None, "only the samples of this split (e.g. eval, for a held-out voice)")
+    speak: str = opt("last-user", "which user turns of a conversation are spoken: the last (a plain sample's "
+                                  "prompt), or every one; system prompts and assistant turns never are", SPEAK)  # fmt: skip
     jobs: int = opt(os.cpu_count() or 1, "parallel synthesis threads")
 
 
@@ -456,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SpeechConfig, argv, description=__doc__)
     backend = make_backend(cfg.backend, cfg.tts_model, cfg.tts_device, cfg.tts_batch)
     result = synthesize_all(Path(cfg.samples), Path(cfg.out), backend, tuple(cfg.voices) or None, tuple(cfg.rates),
-                            cfg.per_sample, cfg.jobs, split=cfg.split)  # fmt: skip
+                            cfg.per_sample, cfg.jobs, split=cfg.split, speak=cfg.speak)  # fmt: skip
     hours = sum(result.index["duration_s"].to_pylist()) / 3600
     print(
         f"speech: {result.index.num_rows} clips ({result.synthesized} synthesized, {result.skipped} already there, "

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import schemas
+from pipeline.chat import TURNS
 from pipeline.config import ConfigError, check_choices, flag, opt
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
@@ -46,10 +49,21 @@ class TeacherConfig:
     draws: int = opt(12, "--targets sampled: ids drawn per response position (with replacement, at most 255)")
     draw_temperature: float = opt(1.0, "--targets sampled: temperature of the distribution drawn from (the student "
                                        "trains at this KD temperature)")  # fmt: skip
-    responses: str = opt("dataset", "score the samples' responses, or have the teacher write them first (kept in "
-                                    "the cache rows; samples.parquet is never changed)", ("dataset", "teacher"))  # fmt: skip
-    max_new_tokens: int = opt(256, "--responses teacher: longest response written")
-    temperature: float = opt(0.0, "--responses teacher: sampling temperature (0 = greedy)")
+    responses: str = opt("dataset", "score the samples' responses (dataset), or have the teacher write the final "
+                                    "assistant turn: teacher = in one pass, its top-k taken as it generates; "
+                                    "teacher-rescored = generate, then score the written ids in a second pass (what "
+                                    "--targets sampled needs: its draws are taken in the scoring pass). The written "
+                                    "text is kept in the cache rows; samples.parquet is never changed",
+                         ("dataset", "teacher", "teacher-rescored"))  # fmt: skip
+    turns: str = opt("last", "which assistant turns of a conversation are distilled: last = the final one, all = "
+                             "every one (each its own span of the cached row)", TURNS)  # fmt: skip
+    max_new_tokens: int = opt(256, "--responses teacher: longest response written (one that reaches it is cached "
+                                   "without an end of turn, and counted)")  # fmt: skip
+    min_new_tokens: int = opt(0, "--responses teacher: the end of turn is held back until this many tokens are "
+                                 "written (vLLM's min_tokens; the cached top-k stay the raw distribution's); for "
+                                 "benchmarks at an assistant's response length")  # fmt: skip
+    temperature: float = opt(0.0, "--responses teacher: sampling temperature (0 = greedy); the cached top-k are "
+                                  "the raw distribution's (temperature 1) whatever it is")  # fmt: skip
     too_long: str = opt("reject", "a sample longer than the context: a reject, or its response cut",
                         ("reject", "truncate"))  # fmt: skip
     logprob_step: float = opt(1 / 32, "quantization step of the cached logprobs (nats; worst-case error step/2)")
@@ -131,6 +145,9 @@ class TeacherConfig:
             raise ConfigError(f"--draws must be in 1..255 (counts are stored as uint8), got {self.draws}")
         if self.draw_temperature <= 0:
             raise ConfigError(f"--draw-temperature must be > 0, got {self.draw_temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"--min-new-tokens must be in 0..--max-new-tokens ({self.max_new_tokens}), got "
+                              f"{self.min_new_tokens}")  # fmt: skip
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -148,6 +165,19 @@ class TeacherConfig:
             raise ConfigError(f"no teacher at {self.model} (the embedded toy teacher's place): build it with "
                               f"`python -m toy.teacher` or the cache-teacher flow, or pass --teacher")  # fmt: skip
         return self
+
+    @property
+    def writes_responses(self) -> bool:
+        """Whether the teacher writes the final assistant turn (--responses teacher or teacher-rescored)."""
+        return self.responses != "dataset"
+
+    @property
+    def responses_mode(self) -> str:
+        """How the responses are made, as the fingerprint records it: sampled targets are drawn in the scoring
+        pass, so with --targets sampled teacher-written responses are generated, then re-scored."""
+        if self.responses == "teacher" and self.targets == "sampled":
+            return "teacher-rescored"
+        return self.responses
 
     @property
     def logprobs_per_position(self) -> int:

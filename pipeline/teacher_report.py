@@ -25,6 +25,8 @@ def partition_summary(cfg: TeacherConfig, n_samples: int, stats: Counter, reject
         "rejected": len(rejected),
         "rejects_by_reason": dict(reasons),
         "truncated": stats["truncated"],
+        "tokens_generated": stats["generated"],
+        "responses_cut": stats["responses_cut"],
         "tokens_cached": stats["tokens"],
         "tokens_scored": stats["tokens_scored"],
         "prompt_tokens_from_prefix_cache": stats["prefix_cached"],
@@ -34,7 +36,8 @@ def partition_summary(cfg: TeacherConfig, n_samples: int, stats: Counter, reject
         "bytes_written": writer.bytes_written,
         "top_k": cfg.top_k,
         "targets": targets_label(cfg),
-        "responses": cfg.responses,
+        "responses": cfg.responses_mode,
+        "turns": cfg.turns,
     }
 
 
@@ -43,7 +46,8 @@ def targets_label(cfg: TeacherConfig) -> str:
     return f"top-{cfg.top_k}" if cfg.targets == "topk" else f"sampled {cfg.draws} @ T={cfg.draw_temperature:g}"
 
 
-SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "rejected", "truncated", "tokens_cached",
+SUMMED = ("samples", "cached_now", "already_cached", "rescored_changed", "rejected", "truncated", "tokens_generated",
+          "responses_cut", "tokens_cached",
           "tokens_scored", "prompt_tokens_from_prefix_cache", "bytes_written", "engine_start_seconds")  # fmt: skip
 
 
@@ -85,7 +89,19 @@ def format_summary(s: dict) -> str:
         f"their content changed since cached), {s['already_cached']} already there, "
         f"{s['rejected']} rejected; {s['tokens_cached']} response tokens, {s['tokens_per_second']:.0f} tok/s scored"
         f"{reused}{bpt} -> {s['cache_dir']} ({s['cache_rows']} rows)" + format_phases(s.get("phase_seconds"))
+        + format_written(s)
     )
+
+
+def format_written(s: dict) -> str:
+    """What the teacher wrote, when it wrote the responses: tokens, and how many responses reached
+    --max-new-tokens (cached as written: without an end of turn)."""
+    if not s.get("tokens_generated"):
+        return ""
+    cut = s.get("responses_cut") or 0
+    note = (f"; {cut} reached --max-new-tokens and are cached without an end of turn (raise --max-new-tokens)"
+            if cut else "")  # fmt: skip
+    return f"\nthe teacher wrote {s['tokens_generated']} tokens ({s['responses']}){note}"
 
 
 def format_phases(phases: dict | None) -> str:

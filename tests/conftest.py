@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from pipeline.samples import ingest  # noqa: E402
-from tests.helpers import TINY_TEACHER, TINY_WORLD, tiny_teacher_config  # noqa: E402
+from tests.helpers import TINY_TEACHER, TINY_WORLD, chat_rows, tiny_teacher_config  # noqa: E402
 from toy.teacher import build_teacher  # noqa: E402
 from toy.world import generate  # noqa: E402
 
@@ -129,3 +129,31 @@ def tiny_vits(data_root) -> Path:
         model.duration_predictor.proj.bias.fill_(float(torch.log(torch.tensor(2.0))))
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_samples(tiny_rows, tmp_path_factory) -> Path:
+    """Eight conversations of the tiny world (a system prompt, two question-answer rounds), ingested."""
+    import json
+
+    root = tmp_path_factory.mktemp("chat")
+    src = root / "chats.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(tiny_rows)))
+    ingest(str(src), root / "samples", progress=False)
+    return root / "samples"
+
+
+@pytest.fixture(scope="session")
+def chat_cache(chat_samples, tiny_teacher, vllm_engine) -> Path:
+    """The conversations cached with --turns all, every user turn spoken (audio and speech features beside)."""
+    from pipeline.features import FeatureConfig, extract_all
+    from pipeline.speech import synthesize_all
+    from pipeline.teacher import cache_teacher_logits
+
+    root = chat_samples.parent
+    synthesize_all(chat_samples, root / "audio", voices=("en-us",), rates=(170,), progress=False, speak="all-user")
+    extract_all(root / "audio" / "index.parquet", root / "features", FeatureConfig(n_mels=40), progress=False)
+    cfg = tiny_teacher_config(tiny_teacher, samples=chat_samples, out=root / "cache", features=root / "features",
+                              audio=root / "audio", top_k=8, turns="all")  # fmt: skip
+    cache_teacher_logits(cfg, progress=False, llm=vllm_engine)
+    return root / "cache"

@@ -54,3 +54,18 @@ def one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) -> 
     for needle in needles:
         assert needle in last, (needle, last)
     return last
+
+
+SYSTEM_PROMPT = "Answer in one short sentence."
+
+
+def chat_rows(rows: list[dict], n: int = 8) -> list[dict]:
+    """Conversations made of the tiny world: a system prompt, then two question-answer rounds (two rows each)."""
+    out = []
+    for i in range(n):
+        a, b = rows[2 * i], rows[2 * i + 1]
+        out.append({"sample_id": f"chat-{i}", "split": "train", "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["response"]},
+            {"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": b["response"]}]})  # fmt: skip
+    return out

@@ -16,6 +16,7 @@ from pipeline import schemas
 
 # The columns decode_row reads: always, and for the targets of each encoding.
 DECODED_COLUMNS = ("sample_id", "response", "n_tokens", "token_ids", "token_logprobs")
+TURN_COLUMNS = ("turn_starts", "turn_lengths")  # since cache version 4 (a version 3 row: one turn)
 TARGET_COLUMNS = {"topk": ("topk_ids", "topk_codes", "top1_logprobs", "tail_logmass"),
                   "sampled": ("draw_ids", "draw_counts")}  # fmt: skip
 MAX_CODE_NATS = 1000.0  # logprobs further than this below the top-1 are clamped there
@@ -30,7 +31,7 @@ class CacheEncoding:
     top_k: int | None
     vocab_size: int
     logprob_step: float = 1 / 32  # nats; worst-case error step/2, mean ~step/4
-    version: int = schemas.CACHE_VERSION
+    version: int = schemas.CACHE_ENCODING_VERSION
     draws: int | None = None
     draw_temperature: float | None = None
     draw_seed: int | None = None
@@ -99,9 +100,18 @@ class ScoredSample:
     topk_ids: np.ndarray  # (n, k) int, rank order
     topk_logprobs: np.ndarray  # (n, k) float, non-increasing along k
     content_sha256: str = ""  # what was scored (pipeline.fingerprint.content_sha256)
+    # the scored assistant turns: each one's first position in the conversation's tokens and its length (sum: n);
+    # None: one turn (its start unknown, -1)
+    turn_starts: list[int] | None = None
+    turn_lengths: list[int] | None = None
 
 
 def _common_columns(s: ScoredSample) -> dict:
+    lengths = s.turn_lengths if s.turn_lengths is not None else [len(s.token_ids)]
+    starts = s.turn_starts if s.turn_starts is not None else [-1]
+    if sum(lengths) != len(s.token_ids) or len(starts) != len(lengths):
+        raise ValueError(f"sample {s.sample_id}: turns of lengths {lengths} (starts {starts}) do not cover its "
+                         f"{len(s.token_ids)} scored tokens")  # fmt: skip
     return {
         "sample_id": s.sample_id,
         "content_sha256": s.content_sha256,
@@ -109,6 +119,8 @@ def _common_columns(s: ScoredSample) -> dict:
         "n_tokens": len(s.token_ids),
         "token_ids": s.token_ids.astype(np.int32),
         "token_logprobs": s.token_logprobs.astype(np.float32),
+        "turn_starts": np.asarray(starts, dtype=np.int32),
+        "turn_lengths": np.asarray(lengths, dtype=np.int32),
     }
 
 

@@ -59,6 +59,7 @@ FINGERPRINT_KEYS = [
     "logprob_step",
     "id_bits",
     "responses",
+    "turns",
     "dtype",
     "max_model_len",
     "too_long",
@@ -67,6 +68,19 @@ FINGERPRINT_KEYS = [
 ]
 
 # --- manifest ----------------------------------------------------------------
+
+
+def current_fingerprint(fingerprint: dict, schema_version) -> dict:
+    """A fingerprint as this version records it: one written by cache version 3 (or a shard of one) scored the
+    last turn (`turns` was added in 4), and its teacher-written responses were generated, then re-scored (`teacher`
+    meant `teacher-rescored` until one-pass generation came in 4)."""
+    if schema_version is None or int(schema_version) >= 4:
+        return fingerprint
+    fp = {**fingerprint, "turns": fingerprint.get("turns", "last")}
+    if fp.get("responses") == "teacher":
+        fp["responses"] = "teacher-rescored"
+    return fp
+
 
 
 def read_manifest(cache_dir: Path) -> dict | None:
@@ -191,8 +205,10 @@ def open_cache_layout(cache_dir: Path | str, fingerprint: dict, partitions: int 
         return 1
     if manifest is not None:
         # a manifest of another schema version is another setup too
-        recorded = {**manifest["fingerprint"], "schema_version": manifest.get("schema_version")}
-        if replaces_other_setup(cache_dir, {**fingerprint, "schema_version": schemas.CACHE_VERSION}, recorded,
+        version = manifest.get("schema_version")
+        recorded = {**current_fingerprint(manifest["fingerprint"], version),
+                    "schema_version": version if version not in schemas.CACHE_READABLE_VERSIONS else "readable"}
+        if replaces_other_setup(cache_dir, {**fingerprint, "schema_version": "readable"}, recorded,
                                 overwrite, FINGERPRINT_KEYS + ["schema_version"]):  # fmt: skip
             with Locks([partition_dir(cache_dir, i, wanted) for i in range(wanted)], "--overwrite empties it"):
                 wipe(cache_dir)
@@ -249,7 +265,7 @@ def fix_command(cache_dir: Path) -> str:
 def shard_fingerprint(path: Path) -> dict | None:
     """The fingerprint a shard was written with (its Parquet metadata), None when it has none."""
     meta = schemas.read_metadata(pq.read_schema(path))
-    return json.loads(meta["fingerprint"]) if "fingerprint" in meta else None
+    return current_fingerprint(json.loads(meta["fingerprint"]), meta.get("version")) if "fingerprint" in meta else None
 
 
 def check_shard(path: Path, entry: dict | None, fingerprint: dict, verify: bool = True) -> None:

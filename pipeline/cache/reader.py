@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schemas
-from pipeline.cache.codec import DECODED_COLUMNS, TARGET_COLUMNS, CacheEncoding, decode_sampled, decode_topk
-from pipeline.cache.layout import MANIFEST, cache_partitions, cache_shards, check_shard, fix_command, read_manifest
+from pipeline.cache.codec import (DECODED_COLUMNS, TARGET_COLUMNS, TURN_COLUMNS, CacheEncoding, decode_sampled,
+                                  decode_topk)
+from pipeline.cache.layout import (MANIFEST, cache_partitions, cache_shards, check_shard, current_fingerprint,
+                                   fix_command, read_manifest)
 from pipeline.errors import CorruptData, InputMismatch, MissingInput
 from pipeline.parquet_io import RowGroupReader
 
@@ -29,13 +31,13 @@ class CacheReader:
         if manifest is None:
             raise MissingInput(f"no cache at {self.dir} (no {MANIFEST}): run the cache-teacher flow first "
                                f"(`python flows/cache_teacher.py`) or point --logits at a cache")  # fmt: skip
-        if manifest.get("schema_version") != schemas.CACHE_VERSION:
+        if manifest.get("schema_version") not in schemas.CACHE_READABLE_VERSIONS:
             raise InputMismatch(
                 f"{self.dir}: cache schema version {manifest.get('schema_version')}, this speechkd reads "
-                f"{schemas.CACHE_VERSION}; rebuild the cache"
+                f"{', '.join(map(str, schemas.CACHE_READABLE_VERSIONS))}; rebuild the cache"
             )
         self.manifest = manifest
-        self.fingerprint = manifest["fingerprint"]
+        self.fingerprint = current_fingerprint(manifest["fingerprint"], manifest.get("schema_version"))
         self.encoding = CacheEncoding.from_dict(self.fingerprint)
         self.partitions = cache_partitions(self.dir, manifest)
         listed = cache_shards(self.dir)  # the union of the partitions' manifests
@@ -81,12 +83,16 @@ class CacheReader:
     def decode_row(self, row: dict, targets: bool = True) -> dict:
         """A stored row (Python values or numpy arrays per column) as numpy arrays, with the targets decoded
         (unless targets=False): topk_ids, topk_logprobs (n, k), tail_logmass (n,) of a top-k cache; draw_ids,
-        draw_counts (n, m) of a sampled one."""
+        draw_counts (n, m) of a sampled one; turn_starts, turn_lengths the scored turns (a version 3 row: one
+        turn, start -1)."""
+        n = len(row["token_ids"])
         out = {
             "sample_id": row["sample_id"],
             "response": row["response"],
             "token_ids": np.asarray(row["token_ids"], dtype=np.int64),
             "token_logprobs": np.asarray(row["token_logprobs"], dtype=np.float32),
+            "turn_starts": np.asarray(row.get("turn_starts", [-1]), dtype=np.int64),
+            "turn_lengths": np.asarray(row.get("turn_lengths", [n]), dtype=np.int64),
         }
         if targets and self.encoding.draws:
             ids, counts = decode_sampled(row["draw_ids"], row["draw_counts"], row["n_tokens"], self.encoding)
@@ -155,7 +161,9 @@ class CacheReader:
         """Row i of an encoded table, decoded like decode_row, its list columns read as numpy arrays (no
         Python object per value)."""
         row = {}
-        for name in DECODED_COLUMNS + (TARGET_COLUMNS[self.targets] if targets else ()):
+        names = DECODED_COLUMNS + (TARGET_COLUMNS[self.targets] if targets else ())
+        names += tuple(c for c in TURN_COLUMNS if c in table.column_names)
+        for name in names:
             value = table[name][i]
             row[name] = value.values.to_numpy(zero_copy_only=False) if pa.types.is_list(value.type) else value.as_py()
         return self.decode_row(row, targets)

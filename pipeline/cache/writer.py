@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.cache.codec import CacheEncoding, rows_to_table
-from pipeline.cache.layout import (FINGERPRINT_KEYS, SHARD_PREFIX, Locks, check_shard, read_manifest, relative_to,
-                                   replaces_other_setup, shard_fingerprint, write_manifest)
+from pipeline.cache.layout import (FINGERPRINT_KEYS, SHARD_PREFIX, Locks, check_shard, current_fingerprint,
+                                   read_manifest, relative_to, replaces_other_setup, shard_fingerprint,
+                                   write_manifest)
 from pipeline.errors import InputMismatch
 from pipeline.files import atomic_write, remove_stale_temp_files, sha256_file
 from pipeline.fingerprint import diff
@@ -59,11 +60,13 @@ class CacheWriter:
         self._locks.__enter__()
         remove_stale_temp_files(self.dir)
         manifest = read_manifest(self.dir)
-        if manifest is not None and manifest.get("schema_version") != schemas.CACHE_VERSION:
+        if manifest is not None and manifest.get("schema_version") not in schemas.CACHE_READABLE_VERSIONS:
             if not self.overwrite:
                 raise InputMismatch(f"{self.dir}: cache schema version {manifest.get('schema_version')}, this "
                                     f"speechkd writes {schemas.CACHE_VERSION}; rebuild it with --overwrite")  # fmt: skip
             manifest = {"fingerprint": {}, "shards": dict.fromkeys(manifest.get("shards", {}))}
+        if manifest is not None:  # a version 3 cache is appended to: its new shards are version 4
+            manifest["fingerprint"] = current_fingerprint(manifest["fingerprint"], manifest.get("schema_version"))
         if manifest is not None and replaces_other_setup(self.dir, self.fingerprint, manifest["fingerprint"],
                                                          self.overwrite):  # fmt: skip
                 manifest = None
@@ -113,9 +116,11 @@ class CacheWriter:
     def _shard_entry(self, path: Path) -> dict:
         return {"rows": pq.read_metadata(path).num_rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
-    def _shard_schema(self) -> pa.Schema:
+    def _shard_schema(self, version: int = schemas.CACHE_VERSION) -> pa.Schema:
+        """The schema (and metadata) of a shard written now; `version` 3: the metadata of a version 3 shard being
+        rewritten without some rows (its columns stay as they are)."""
         fp = {k: self.fingerprint.get(k) for k in FINGERPRINT_KEYS}
-        return schemas.with_metadata(schemas.cache_schema(self.encoding.targets), "cache", schemas.CACHE_VERSION,
+        return schemas.with_metadata(schemas.cache_schema(self.encoding.targets), "cache", version,
                                      {"encoding": json.dumps(self.encoding.to_dict()),
                                       "fingerprint": json.dumps(fp, sort_keys=True)})  # fmt: skip
 
@@ -150,7 +155,9 @@ class CacheWriter:
             keep = sorted(set(range(len(ids))) - set(drop))
             self.manifest.setdefault("pending", {})
             if keep:
-                table = pq.read_table(path).take(keep).replace_schema_metadata(self._shard_schema().metadata)
+                table = pq.read_table(path).take(keep)
+                version = schemas.CACHE_VERSION if "turn_lengths" in table.column_names else 3
+                table = table.replace_schema_metadata(self._shard_schema(version).metadata)
                 with atomic_write(path) as tmp:  # renamed over the shard only once the journal has its checksum
                     pq.write_table(table, tmp, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
                                    row_group_size=ROW_GROUP_ROWS)  # fmt: skip

@@ -94,12 +94,12 @@ def test_served_deployment_runs_the_flow_on_two_ray_workers_and_writes_the_cache
 
         held = FeatureStore(data / "features-heldout-voice")
         eval_ids = {r["sample_id"] for r in rows if r["split"] == "eval"}
-        assert eval_ids and {sid for sid, _ in held.keys()} == eval_ids
-        assert {rend.split("@")[0] for _, rend in held.keys()} == {"en-029"}
+        assert eval_ids and {sid for sid, _, _ in held.keys()} == eval_ids
+        assert {rend.split("@")[0] for _, rend, _ in held.keys()} == {"en-029"}
         # ... and by another synthesizer (--heldout-tts, default flite, in its own voices)
         held_tts = FeatureStore(data / "features-heldout-tts")
-        assert {sid for sid, _ in held_tts.keys()} == eval_ids
-        assert {rend.split("@")[0] for _, rend in held_tts.keys()} <= {"awb", "kal16", "rms", "slt"}
+        assert {sid for sid, _, _ in held_tts.keys()} == eval_ids
+        assert {rend.split("@")[0] for _, rend, _ in held_tts.keys()} <= {"awb", "kal16", "rms", "slt"}
         assert not (data / "models" / "encoder").exists()  # a user's dataset: no toy encoder is built
         assert con.sql("SELECT count(DISTINCT sample_id) FROM teacher_tokens").fetchall()[0][0] == len(rows)
         art = subprocess.run([PREFECT, "artifact", "inspect", "cache-teacher-summary"], env=env, capture_output=True,

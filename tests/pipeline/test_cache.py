@@ -20,7 +20,7 @@ from pipeline.chat import encode_pair
 from pipeline.parquet_io import rejects_path
 from pipeline.query import connect
 from pipeline.samples import ingest
-from pipeline.teacher import cache_teacher_logits, extract_response_logprobs
+from pipeline.teacher import cache_teacher_logits, span_logprobs
 from tests.helpers import tiny_teacher_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -289,11 +289,11 @@ def test_response_only_scoring_skips_prompt_positions_and_caches_the_same_rows(s
         assert fa.token_ids[kept_a] == fb.token_ids[kept_b]
         np.testing.assert_allclose(fa.logprobs[kept_a], fb.logprobs[kept_b], atol=1e-5)
         n = len(pair.response_ids)
-        for got, want in zip(extract_response_logprobs(fb, first + 1, n, 8, first),
-                             extract_response_logprobs(fa, first + 1, n, 8)):  # fmt: skip
+        total, spans = len(pair.input_ids), [(first + 1, n)]
+        for got, want in zip(span_logprobs(fb, total, spans, 8, first), span_logprobs(fa, total, spans, 8)):
             np.testing.assert_allclose(got, want, atol=1e-5)
         with pytest.raises(RuntimeError, match="prompt logprobs for"):  # vLLM's full output read as response rows
-            extract_response_logprobs(fa, first + 1, n, 8, first)
+            span_logprobs(fa, total, spans, 8, first)
 
     # the cache stage: --scoring response (the default) and --scoring full give the same rows
     a = cache_teacher_logits(_cfg(samples_dir, tmp_path / "response", tiny_teacher, top_k=8, limit=30), False,
@@ -348,8 +348,8 @@ def test_prefix_cache_hits_stop_before_the_response_and_change_no_row(tiny_rows,
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from pipeline.chat import encode_pair
-    from pipeline.teacher import check_prefix_hits
+    from pipeline.chat import conversation, encode_conversation, encode_pair
+    from pipeline.teacher import Job, check_prefix_hits
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     context, i = "Context:", 0
@@ -389,11 +389,12 @@ def test_prefix_cache_hits_stop_before_the_response_and_change_no_row(tiny_rows,
     out = vllm_engine.generate([TokensPrompt(prompt_token_ids=pair.input_ids)], params, use_tqdm=False)[0]
     first = len(pair.prompt_ids) - 1
     assert 64 <= out.num_cached_tokens <= first and out.num_cached_tokens % 32 == 0, (out.num_cached_tokens, first)
-    assert check_prefix_hits([out], [pair], [lines[0]], True) == out.num_cached_tokens
+    job = Job(lines[0], encode_conversation(tok, conversation(lines[0])))
+    assert check_prefix_hits([out], [job], True, [params]) == out.num_cached_tokens
     # a hit reported past the first scored position (an engine without the cap) stops the run, naming the sample
     out.num_cached_tokens = first + 1
     with pytest.raises(RuntimeError, match="q0.*past its first scored position"):
-        check_prefix_hits([out], [pair], [lines[0]], True)
+        check_prefix_hits([out], [job], True, [params])
 
 
 def test_scored_rows_are_batched_in_order_without_splitting_a_request():

@@ -30,15 +30,15 @@ def test_features_shape_and_determinism(audio_index, tmp_path):
     index = pq.read_table(audio_index).to_pylist()
     assert a.written == len(index) and a.rejects.num_rows == 0 and len(a.shards) > 1
     fa, fb = load_features(tmp_path / "a"), load_features(tmp_path / "b")
-    assert fa.keys() == fb.keys() == {(r["sample_id"], r["rendition"]) for r in index}
+    assert fa.keys() == fb.keys() == {(r["sample_id"], r["rendition"], r["turn"]) for r in index}
     for r in index:
-        feats = fa[(r["sample_id"], r["rendition"])]
+        feats = fa[(r["sample_id"], r["rendition"], r["turn"])]
         assert feats.dtype == np.float16 and feats.shape[1] == 40
         # 10 ms shift, 25 ms window: frames = 1 + (samples - 400) // 160
         n = round(r["duration_s"] * 16000)
         assert feats.shape[0] == 1 + (n - 400) // 160
         assert np.isfinite(feats).all() and feats.astype(np.float32).std() > 0.5
-        np.testing.assert_array_equal(feats, fb[(r["sample_id"], r["rendition"])])
+        np.testing.assert_array_equal(feats, fb[(r["sample_id"], r["rendition"], r["turn"])])
     assert feature_config_of(tmp_path / "a") == cfg
     count, frames = duckdb.sql(f"SELECT count(*), sum(n_frames) FROM '{tmp_path / 'a'}/*.parquet'").fetchall()[0]
     assert count == len(index) and frames == sum(f.shape[0] for f in fa.values())
@@ -53,10 +53,12 @@ def test_features_shape_and_determinism(audio_index, tmp_path):
 
 
 def as_older_version(path: Path, out: Path, version: int) -> None:
-    """A version 3 features shard rewritten as an older version wrote it: no voice column (version 2); and
-    list<halffloat> features, every column dictionary-encoded, pyarrow's default (version 1)."""
-    table = pq.read_table(path)
-    table = table.drop_columns(["voice"])
+    """A version 4 features shard rewritten as an older version wrote it: no turn column (version 3); no voice
+    column either (version 2); and list<halffloat> features, every column dictionary-encoded, pyarrow's default
+    (version 1)."""
+    table = pq.read_table(path).drop_columns(["turn"])
+    if version <= 2:
+        table = table.drop_columns(["voice"])
     if version == 1:
         lists = pa.array([np.frombuffer(b, "<f2") for b in table["fbank"].to_pylist()], pa.list_(pa.float16()))
         table = table.set_column(table.schema.get_field_index("fbank"),
@@ -65,21 +67,22 @@ def as_older_version(path: Path, out: Path, version: int) -> None:
     pq.write_table(table.replace_schema_metadata(meta), out, compression="zstd")
 
 
-def test_older_versions_read_beside_version_3_and_a_short_clip_is_refused(audio_index, tmp_path):
+def test_older_versions_read_beside_version_4_and_a_short_clip_is_refused(audio_index, tmp_path):
     cfg = FeatureConfig(n_mels=40)
     a = extract_all(audio_index, tmp_path / "a", cfg, rows_per_shard=7, progress=False)
     expected = load_features(tmp_path / "a")
     voices = dict(zip(FeatureStore(tmp_path / "a").keys(), FeatureStore(tmp_path / "a").voices))
     assert set(voices.values()) == {"en-us"}  # the voice column (version 3): the audio index's voice
-    for shard, version in ((0, 1), (2, 2)):  # a store made before versions 2 and 3, then appended to
+    assert len(a.shards) > 3
+    for shard, version in ((0, 1), (2, 2), (3, 3)):  # a store made before versions 2, 3 and 4, then appended to
         as_older_version(a.shards[shard], tmp_path / "old.parquet", version)
         os.replace(tmp_path / "old.parquet", a.shards[shard])
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    for shard in (0, 2):  # a store made before checksums: those shards have no entry
+    for shard in (0, 2, 3):  # a store made before checksums: those shards have no entry
         del manifest["shards"][a.shards[shard].name]
     (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
     assert pq.read_schema(a.shards[0]).field("fbank").type == pa.list_(pa.float16())
-    assert "voice" not in pq.read_schema(a.shards[2]).names
+    assert "voice" not in pq.read_schema(a.shards[2]).names and "turn" not in pq.read_schema(a.shards[3]).names
     mixed = load_features(tmp_path / "a")
     assert mixed.keys() == expected.keys()
     for key, feats in expected.items():
@@ -87,7 +90,7 @@ def test_older_versions_read_beside_version_3_and_a_short_clip_is_refused(audio_
         np.testing.assert_array_equal(mixed[key], feats)
     store = FeatureStore(tmp_path / "a")
     assert dict(zip(store.keys(), store.voices)) == voices  # older shards: the voice of the rendition id
-    assert extract_all(audio_index, tmp_path / "a", cfg, progress=False).written == 0  # resumes over all three
+    assert extract_all(audio_index, tmp_path / "a", cfg, progress=False).written == 0  # resumes over all four
     # a clip whose bytes do not hold n_frames x n_mels values is corrupt data, named, never reshaped
     table = pq.read_table(a.shards[1])
     clipped = pa.array([b[:-2] if i == 0 else b for i, b in enumerate(table["fbank"].to_pylist())], pa.binary())
@@ -156,7 +159,7 @@ def test_whisper_features_match_the_extractor_and_the_encoder_restores_its_paddi
     for r in pq.read_table(audio_index).to_pylist()[:4]:
         wave = load_audio(Path(audio_index).parent / r["path"], 16000).numpy()
         ref = reference(wave, sampling_rate=16000, return_tensors="np")["input_features"][0]  # (40, 3000)
-        feats = stored[(r["sample_id"], r["rendition"])].astype(np.float32)
+        feats = stored[(r["sample_id"], r["rendition"], r["turn"])].astype(np.float32)
         n = feats.shape[0]
         assert 0 < n < 3000 and n == len(wave) // 160
         np.testing.assert_allclose(feats[:-1].T, ref[:, : n - 1], atol=2e-3)  # float16 storage
