@@ -1,14 +1,12 @@
 """The training examples of a split (cache rows joined with their speech) and the two student inputs of each.
 
-Channel T: the chat-templated text prompt, then the response tokens.
-Channel S: the same template with the speech in place of the prompt text, then
-the response tokens. In both, the response tokens are exactly the cached ones,
-so the student's hidden states at the response positions line up with the
-cached teacher targets. What a prompt becomes is the student kind's
-(`ComposedPrompts`: speechkd's own speech stack reads the teacher's template
-and stored features; `SpeechLLMPrompts`: a pretrained speech LLM's own template
-and processor on the waveform); the targets and their padding are shared
-(`collate`).
+A sample is a conversation (pipeline.chat): its system prompt, user and assistant turns, the scored assistant
+turns (the last, or every one: the cache's --turns) in the chat template. Channel T is that conversation as text;
+channel S is the same with each spoken user turn's speech in its place. In both, each scored turn's tokens are
+exactly the cached ones, so the student's hidden states at the response positions line up with the cached teacher
+targets. What the conversation becomes is the student kind's (`ComposedPrompts`: speechkd's own speech stack
+reads the teacher's template and stored features; `SpeechLLMPrompts`: a pretrained speech LLM's own template and
+processor on the waveform); the targets and their padding are shared (`collate`).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader
-from pipeline.chat import render_prompt, render_user_turn
+from pipeline.chat import Piece, conversation, render_prompt, segments, to_score, token_ids
 from pipeline.fingerprint import tokenizer_sha256
 from student.config import ConfigError
 from student.inputs import RunInputs
@@ -73,41 +71,118 @@ class SpeechTemplate:
         return cls(enc(before), enc(after))
 
 
+# A conversation laid out for one channel: ("ids", token ids) | ("clip", j: the example's j-th clip, whose speech
+# goes here) | ("response", a, b: the cached response tokens a..b-1, one scored turn)
+Segment = tuple
+
+
+def layout(pieces: list[Piece], tokenizer, turn_lengths, clip_of_turn: dict[int, int] | None = None) -> list[Segment]:
+    """The segments of a conversation's pieces (pipeline.chat.segments): text tokenized on its own (as the
+    teacher's), each scored turn mapped onto its share of the cached response (`turn_lengths`, in order), each
+    spoken turn onto its clip (`clip_of_turn`: turn -> the example's clip index)."""
+    scored = sum(p.kind == "response" for p in pieces)
+    if scored != len(turn_lengths):
+        raise RuntimeError(f"the conversation has {scored} scored turn(s) in this template, its cache row "
+                           f"{len(turn_lengths)}: the cache and the student do not cut it alike")  # fmt: skip
+    out, at, lengths = [], 0, iter(int(n) for n in turn_lengths)
+    for p in pieces:
+        if p.kind == "text":
+            out.append(("ids", token_ids(tokenizer, p.text)))
+        elif p.kind == "speech":
+            out.append(("clip", clip_of_turn[p.turn]))
+        else:
+            n = next(lengths)
+            out.append(("response", at, at + n))
+            at += n
+    return out
+
+
+def flatten(segs: list[Segment], response_ids) -> tuple[list[int], np.ndarray]:
+    """An all-token layout as (input ids, positions): ids with the response tokens in their places, and where each
+    response token is predicted (the position before it)."""
+    ids, pos = [], np.zeros(len(response_ids), dtype=np.int64)
+    response = [int(i) for i in response_ids]
+    for seg in segs:
+        if seg[0] == "ids":
+            ids.extend(seg[1])
+        else:
+            a, b = seg[1], seg[2]
+            pos[a:b] = np.arange(len(ids) - 1, len(ids) - 1 + b - a)
+            ids.extend(response[a:b])
+    return ids, pos
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What a student reads of one example: the conversation as cached (pipeline.chat.to_score), which turns were
+    scored (the cache's --turns) and, per clip of the example, the user turn it speaks."""
+
+    messages: list[dict]
+    turns: str
+    spoken: list[int]  # the user turn of each clip, in the example's clip order
+
+    def transcripts(self, tokenizer) -> list[list[int]]:
+        """Per clip, its turn's text and the end of turn (what speech alignment predicts from the speech)."""
+        return [token_ids(tokenizer, self.messages[t]["content"]) + [tokenizer.eos_token_id] for t in self.spoken]
+
+
 class ComposedPrompts:
-    """The composed student's inputs for a prompt: the teacher's template (its backbone is the teacher's LLM) with
-    the text, and the stored features of the clip (channel S puts its speech embeddings in the prompt's place)."""
+    """The composed student's inputs: the teacher's template (its backbone is the teacher's LLM) with the text, and
+    the stored features of each spoken turn's clip (channel S puts its speech embeddings in the turn's place)."""
 
     kind = "composed"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def example_inputs(self, prompt: str, clip) -> dict:
+    def example_inputs(self, conv: Conversation, row: dict, clips: list) -> dict:
         tok = self.tokenizer
-        return {"prompt_ids": tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"],
-                "transcript_ids": tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-                "speech": clip}  # fmt: skip
+        text = layout(segments(tok, conv.messages, conv.turns), tok, row["turn_lengths"])
+        text_ids, text_pos = flatten(text, row["token_ids"])
+        out = {"text_ids": text_ids, "text_pos": text_pos, "transcripts": conv.transcripts(tok)}
+        if clips:
+            order = {t: j for j, t in enumerate(conv.spoken)}
+            out.update(speech_segments=layout(segments(tok, conv.messages, conv.turns, spoken=conv.spoken), tok,
+                                              row["turn_lengths"], order), clips=clips)  # fmt: skip
+        return out
 
 
 class SpeechLLMPrompts:
-    """A pretrained speech LLM's inputs for a prompt: its own chat template with the typed prompt (channel T), and
-    with an audio part whose placeholder its processor expands to the clip's length while its feature extractor
-    computes the clip's features from the waveform (channel S): the model's own audio path, exactly as at inference."""
+    """A pretrained speech LLM's inputs: its own chat template with the typed turns (channel T), and with an audio
+    part in each spoken turn's place, whose placeholder its processor expands to the clip's length while its
+    feature extractor computes the clip's features from the waveform (channel S): the model's own audio path,
+    exactly as at inference."""
 
     kind = "hf"
 
     def __init__(self, processor):
         self.processor, self.tokenizer = processor, processor.tokenizer
-        self._speech_text = render_user_turn(processor, None)
+        self.audio_token = getattr(processor, "audio_token", None) or "<|AUDIO|>"
 
-    def example_inputs(self, prompt: str, wave) -> dict:
-        tok = self.tokenizer
-        out = {"prompt_ids": tok(render_user_turn(self.processor, prompt), add_special_tokens=False)["input_ids"],
-               "transcript_ids": tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}  # fmt: skip
-        if wave is not None:
-            enc = self.processor(text=self._speech_text, audio=[wave], sampling_rate=16_000, return_tensors="np")
-            out.update(speech_prompt_ids=enc["input_ids"][0].tolist(), input_features=enc["input_features"][0],
-                       feature_mask=enc["feature_attention_mask"][0])  # fmt: skip
+    def example_inputs(self, conv: Conversation, row: dict, waves: list) -> dict:
+        tok, proc = self.tokenizer, self.processor
+        text = layout(segments(proc, conv.messages, conv.turns, parts=True), tok, row["turn_lengths"])
+        text_ids, text_pos = flatten(text, row["token_ids"])
+        out = {"text_ids": text_ids, "text_pos": text_pos, "transcripts": conv.transcripts(tok)}
+        if not waves:
+            return out
+        pieces = segments(proc, conv.messages, conv.turns, spoken=conv.spoken, parts=True)
+        segs, feats, masks, heard = [], [], [], 0
+        for seg, piece in zip(layout(pieces, tok, row["turn_lengths"]), pieces):
+            n_audio = piece.text.count(self.audio_token) if piece.kind == "text" else 0
+            if not n_audio:
+                segs.append(seg)
+                continue
+            enc = proc(text=piece.text, audio=list(waves[heard : heard + n_audio]), sampling_rate=16_000,
+                       return_tensors="np")  # fmt: skip
+            heard += n_audio
+            segs.append(("ids", enc["input_ids"][0].tolist()))
+            feats.extend(enc["input_features"])
+            masks.extend(enc["feature_attention_mask"])
+        if heard != len(waves):
+            raise RuntimeError(f"the student's template holds {heard} audio part(s) for {len(waves)} spoken turn(s)")
+        speech_ids, speech_pos = flatten(segs, row["token_ids"])
+        out.update(speech_ids=speech_ids, speech_pos=speech_pos, input_features=feats, feature_mask=masks)
         return out
 
 
@@ -115,18 +190,21 @@ class SpeechLLMPrompts:
 class Example:
     sample_id: str
     rendition: str | None
-    prompt_ids: list[int]  # channel T: templated text prompt
-    transcript_ids: list[int]  # the prompt text alone + end-of-turn (speech alignment target)
-    speech: np.ndarray | None  # channel S (composed): (frames, n_mels) float16
-    response_ids: np.ndarray  # (n,)
+    text_ids: list[int]  # channel T: the conversation as text, the cached response tokens in the scored turns
+    text_pos: np.ndarray  # (n,) where in text_ids each response token is predicted
+    transcripts: list[list[int]]  # per clip: its turn's text + end of turn (speech alignment target)
+    response_ids: np.ndarray  # (n,) every scored turn's cached tokens, in order
+    clips: list[np.ndarray] = field(default_factory=list)  # composed: each spoken turn's features (frames, n_mels)
+    speech_segments: list[Segment] | None = None  # composed channel S: the conversation with the clips in place
     topk_ids: np.ndarray | None = None  # (n, k); None when the targets were not decoded (alignment)
     topk_logprobs: np.ndarray | None = None  # (n, k)
     tail_logmass: np.ndarray | None = None  # (n,)
     draw_ids: np.ndarray | None = None  # (n, m) a sampled cache's distinct drawn ids per position (instead of top-k)
     draw_counts: np.ndarray | None = None  # (n, m) how often each was drawn (0: padding)
-    speech_prompt_ids: list[int] | None = None  # channel S (a speech LLM): its template with the audio placeholders
-    input_features: np.ndarray | None = None  # (n_mels, frames) its processor's features of the clip
-    feature_mask: np.ndarray | None = None  # (frames,) which of those frames are the clip's
+    speech_ids: list[int] | None = None  # channel S (a speech LLM): its template, audio placeholders expanded
+    speech_pos: np.ndarray | None = None  # (n,) where in speech_ids each response token is predicted
+    input_features: list[np.ndarray] | None = None  # per clip (n_mels, frames): its processor's features
+    feature_mask: list[np.ndarray] | None = None  # per clip (frames,): which of those frames are the clip's
     dropped_targets: int = 0  # target entries dropped (ids that mean other tokens to the student: student.vocab)
 
 
@@ -173,7 +251,10 @@ class StudentData:
         # what each sample's cache row must have scored; a row whose hash differs is stale (the sample was
         # edited after caching) and is skipped and counted, never trained on
         generation = self.reader.fingerprint.get("generation")
-        # per cache row in the split: (block, shard, group, row); per example: cache row index, clip position
+        self.responses = self.reader.fingerprint.get("responses") or "dataset"
+        self.turns = self.reader.fingerprint.get("turns") or "last"
+        # per cache row in the split: (block, shard, group, row); per example: cache row index, its clips (each
+        # spoken turn's position in the speech store)
         rows, ex_row, ex_clip = [], [], []
         self.row_sample_ids: list[str] = []
         report = JoinReport(samples=len(ids))
@@ -187,20 +268,20 @@ class StudentData:
                 if digest != self.samples.content_sha256(sid, generation):
                     report.stale.append(sid)
                     continue
-                clips = speech.clips(sid) if speech is not None else [-1]
+                clips = speech.clips(sid) if speech is not None else [()]
                 if not clips:
                     report.missing_features.append(sid)
                     continue
                 row_index = len(rows)
                 rows.append((block, s, g, r))
                 self.row_sample_ids.append(sid)
-                for pos in clips:
+                for group in clips:
                     ex_row.append(row_index)
-                    ex_clip.append(pos)
+                    ex_clip.append(group)
         report.missing_cache = sorted(in_split - seen)
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # block, shard, group, row
         self.ex_row = np.array(ex_row, dtype=np.int64)
-        self.ex_clip = np.array(ex_clip, dtype=np.int64)
+        self.ex_clip: list[tuple[tuple[int, int], ...]] = ex_clip  # per example: ((turn, store position), ...)
         report.examples = len(self.ex_row)
         self.report = report
 
@@ -236,17 +317,25 @@ class StudentData:
         _, s, g, r = self.rows[self.ex_row[i]].tolist()
         row = self.reader.decode_table_row(self.reader.read_row_group(s, g), r, targets=targets)
         sid = row["sample_id"]
-        clip = int(self.ex_clip[i])
-        speech = self.features.read(clip) if clip >= 0 and self.features is not None else None
-        rendition = self.features.renditions[clip] if clip >= 0 and self.features is not None else None
-        made = self.prompts.example_inputs(self.samples.prompt[sid], speech)
-        ex = Example(sid, rendition, made["prompt_ids"], made["transcript_ids"], made.get("speech"),
-                     row["token_ids"], row.get("topk_ids"), row.get("topk_logprobs"), row.get("tail_logmass"),
-                     row.get("draw_ids"), row.get("draw_counts"), made.get("speech_prompt_ids"),
-                     made.get("input_features"), made.get("feature_mask"))  # fmt: skip
+        group = self.ex_clip[i]
+        messages = to_score(conversation(self.samples.row(sid)), self.responses)
+        conv = Conversation(messages, self.turns, [t for t, _ in group] or self.last_user(messages))
+        clips = [self.features.read(pos) for _, pos in group] if self.features is not None else []
+        rendition = self.features.renditions[group[0][1]] if group and self.features is not None else None
+        made = self.prompts.example_inputs(conv, row, clips)
+        ex = Example(sid, rendition, made["text_ids"], made["text_pos"], made["transcripts"], row["token_ids"],
+                     made.get("clips", []), made.get("speech_segments"), row.get("topk_ids"),
+                     row.get("topk_logprobs"), row.get("tail_logmass"), row.get("draw_ids"), row.get("draw_counts"),
+                     made.get("speech_ids"), made.get("speech_pos"), made.get("input_features"),
+                     made.get("feature_mask"))  # fmt: skip
         if len(self.dropped):
             self._drop_targets(ex)
         return ex
+
+    @staticmethod
+    def last_user(messages: list[dict]) -> list[int]:
+        """Without speech: the turn a transcript is made of (the last user turn)."""
+        return [max(i for i, m in enumerate(messages) if m["role"] == "user")]
 
     def _drop_targets(self, ex: Example) -> None:
         """Ids the student reads as other tokens (student.vocab) are never trained toward: a cached response token
@@ -384,59 +473,63 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         if has_draws:
             batch["draw_ids"][b, :m, : e.draw_ids.shape[1]] = torch.from_numpy(e.draw_ids)
             batch["draw_counts"][b, :m, : e.draw_counts.shape[1]] = torch.from_numpy(e.draw_counts.astype(np.float32))
-    # channel T: prompt + response, right-padded; response_pos[b, t] is where token t is predicted
-    lens = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
-    L = max(lens)
-    batch["text_ids"] = torch.full((B, L), pad_id, dtype=torch.long)
-    batch["text_attention"] = torch.zeros(B, L, dtype=torch.long)
-    batch["text_response_pos"] = torch.zeros(B, n, dtype=torch.long)
-    for b, e in enumerate(examples):
-        ids = e.prompt_ids + e.response_ids.tolist()
-        batch["text_ids"][b, : len(ids)] = torch.tensor(ids)
-        batch["text_attention"][b, : len(ids)] = 1
-        p = len(e.prompt_ids)
-        batch["text_response_pos"][b, : len(e.response_ids)] = torch.arange(p - 1, p - 1 + len(e.response_ids))
-    if examples[0].speech_prompt_ids is not None:  # channel S of a speech LLM: its own prompt ids and features
-        batch.update(speech_llm_inputs(examples, pad_id))
+    # channel T: the conversation, right-padded; text_response_pos[b, t] is where response token t is predicted
+    batch.update(pad_ids([e.text_ids for e in examples], [e.text_pos for e in examples], n, pad_id, "text"))
+    if examples[0].speech_ids is not None:  # channel S of a speech LLM: its own ids and its processor's features
+        batch.update(speech_llm_inputs(examples, n, pad_id))
     batch["dropped_targets"] = torch.tensor(sum(e.dropped_targets for e in examples), dtype=torch.long)
-    m = max(len(e.transcript_ids) for e in examples)
-    batch["transcript_ids"] = torch.full((B, m), pad_id, dtype=torch.long)
-    batch["transcript_mask"] = torch.zeros(B, m, dtype=torch.bool)
-    for b, e in enumerate(examples):
-        batch["transcript_ids"][b, : len(e.transcript_ids)] = torch.tensor(e.transcript_ids)
-        batch["transcript_mask"][b, : len(e.transcript_ids)] = True
-    if examples[0].speech is not None:
-        batch.update(pad_speech([e.speech for e in examples]))
+    # per clip (every example's, in order): its transcript; without speech, one per example
+    transcripts = [t for e in examples for t in e.transcripts]
+    m = max(len(t) for t in transcripts)
+    batch["transcript_ids"] = torch.full((len(transcripts), m), pad_id, dtype=torch.long)
+    batch["transcript_mask"] = torch.zeros(len(transcripts), m, dtype=torch.bool)
+    for c, t in enumerate(transcripts):
+        batch["transcript_ids"][c, : len(t)] = torch.tensor(t)
+        batch["transcript_mask"][c, : len(t)] = True
+    if examples[0].clips:
+        batch.update(pad_speech([c for e in examples for c in e.clips]))
+        # each example's channel S layout, its clips numbered over the batch
+        first, layouts = 0, []
+        for e in examples:
+            layouts.append([("clip", first + seg[1]) if seg[0] == "clip" else seg for seg in e.speech_segments])
+            first += len(e.clips)
+        batch["speech_segments"] = layouts
     return batch
 
 
-def speech_llm_inputs(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """A speech LLM's channel S for a batch: its prompt ids (audio placeholders expanded) + the response,
-    right-padded, `speech_response_pos[b, t]` where response token t is predicted; its processor's features,
-    padded in time to the batch's longest with their frame mask."""
-    B, n = len(examples), max(len(e.response_ids) for e in examples)
-    L = max(len(e.speech_prompt_ids) + len(e.response_ids) for e in examples)
-    out = {"speech_ids": torch.full((B, L), pad_id, dtype=torch.long),
-           "speech_attention": torch.zeros(B, L, dtype=torch.long),
-           "speech_response_pos": torch.zeros(B, n, dtype=torch.long)}  # fmt: skip
-    for b, e in enumerate(examples):
-        ids = e.speech_prompt_ids + e.response_ids.tolist()
-        out["speech_ids"][b, : len(ids)] = torch.tensor(ids)
-        out["speech_attention"][b, : len(ids)] = 1
-        p = len(e.speech_prompt_ids)
-        out["speech_response_pos"][b, : len(e.response_ids)] = torch.arange(p - 1, p - 1 + len(e.response_ids))
-    frames = max(e.input_features.shape[-1] for e in examples)
-    feats = torch.zeros(B, examples[0].input_features.shape[0], frames)
-    mask = torch.zeros(B, frames, dtype=torch.long)
-    for b, e in enumerate(examples):
-        feats[b, :, : e.input_features.shape[-1]] = torch.from_numpy(np.asarray(e.input_features, dtype=np.float32))
-        mask[b, : e.feature_mask.shape[-1]] = torch.from_numpy(np.asarray(e.feature_mask, dtype=np.int64))
-    out.update(input_features=feats, feature_attention_mask=mask)
+def pad_ids(rows: list[list[int]], positions: list[np.ndarray], n: int, pad_id: int, name: str) -> dict:
+    """Token id rows right-padded as `<name>_ids`, `<name>_attention`, and `<name>_response_pos` (B, n): where
+    each row's response token t is predicted (0 past its response)."""
+    B, L = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros(B, L, dtype=torch.long)
+    pos = torch.zeros(B, n, dtype=torch.long)
+    for b, (r, p) in enumerate(zip(rows, positions)):
+        ids[b, : len(r)] = torch.tensor(r)
+        attention[b, : len(r)] = 1
+        pos[b, : len(p)] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+    return {f"{name}_ids": ids, f"{name}_attention": attention, f"{name}_response_pos": pos}
+
+
+def speech_llm_inputs(examples: list[Example], n: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A speech LLM's channel S for a batch: its ids (audio placeholders expanded, the response in place),
+    right-padded, `speech_response_pos[b, t]` where response token t is predicted; its processor's features of
+    every clip of the batch (in order: the order the placeholders come in), padded in time with their frame mask."""
+    out = pad_ids([e.speech_ids for e in examples], [e.speech_pos for e in examples], n, pad_id, "speech")
+    feats = [f for e in examples for f in e.input_features]
+    masks = [m for e in examples for m in e.feature_mask]
+    frames = max(f.shape[-1] for f in feats)
+    x = torch.zeros(len(feats), feats[0].shape[0], frames)
+    mask = torch.zeros(len(feats), frames, dtype=torch.long)
+    for c, (f, m) in enumerate(zip(feats, masks)):
+        x[c, :, : f.shape[-1]] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+        mask[c, : m.shape[-1]] = torch.from_numpy(np.asarray(m, dtype=np.int64))
+    out.update(input_features=x, feature_attention_mask=mask)
     return out
 
 
 def pad_speech(clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Speech features (frames, n_mels) of a batch, zero-padded in time, with their lengths."""
+    """Speech features (frames, n_mels) of a batch's clips, zero-padded in time, with their lengths."""
     T = max(c.shape[0] for c in clips)
     speech = torch.zeros(len(clips), T, clips[0].shape[1])
     for b, c in enumerate(clips):
@@ -444,46 +537,63 @@ def pad_speech(clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
     return {"speech": speech, "speech_lengths": torch.tensor([c.shape[0] for c in clips])}
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move a (pinned, on CUDA) batch to the device without blocking the host."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a (pinned, on CUDA) batch's tensors to the device without blocking the host (its layouts stay)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def speech_inputs(
-    model, template: SpeechTemplate, batch: dict, target: str = "response", encoded=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Channel S embeddings: [template prefix, speech, template suffix, target tokens], right-padded.
-
-    target "response": the cached response (channel S proper); "transcript": the
-    prompt text itself (speech alignment; pass an empty template). `encoded`: the
-    encoder's output for batch["speech"], when the caller has it already.
-    Returns (embeds (B, L, H), attention (B, L), target_pos (B, n)): logits at
-    target_pos[b, t] predict target token t.
-    """
-    ids_key, mask_key = ("response_ids", "mask") if target == "response" else ("transcript_ids", "transcript_mask")
-    speech, lengths = model.speech_embeddings(batch["speech"], batch["speech_lengths"], encoded)
-    embed = model.embed
-    device = speech.device
-    prefix = embed(torch.tensor(template.prefix_ids, dtype=torch.long, device=device))
-    suffix = embed(torch.tensor(template.suffix_ids, dtype=torch.long, device=device))
-    resp = embed(batch[ids_key])
-    rows, positions = [], []
-    n = batch[ids_key].shape[1]
-    for b in range(speech.shape[0]):
-        m = int(batch[mask_key][b].sum())
-        row = torch.cat([prefix, speech[b, : lengths[b]], suffix, resp[b, :m]])
-        start = prefix.shape[0] + int(lengths[b]) + suffix.shape[0]
-        rows.append(row)
-        pos = torch.zeros(n, dtype=torch.long)
-        pos[:m] = torch.arange(start - 1, start - 1 + m)
-        positions.append(pos)
+def _pad_rows(rows: list[torch.Tensor], positions: list[torch.Tensor], like: torch.Tensor):
     L = max(r.shape[0] for r in rows)
-    embeds = torch.zeros(len(rows), L, speech.shape[-1], device=device, dtype=speech.dtype)
-    attention = torch.zeros(len(rows), L, dtype=torch.long, device=device)
+    embeds = torch.zeros(len(rows), L, like.shape[-1], device=like.device, dtype=like.dtype)
+    attention = torch.zeros(len(rows), L, dtype=torch.long, device=like.device)
     for b, r in enumerate(rows):
         embeds[b, : r.shape[0]] = r
         attention[b, : r.shape[0]] = 1
-    return embeds, attention, torch.stack(positions).to(device)
+    return embeds, attention, torch.stack(positions).to(like.device)
+
+
+def speech_inputs(model, batch: dict, encoded=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channel S embeddings of a batch: each example's conversation (its `speech_segments`) with the speech
+    embeddings of each spoken turn's clip in its place and the cached response tokens in theirs, right-padded.
+    `encoded`: the encoder's output for batch["speech"], when the caller has it already. Returns (embeds (B, L, H),
+    attention (B, L), target_pos (B, n)): logits at target_pos[b, t] predict response token t."""
+    speech, lengths = model.speech_embeddings(batch["speech"], batch["speech_lengths"], encoded)
+    embed, device = model.embed, speech.device
+    resp = embed(batch["response_ids"])
+    n = batch["response_ids"].shape[1]
+    rows, positions = [], []
+    for b, segs in enumerate(batch["speech_segments"]):
+        parts, pos, at = [], torch.zeros(n, dtype=torch.long), 0
+        for seg in segs:
+            if seg[0] == "ids":
+                part = embed(torch.tensor(seg[1], dtype=torch.long, device=device))
+            elif seg[0] == "clip":
+                part = speech[seg[1], : lengths[seg[1]]]
+            else:
+                a, z = seg[1], seg[2]
+                part = resp[b, a:z]
+                pos[a:z] = torch.arange(at - 1, at - 1 + z - a)
+            parts.append(part)
+            at += part.shape[0]
+        rows.append(torch.cat(parts))
+        positions.append(pos)
+    return _pad_rows(rows, positions, speech)
+
+
+def transcript_inputs(model, batch: dict, encoded=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speech alignment's inputs: per clip, its speech embeddings then its transcript's tokens, right-padded; (embeds,
+    attention, target_pos (clips, m)): logits at target_pos[c, t] predict transcript token t."""
+    speech, lengths = model.speech_embeddings(batch["speech"], batch["speech_lengths"], encoded)
+    text = model.embed(batch["transcript_ids"])
+    m = batch["transcript_ids"].shape[1]
+    rows, positions = [], []
+    for c in range(speech.shape[0]):
+        k, start = int(batch["transcript_mask"][c].sum()), int(lengths[c])
+        rows.append(torch.cat([speech[c, :start], text[c, :k]]))
+        pos = torch.zeros(m, dtype=torch.long)
+        pos[:k] = torch.arange(start - 1, start - 1 + k)
+        positions.append(pos)
+    return _pad_rows(rows, positions, speech)
 
 
 def gather_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

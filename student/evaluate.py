@@ -70,7 +70,7 @@ def references_for(reader: CacheReader, reference: str) -> dict[str, str] | None
     cache's responses, which must be teacher-written."""
     if reference == "dataset":
         return None
-    if reader.fingerprint.get("responses") != "teacher":
+    if reader.fingerprint.get("responses") in (None, "dataset"):
         raise UserError(f"--reference teacher: the cache at {reader.dir} scored the dataset's responses (made without "
                         f"--responses teacher); use --reference dataset")  # fmt: skip
     return teacher_references(reader)

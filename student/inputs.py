@@ -2,9 +2,10 @@
 samples and the held-out speech sets.
 
 This is the one place samples are joined with speech: `SpeechIndex` lists, per sample, its clips in a speech store
-(rendition, position, voice), and training examples (student.data), eval sets (student.evaluate) and the held-out
-checks all take their clips from it; the rule for which clip an eval question uses (`SpeechIndex.first`: the first
-rendition by name) is decided here too.
+(rendition, spoken turn, position, voice), and training examples (student.data: one per rendition, with every
+spoken turn of it), eval sets (student.evaluate) and the held-out checks all take their clips from it; the rule for
+which clip an eval question uses (`SpeechIndex.first`: the first rendition by name, its last spoken turn) is
+decided here too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Samples:
         self.ids: list[str] = table["sample_id"].to_pylist()
         self.prompt = dict(zip(self.ids, table["prompt"].to_pylist()))
         self.response = dict(zip(self.ids, table["response"].to_pylist()))
+        self.messages = dict(zip(self.ids, table["messages"].to_pylist()))
         self.split_of = dict(zip(self.ids, table["split"].to_pylist()))
         self._meta = dict(zip(self.ids, table["meta"].to_pylist()))
 
@@ -43,7 +45,8 @@ class Samples:
         return json.loads(self._meta[sample_id] or "{}")
 
     def row(self, sample_id: str) -> dict:
-        return {"sample_id": sample_id, "prompt": self.prompt[sample_id], "response": self.response[sample_id]}
+        return {"sample_id": sample_id, "prompt": self.prompt[sample_id], "response": self.response[sample_id],
+                "messages": self.messages[sample_id]}
 
     def content_sha256(self, sample_id: str, generation: dict | None) -> str:
         """What this sample's cache row must have scored (pipeline.fingerprint.content_sha256, the writer's rule)."""
@@ -51,18 +54,19 @@ class Samples:
 
 
 class SpeechIndex:
-    """The clips of one speech store, by sample: their positions in the store sorted by rendition id, and every
-    clip's voice. Reads the store's index only, never its features. A store is a FeatureStore (stored features) or
-    an AudioStore (the audio itself, for a student that runs its own processor): the same interface."""
+    """The clips of one speech store, by sample: per rendition (sorted by id) the (spoken turn, position in the store)
+    of each of its clips, by turn, and every clip's voice. Reads the store's index only, never its features. A store
+    is a FeatureStore (stored features) or an AudioStore (the audio itself, for a student that runs its own
+    processor): the same interface."""
 
     def __init__(self, store: FeatureStore | AudioStore):
         self.store = store
         self.dir = store.dir
-        self._clips: dict[str, list[tuple[str, int]]] = {}
-        for pos, (sid, rend) in enumerate(store.keys()):
-            self._clips.setdefault(sid, []).append((rend, pos))
-        for clips in self._clips.values():
-            clips.sort()
+        by_sample: dict[str, dict[str, list[tuple[int, int]]]] = {}
+        for pos, (sid, rend, turn) in enumerate(store.keys()):
+            by_sample.setdefault(sid, {}).setdefault(rend, []).append((turn, pos))
+        self._clips = {sid: [(rend, tuple(sorted(clips))) for rend, clips in sorted(rends.items())]
+                       for sid, rends in by_sample.items()}  # fmt: skip
 
     @classmethod
     def open(cls, directory: Path | str, keep_row_groups: int = 32, speech: str = "features",
@@ -73,14 +77,14 @@ class SpeechIndex:
             return cls(AudioStore(directory))
         return cls(FeatureStore(directory, keep_row_groups=keep_row_groups, verify=verify))
 
-    def clips(self, sample_id: str) -> list[int]:
-        """Every clip of a sample (positions in the store), by rendition id."""
-        return [pos for _, pos in self._clips.get(sample_id, ())]
+    def clips(self, sample_id: str) -> list[tuple[tuple[int, int], ...]]:
+        """A sample's clips, per rendition (by id): the (spoken turn, position in the store) of each, by turn."""
+        return [clips for _, clips in self._clips.get(sample_id, ())]
 
     def first(self, sample_id: str) -> int | None:
-        """The one clip an eval question is asked with: its first rendition by name."""
+        """The one clip an eval question is asked with: its first rendition by name, its last spoken turn."""
         clips = self._clips.get(sample_id)
-        return clips[0][1] if clips else None
+        return clips[0][1][-1][1] if clips else None
 
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self._clips

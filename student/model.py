@@ -8,8 +8,10 @@
   backbone  any Hugging Face causal LM; by default the teacher named in the
             cache manifest (the student starts as a copy of the text LLM).
 
-Channel T feeds the backbone the chat-templated text prompt; channel S feeds it
-the same template with the speech embeddings in place of the prompt text.
+Channel T feeds the backbone the chat-templated conversation with every turn
+typed; channel S the same template with each spoken user turn's speech
+embeddings in place of its text (system prompts and earlier assistant turns stay
+text). student/data.py builds both; pipeline/chat.py decides the positions.
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ class SpeechLLM(nn.Module):
         if channel == "T":
             hidden = self.hidden_from_embeds(self.embed(batch["text_ids"]), batch["text_attention"])
             return gather_positions(hidden, batch["text_response_pos"])
-        embeds, attention, pos = speech_inputs(self, self.template, batch, encoded=encoded)
+        embeds, attention, pos = speech_inputs(self, batch, encoded=encoded)
         return gather_positions(self.hidden_from_embeds(embeds, attention), pos)
     def speech_parameters(self):
         """Parameters of the speech side: encoder, adapter and CTC head (trained at --lr)."""

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from student.config import TrainConfig
-from student.data import SpeechTemplate, gather_positions, speech_inputs
+from student.data import gather_positions, transcript_inputs
 from student.losses import KD_LOSSES, response_losses
 
 PARTS = ["align", "ctc", "kd_T", "kd_S", "ce_T", "ce_S"]
@@ -28,16 +28,16 @@ def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor
 
 def step_norms(micro: list[dict], ranks) -> dict:
     """What each loss sum is divided by: the global count (all ranks, all micro-batches) of response
-    positions, transcript positions and examples, over the world size (DDP averages gradients over ranks),
-    so N ranks x A micro-batches take the same step as one process on the whole batch."""
+    positions, transcript positions and clips (one transcript each), over the world size (DDP averages gradients
+    over ranks), so N ranks x A micro-batches take the same step as one process on the whole batch."""
     counts = torch.zeros(3, dtype=torch.float64)
     for b in micro:
         counts[0] += b["mask"].sum()
         counts[1] += b["transcript_mask"].sum()
-        counts[2] += b["mask"].shape[0]
+        counts[2] += b["transcript_mask"].shape[0]
     counts = ranks.all_sum(counts)
     return {"response": counts[0].item() / ranks.world, "transcript": counts[1].item() / ranks.world,
-            "examples": counts[2].item() / ranks.world}  # fmt: skip
+            "clips": counts[2].item() / ranks.world}  # fmt: skip
 
 
 def kd_targets(batch: dict) -> dict:
@@ -72,10 +72,10 @@ def channel_losses(model, batch, cfg: TrainConfig, norms: dict, encoded=None) ->
 
 
 def alignment_loss(model, batch, cfg: TrainConfig, norms: dict) -> dict[str, torch.Tensor]:
-    """Speech alignment (the composed student): from the speech alone, predict the prompt's own tokens, through the
-    backbone (`align`) and, with --ctc-weight > 0, straight from the encoder frames by CTC (`ctc`)."""
+    """Speech alignment (the composed student): from each clip's speech alone, predict its turn's own tokens, through
+    the backbone (`align`) and, with --ctc-weight > 0, straight from the encoder frames by CTC (`ctc`)."""
     encoded = model.encoder(batch["speech"], batch["speech_lengths"])
-    embeds, attention, pos = speech_inputs(model, SpeechTemplate([], []), batch, target="transcript", encoded=encoded)
+    embeds, attention, pos = transcript_inputs(model, batch, encoded)
     hidden = gather_positions(model.hidden_from_embeds(embeds, attention), pos)
     weight, bias = model.head()
     parts = {"align": response_losses(hidden, weight, bias, batch["transcript_mask"], None, None,
@@ -84,7 +84,7 @@ def alignment_loss(model, batch, cfg: TrainConfig, norms: dict) -> dict[str, tor
     if cfg.ctc_weight > 0:
         # the transcript without its end-of-turn token
         parts["ctc"] = model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1,
-                                      norms["examples"])  # fmt: skip
+                                      norms["clips"])  # fmt: skip
     return parts
 
 
@@ -119,11 +119,11 @@ class Objective(torch.nn.Module):
         return parts
 
     def token_ctc(self, batch: dict, norms: dict, encoded=None) -> torch.Tensor:
-        """CTC of the encoder frames against the prompt's tokens (without its end-of-turn token)."""
+        """CTC of each clip's encoder frames against its turn's tokens (without the end-of-turn token)."""
         if encoded is None:
             encoded = self.model.encoder(batch["speech"], batch["speech_lengths"])
         return self.model.ctc_loss(encoded, batch["transcript_ids"], batch["transcript_mask"].sum(1) - 1,
-                                   norms["examples"])  # fmt: skip
+                                   norms["clips"])  # fmt: skip
 
     @property
     def behave_cfg(self) -> TrainConfig:

@@ -51,7 +51,7 @@ def _loss(model, batch) -> float:
     from student.objective import channel_losses
 
     cfg = TrainConfig(student="x", kd="forward_kl", tau=2.0)
-    norms = {"response": float(batch["mask"].sum()), "transcript": 1.0, "examples": 1.0}
+    norms = {"response": float(batch["mask"].sum()), "transcript": 1.0, "clips": 1.0}
     with torch.no_grad():
         parts = channel_losses(model, batch, cfg, norms)
     assert set(parts) == {"kd_T", "kd_S", "ce_T", "ce_S"}
