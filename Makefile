@@ -13,10 +13,13 @@ setup:
 
 # The Prefect flow cache-teacher on the embedded default:
 # toy world -> toy teacher -> speech -> features -> teacher logit cache (data/cache) -> toy speech encoder,
-# then a short student training from that cache and its evaluation.
+# then a short student training from that cache and its evaluation, and the same student on the toy eval split
+# exported as a VoiceBench-format benchmark (the path a saved VoiceBench takes: docs/evaluation.md).
 demo: setup
 	$(PY) flows/cache_teacher.py
 	$(PY) student/train.py --config configs/demo.toml $(DEMO_ARGS)
+	$(PY) -m toy.world --export-benchmark data/benchmark
+	$(PY) -m student.bench_eval --config configs/demo_benchmark.toml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -28,4 +31,4 @@ test-fast: setup
 clean:
 	rm -rf data/samples data/audio data/features data/audio-heldout-voice data/features-heldout-voice \
 		data/audio-heldout-tts data/features-heldout-tts data/models \
-		data/cache data/rejects data/raw data/bench data/runs
+		data/cache data/rejects data/raw data/bench data/runs data/benchmark

@@ -106,6 +106,24 @@ def voice_of_rendition(rendition: str) -> str:
     return rendition.rsplit("@", 1)[0]
 
 
+# --- a benchmark subset in VoiceBench's format (hlt-lab/voicebench, as `datasets` writes it: Parquet, or
+# save_to_disk): <benchmark dir>/<subset>/... One row per question. Read by student/benchmark.py; the toy world's
+# eval split is exported in it (python -m toy.world --export-benchmark). Columns a subset may have beyond these
+# (ifeval's instruction_id_list and kwargs, bbh's id naming its task) are read when its scorer needs them.
+BENCHMARK_VERSION = 1
+AUDIO_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])  # datasets' Audio storage
+BENCHMARK_SCHEMA = pa.schema(
+    [
+        pa.field("audio", AUDIO_STRUCT),  # the spoken question: an audio file's bytes (any format soundfile reads)
+        pa.field("prompt", pa.string()),  # the question's text (what the typed channel and the teacher are asked)
+        pa.field("reference", pa.string()),  # the answer scored against, where the subset has one (else null)
+        pa.field("id", pa.string()),  # the question's id within the subset (the sample id for the toy export)
+    ]
+)
+BENCHMARK_FILE = "benchmark.json"  # optional, at the benchmark's root: {"scorers": {subset: scorer}} for subsets
+                                   # VoiceBench does not name (the toy export's)
+
+
 FEATURES_DTYPE = "<f2"
 
 

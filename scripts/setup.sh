@@ -38,5 +38,5 @@ if [ "${#MISSING[@]}" -gt 0 ]; then
     fi
 fi
 
-"${UV[@]}" sync --locked --extra "$EXTRA" --quiet
-echo "setup: ok (uv env .venv, extra '$EXTRA', $(espeak-ng --version | head -c 30))"
+"${UV[@]}" sync --locked --extra "$EXTRA" --extra eval --quiet
+echo "setup: ok (uv env .venv, extras '$EXTRA' and 'eval', $(espeak-ng --version | head -c 30))"

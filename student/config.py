@@ -286,6 +286,62 @@ class EvalConfig(StudentInputs):
         return self
 
 
+@dataclass
+class BenchmarkConfig:
+    """`python -m student.bench_eval`: a trained student and the text teacher on a VoiceBench-format benchmark."""
+
+    benchmark: str = opt("data/benchmark", "the benchmark's directory: one directory per subset, as `datasets` "
+                                           "saves them (student/benchmark.py)")  # fmt: skip
+    student: str = opt("data/runs/student/final", "the student to evaluate (a training run's final/)")
+    logits: str = opt("data/cache", "the cache the student learned from: names the teacher, the features and the "
+                                    "fingerprint the report records ('': none; then pass --teacher)")  # fmt: skip
+    teacher: str | None = opt(None, "the text teacher answering the typed questions (default: the cache's)")
+    judge: str | None = opt(None, "the judge LLM of the open-ended subsets, served by vLLM (default: the teacher)")
+    features: str | None = opt(None, "a composed student's speech features directory, whose feature config turns "
+                                     "the benchmark's audio into its features (default: the cache's)")  # fmt: skip
+    subsets: list[str] = listed((), "subsets to evaluate (default: every one the benchmark has)")
+    splits: list[str] = listed((), "splits to read (default: all; sd-qa's are regions: usa, aus, ...)")
+    limit: int | None = opt(None, "only the first N questions of each split")
+    max_new_tokens: int = opt(256, "longest answer generated (teacher and student)")
+    judge_max_new_tokens: int = opt(16, "longest judgment generated")
+    judge_prompt: str | None = opt(None, "a file with another 1-5 judging prompt than student/judge.py's (fields "
+                                         "{prompt} and {response}; the reply is a rating 1-5)")  # fmt: skip
+    judge_qa_prompt: str | None = opt(None, "a file with another reference-QA judging prompt (fields {prompt}, "
+                                            "{reference}, {response}; the reply is yes or no)")  # fmt: skip
+    batch_size: int = opt(64, "questions per student generation batch (the final eval's)")
+    seed: int = opt(0, "seeds the multiple-choice fallback draws (reported beside each score)")
+    dtype: str = opt("auto", "the teacher's / judge's vLLM dtype")
+    kv_cache_gib: float = opt(2.0, "CPU: the vLLM engines' KV cache size")
+    out: str | None = opt(None, "where the report goes (default: <student>/../benchmark)")
+    verify: bool = opt(True, "check the saved student's files against their recorded sha256 first")
+    device: str = opt("auto", "where the student runs: auto = cuda when available", DEVICE_CHOICES)
+
+    def validate(self) -> "BenchmarkConfig":
+        from pipeline.errors import MissingInput
+
+        stage_config.check_choices(self)
+        if not Path(self.benchmark).is_dir():
+            raise MissingInput(f"--benchmark {self.benchmark}: no such directory; save VoiceBench there "
+                               f"(docs/evaluation.md) or export the toy world's (`python -m toy.world "
+                               f"--export-benchmark {self.benchmark}`)")  # fmt: skip
+        if not any((Path(self.student) / n).exists() for n in ("student_config.json", "speechkd_student.json")):
+            raise MissingInput(f"--student {self.student}: no student there (no student_config.json or "
+                               f"speechkd_student.json); train one with `python student/train.py`")  # fmt: skip
+        if self.logits and not (Path(self.logits) / "manifest.json").exists():
+            raise MissingInput(f"--logits {self.logits}: no cache there (no manifest.json); pass the cache the "
+                               f"student learned from, or --logits '' --teacher ID")  # fmt: skip
+        if not self.logits and not self.teacher:
+            raise ConfigError("--logits '': then --teacher must name the text teacher")
+        for name in ("judge_prompt", "judge_qa_prompt"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise MissingInput(f"--{_flag(name)} {getattr(self, name)}: no such file")
+        for name in ("limit", "max_new_tokens", "judge_max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{_flag(name)} must be >= 1, got {value}")
+        return self
+
+
 def resolve_device(device: str) -> str:
     """`auto` is cuda when torch sees a GPU, else cpu; cpu and cuda are themselves."""
     if device != "auto":

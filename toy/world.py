@@ -6,6 +6,7 @@ paraphrase templates; the `eval` split asks each fact through templates that
 `train` never uses, so evaluation measures knowledge, not string memory.
 
     python -m toy.world                 # -> data/raw/toy_world.jsonl, the default source of pipeline.samples
+    python -m toy.world --export-benchmark data/benchmark   # the eval split as a VoiceBench-format benchmark
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import schemas
 from pipeline.config import config_from_args, opt, parse_args
 from pipeline.errors import cli
 from pipeline.files import write_text_atomic
@@ -150,6 +152,13 @@ class WorldExport:
     """`python -m toy.world`: where the world's samples are written."""
 
     out: str = opt(str(TOY_WORLD_JSONL), "JSONL to write (pipeline.samples' default source)")
+    export_benchmark: str | None = opt(None, "instead, write the eval split (after the flow: its samples and speech) "
+                                             "as a VoiceBench-format benchmark in this directory: subset toy (the "
+                                             "training voices), toy-heldout-voice and toy-heldout-tts where the "
+                                             "flow spoke them; exact-match references")  # fmt: skip
+    samples: str = opt("data/samples", "--export-benchmark: the samples directory")
+    audio: str = opt("data/audio", "--export-benchmark: the training speech's audio directory (the held-out sets "
+                                   "are read beside it)")  # fmt: skip
 
 
 def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
@@ -212,10 +221,46 @@ def ingest_world(samples_dir: Path | str, config: ToyWorldConfig = ToyWorldConfi
     return ingest(str(source), Path(samples_dir), progress=progress)
 
 
+# the exported subsets and the audio directory suffix each is read from (pipeline.schemas' held-out suffixes)
+BENCHMARK_SUBSETS = (("toy", ""), ("toy-heldout-voice", schemas.HELDOUT_VOICE_SUFFIX),
+                     ("toy-heldout-tts", schemas.HELDOUT_TTS_SUFFIX))  # fmt: skip
+
+
+def export_benchmark(out: Path | str, samples_dir: Path | str, audio_dir: Path | str) -> dict[str, int]:
+    """The eval split as VoiceBench-format subsets (student/benchmark.py): each question's text, the audio file
+    the final eval asks it with (its first rendition's clip, the file's own bytes) and its answer as the reference.
+    Returns the questions written per subset."""
+    from pipeline.errors import MissingInput
+    from student.benchmark import write_subset
+    from student.inputs import Samples, SpeechIndex
+
+    samples, audio_dir, written = Samples(samples_dir), Path(audio_dir), {}
+    if not (audio_dir / "index.parquet").exists():
+        raise MissingInput(f"--audio {audio_dir}: no audio index; run the flow first (make demo)")
+    for name, suffix in BENCHMARK_SUBSETS:
+        where = audio_dir.parent / (audio_dir.name + suffix)
+        if not (where / "index.parquet").exists():
+            continue
+        speech, rows = SpeechIndex.open(where, speech="audio"), []
+        for sid in samples.split("eval"):
+            row = samples.row(sid)
+            if sid in speech and row["response"]:
+                path = Path(speech.store.paths[speech.first(sid)])
+                rows.append({"audio": {"bytes": path.read_bytes(), "path": path.name}, "prompt": row["prompt"],
+                             "reference": row["response"], "id": sid})  # fmt: skip
+        write_subset(out, name, rows, scorer="exact")
+        written[name] = len(rows)
+    return written
+
+
 @cli("toy.world")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(ToyWorldConfig, WorldExport, argv=argv, description=__doc__)
     cfg, run = config_from_args(ToyWorldConfig, args), config_from_args(WorldExport, args)
+    if run.export_benchmark:
+        written = export_benchmark(run.export_benchmark, run.samples, run.audio)
+        print(f"toy benchmark -> {run.export_benchmark}: " + ", ".join(f"{k} {v} questions" for k, v in written.items()))
+        return
     rows = write_jsonl(run.out, cfg)
     n_eval = sum(r["split"] == "eval" for r in rows)
     print(f"toy world: {len(rows)} samples ({len(rows) - n_eval} train, {n_eval} eval) -> {run.out}")

@@ -21,8 +21,10 @@ ENTRY_POINTS = {  # [project.scripts] name -> module:function (every stage, the 
     "speechkd-train": "student.train:main", "speechkd-evaluate": "student.evaluate:main",
     "speechkd-toy-world": "toy.world:main", "speechkd-toy-teacher": "toy.teacher:main",
     "speechkd-toy-encoder": "toy.encoder:main", "speechkd-toy-speech-llm": "toy.speech_llm:main",
+    "speechkd-bench-eval": "student.bench_eval:main",
 }  # fmt: skip
-BENCHES = ("cache_throughput", "cache_scaling", "draws_devices", "paper_table", "student_data", "targets_quality")
+BENCHES = ("cache_throughput", "cache_scaling", "draws_devices", "paper_table", "student_data", "targets_quality",
+           "teacher_responses")  # fmt: skip
 
 
 def test_a_recipe_file_sets_options_flags_override_it_and_help_shows_its_values(tmp_path, capsys):
