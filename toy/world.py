@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import schemas
-from pipeline.config import config_from_args, opt, parse_args
+from pipeline.conditions import CONDITIONS
+from pipeline.config import config_from_args, listed, opt, parse_args
 from pipeline.errors import cli
 from pipeline.files import write_text_atomic
 from pipeline.samples import TOY_WORLD_JSONL
@@ -159,6 +160,9 @@ class WorldExport:
     samples: str = opt("data/samples", "--export-benchmark: the samples directory")
     audio: str = opt("data/audio", "--export-benchmark: the training speech's audio directory (the held-out sets "
                                    "are read beside it)")  # fmt: skip
+    conditions: list[str] = listed(CONDITIONS, "--export-benchmark: also the training voices' clips under each of "
+                                               "these held-out listening conditions (pipeline/conditions.py), one "
+                                               "subset toy-<condition> each ('': none)")  # fmt: skip
 
 
 def generate(config: ToyWorldConfig = ToyWorldConfig()) -> list[dict]:
@@ -226,30 +230,57 @@ BENCHMARK_SUBSETS = (("toy", ""), ("toy-heldout-voice", schemas.HELDOUT_VOICE_SU
                      ("toy-heldout-tts", schemas.HELDOUT_TTS_SUFFIX))  # fmt: skip
 
 
-def export_benchmark(out: Path | str, samples_dir: Path | str, audio_dir: Path | str) -> dict[str, int]:
+def export_benchmark(out: Path | str, samples_dir: Path | str, audio_dir: Path | str,
+                     conditions: tuple[str, ...] | list[str] = CONDITIONS) -> dict[str, int]:  # fmt: skip
     """The eval split as VoiceBench-format subsets (student/benchmark.py): each question's text, the audio file
-    the final eval asks it with (its first rendition's clip, the file's own bytes) and its answer as the reference.
+    the final eval asks it with (its first rendition's clip, the file's own bytes) and its answer as the reference;
+    and the training voices' clips under each held-out listening condition (`toy-<condition>`, 16-bit FLAC).
     Returns the questions written per subset."""
+    import io
+
+    import soundfile as sf
+
+    from pipeline.audio import load_audio
+    from pipeline.conditions import SAMPLE_RATE, apply
     from pipeline.errors import MissingInput
     from student.benchmark import write_subset
     from student.inputs import Samples, SpeechIndex
 
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"--conditions: unknown {unknown}; known: {', '.join(CONDITIONS)}")
     samples, audio_dir, written = Samples(samples_dir), Path(audio_dir), {}
     if not (audio_dir / "index.parquet").exists():
         raise MissingInput(f"--audio {audio_dir}: no audio index; run the flow first (make demo)")
+
+    def questions(speech: SpeechIndex):
+        for sid in samples.split("eval"):
+            row = samples.row(sid)
+            if sid in speech and row["response"]:
+                yield sid, row, Path(speech.store.paths[speech.first(sid)])
+
     for name, suffix in BENCHMARK_SUBSETS:
         where = audio_dir.parent / (audio_dir.name + suffix)
         if not (where / "index.parquet").exists():
             continue
-        speech, rows = SpeechIndex.open(where, speech="audio"), []
-        for sid in samples.split("eval"):
-            row = samples.row(sid)
-            if sid in speech and row["response"]:
-                path = Path(speech.store.paths[speech.first(sid)])
-                rows.append({"audio": {"bytes": path.read_bytes(), "path": path.name}, "prompt": row["prompt"],
-                             "reference": row["response"], "id": sid})  # fmt: skip
+        rows = [{"audio": {"bytes": path.read_bytes(), "path": path.name}, "prompt": row["prompt"],
+                 "reference": row["response"], "id": sid}
+                for sid, row, path in questions(SpeechIndex.open(where, speech="audio"))]  # fmt: skip
         write_subset(out, name, rows, scorer="exact")
         written[name] = len(rows)
+    speech = SpeechIndex.open(audio_dir, speech="audio")
+    for condition in conditions:
+        rows = []
+        for sid, row, path in questions(speech):
+            buf = io.BytesIO()
+            wave = apply(condition, load_audio(path, SAMPLE_RATE).numpy(), key=sid)
+            sf.write(buf, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+            rows.append({"audio": {"bytes": buf.getvalue(), "path": f"{path.stem}.{condition}.flac"},
+                         "prompt": row["prompt"], "reference": row["response"], "id": sid})  # fmt: skip
+        write_subset(out, f"toy-{condition}", rows, scorer="exact")
+        written[f"toy-{condition}"] = len(rows)
     return written
 
 
@@ -258,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(ToyWorldConfig, WorldExport, argv=argv, description=__doc__)
     cfg, run = config_from_args(ToyWorldConfig, args), config_from_args(WorldExport, args)
     if run.export_benchmark:
-        written = export_benchmark(run.export_benchmark, run.samples, run.audio)
+        written = export_benchmark(run.export_benchmark, run.samples, run.audio, [c for c in run.conditions if c])
         print(f"toy benchmark -> {run.export_benchmark}: " + ", ".join(f"{k} {v} questions" for k, v in written.items()))
         return
     rows = write_jsonl(run.out, cfg)

@@ -185,14 +185,14 @@ def test_the_toy_export_is_asked_as_the_final_eval_asks_it(student_cache, tiny_t
     from toy.world import export_benchmark
 
     inputs = RunInputs.open(student_cache)
-    written = export_benchmark(tmp_path / "bench", inputs.samples_dir, student_cache.parent / "audio")
+    written = export_benchmark(tmp_path / "bench", inputs.samples_dir, student_cache.parent / "audio", ["telephone"])
     evalset = eval_set(inputs.samples, inputs.speech)
-    assert written == {"toy": len(evalset)} and len(evalset) > 0
+    assert written == {"toy": len(evalset), "toy-telephone": len(evalset)} and len(evalset) > 0
     student = SpeechLLM(StudentConfig(backbone=str(tiny_teacher), n_mels=40)).eval()
     final = evaluate_student(student, evalset, max_new_tokens=12, batch_size=64)
     heard = spoken_answers(student, evalset, 12, 64)
     cfg = BenchmarkConfig(benchmark=str(tmp_path / "bench"), student=str(tmp_path / "s"), logits=str(student_cache),
-                          max_new_tokens=12, batch_size=64, out=str(tmp_path / "report"), device="cpu")  # fmt: skip
+                          subsets=["toy"], max_new_tokens=12, batch_size=64, out=str(tmp_path / "report"), device="cpu")  # fmt: skip
     report = run_benchmark(cfg, [], llm=vllm_engine, student=student)
     answers = [json.loads(line) for line in (tmp_path / "report" / "answers.jsonl").read_text().splitlines()]
     assert [a["id"] for a in answers] == evalset.sample_ids
