@@ -48,6 +48,11 @@ class SpeechLLMBuild:
     out: str = opt(str(schemas.MODELS_DIR / "qwen2-audio-tiny"), "where to save the model and its processor")
     hidden_size: int = opt(64, "the LM's width")
     layers: int = opt(2, "the LM's layers")
+    intermediate_size: int | None = opt(None, "the LM's MLP width (default: 2 x hidden)")
+    heads: int | None = opt(None, "the LM's attention heads (default: hidden / 32)")
+    kv_heads: int = opt(1, "the LM's key/value heads")
+    dtype: str = opt("float32", "the saved weights' dtype", ("float32", "bfloat16"))
+    init_device: str = opt("cpu", "where the random weights are made (cuda: a large model in seconds)")
     audio_dim: int = opt(32, "the audio tower's width")
     audio_layers: int = opt(1, "the audio tower's layers")
     seed: int = opt(0, "seeds the random weights")
@@ -75,9 +80,10 @@ def build(cfg: SpeechLLMBuild) -> Path:
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in {**AUDIO_TOKENS, **VISION_TOKENS}.items()
            if token in tok.get_vocab()}  # fmt: skip
     extractor = WhisperFeatureExtractor(feature_size=128)
-    heads = max(1, cfg.hidden_size // 32)
-    text = dict(vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
-                num_hidden_layers=cfg.layers, num_attention_heads=heads, num_key_value_heads=1,
+    heads = cfg.heads or max(1, cfg.hidden_size // 32)
+    text = dict(vocab_size=len(tok), hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size or 2 * cfg.hidden_size, num_hidden_layers=cfg.layers,
+                num_attention_heads=heads, num_key_value_heads=cfg.kv_heads,
                 max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)  # fmt: skip
     audio = dict(num_mel_bins=128, encoder_layers=cfg.audio_layers, encoder_attention_heads=2,
@@ -88,7 +94,8 @@ def build(cfg: SpeechLLMBuild) -> Path:
         config = Qwen2AudioConfig(audio_config={"model_type": "qwen2_audio_encoder", "max_source_positions": 1500,
                                                 **audio},
                                   text_config={"model_type": "qwen2", **text}, audio_token_index=ids["audio_token"])  # fmt: skip
-        model = Qwen2AudioForConditionalGeneration(config)
+        with torch.device(cfg.init_device):
+            model = Qwen2AudioForConditionalGeneration(config).to(getattr(torch, cfg.dtype))
         processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     else:
         from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
@@ -108,7 +115,8 @@ def build(cfg: SpeechLLMBuild) -> Path:
             video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
             audio_end_token_id=ids["audio_eos_token"], vision_start_token_id=ids["vision_bos_token"],
             vision_end_token_id=ids["vision_eos_token"])  # fmt: skip
-        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+        with torch.device(cfg.init_device):
+            model = Qwen2_5OmniThinkerForConditionalGeneration(config).to(getattr(torch, cfg.dtype))
         processor = Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
                                          feature_extractor=extractor, tokenizer=tok, chat_template=CHAT_TEMPLATE)  # fmt: skip
     model.generation_config.pad_token_id = tok.pad_token_id

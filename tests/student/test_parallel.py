@@ -108,3 +108,30 @@ def test_activation_checkpointing_changes_no_loss(student_cache, tmp_path):
     train(parse_args(ac), progress=False, final_eval=False)
     assert _losses(tmp_path / "plain") == pytest.approx(_losses(tmp_path / "ac"), rel=1e-5)  # dropout replayed too
     shutil.rmtree(tmp_path / "ac")
+
+
+@pytest.mark.slow  # starts its own vLLM engine (the padded-vocabulary teacher) and torchrun
+def test_the_gpu_benchs_path_runs_on_cpu_at_a_toy_shape(samples_dir, tiny_teacher, tmp_path):
+    """bench/student_gpu.py, prepared and run as on the GPU machine but at a toy shape: the teacher padded to a
+    152k vocabulary, its one-pass written responses cached, a Qwen2-Audio student with LoRA under FSDP with
+    activation checkpointing trained from them, and the report's figures read back."""
+    import json
+
+    from tests.helpers import run
+
+    data = samples_dir.parent  # the fixtures' data root: samples/ and models/teacher, as make demo's data/
+    work = tmp_path / "gpu_bench"
+    prep = run(["-m", "bench.student_gpu", "--prepare", "--data", str(data), "--work", str(work), "--samples", "6",
+                "--response-tokens", "24"])  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    assert not list((work / "teacher").glob("*.safetensors"))  # the weights are not carried, the tokenizer is
+    size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+    assert size < 16 * 2**20
+    r = run(["-m", "bench.student_gpu", "--work", str(work), "--hidden", "32", "--layers", "2", "--intermediate",
+             "64", "--heads", "2", "--kv-heads", "1", "--device", "cpu", "--steps", "2", "--batch-size", "2",
+             "--student-dir", str(tmp_path / "student")])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+    # the student's vocabulary, which its LM head and the KD softmax span: the teacher's 152064 + 3 audio tokens
+    assert row["vocab"] == 152064 + 3 and row["trained"] < row["parameters"] and len(row["step_s_all"]) == 2
+    assert row["tokens_per_step"] > 2 * 2 * 24  # two examples, both channels, responses of >= 24 tokens
