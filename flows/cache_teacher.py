@@ -39,6 +39,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # A fresh Prefect home migrates its SQLite database before the temporary server answers: ~23 s on a 2-vCPU box,
 # past Prefect's 20 s default on a loaded one (the flow then dies before doing anything). Wait longer unless told.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# A vLLM engine reconfigures Python logging when it starts (logging.config.dictConfig), which flushes every handler
+# while holding logging's lock; inside a Prefect run one of them is Prefect's API log handler, whose flush waits for a
+# worker thread that needs that same lock: a deadlock (a fresh-clone `make demo` hung there for 12 minutes; py-spy:
+# MainThread in LLM.__init__ -> dictConfig -> APILogHandler.flush -> drain_all, the log worker in
+# logging._acquireLock). In the flow, and in its Ray workers, logging is Prefect's: vLLM leaves it alone.
+VLLM_LOGGING = {"VLLM_CONFIGURE_LOGGING": "0"}
+for _key, _value in VLLM_LOGGING.items():
+    os.environ.setdefault(_key, _value)
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -243,7 +251,7 @@ def ray_task_runner(flow_cfg: CacheFlowConfig, teacher_cfg: TeacherConfig):
     num_cpus = flow_cfg.cpus_per_worker or (max(1, (os.cpu_count() or 1) // flow_cfg.workers) if cpu else 1)
     with get_client(sync_client=True) as client:  # the workers report their task runs to this flow's API
         api_url = str(client.api_url)
-    env = {"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    env = {"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **VLLM_LOGGING,
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     if flow_cfg.ray_address:
         init = {"address": flow_cfg.ray_address, "runtime_env": {"env_vars": env}}
