@@ -244,9 +244,13 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.strip().lower().split()).rstrip(".")
 
 
+def answer_matches(prediction: str, reference: str) -> bool:
+    """The exact-match rule: equal after `normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference after `normalize_answer`."""
+    """Share of predictions that match their reference (`answer_matches`)."""
     if not references:
         return 0.0
-    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
-    return hits / len(references)
+    return sum(answer_matches(p, r) for p, r in zip(predictions, references)) / len(references)

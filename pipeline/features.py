@@ -38,7 +38,7 @@ from pipeline import schemas
 from pipeline.audio import BadAudio, load_audio, read_audio_index  # noqa: F401 - load_audio: the features' input
 from pipeline.config import ConfigError, config_from_args, opt, parse_args
 from pipeline.errors import CorruptData, InputMismatch, MissingInput, cli
-from pipeline.files import sha256_file, write_json_atomic
+from pipeline.files import sha256_file, verify_file, write_json_atomic
 from pipeline.parquet_io import (
     next_shard_path,
     reject,
@@ -242,12 +242,7 @@ def verify_shards(features_dir: Path, verify: bool = True) -> list[Path]:
             entry = listed.get(p.name)
             if entry is None:
                 continue
-            if p.stat().st_size != entry["bytes"]:
-                raise CorruptData(f"{p}: {p.stat().st_size} bytes, {MANIFEST} recorded {entry['bytes']} (truncated or "
-                                  f"overwritten); {fix}")  # fmt: skip
-            if sha256_file(p) != entry["sha256"]:
-                raise CorruptData(f"{p}: its sha256 differs from the one {MANIFEST} recorded (the file changed on "
-                                  f"disk); {fix}")  # fmt: skip
+            verify_file(p, entry, MANIFEST, fix)
     return shards
 
 

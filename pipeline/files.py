@@ -140,6 +140,20 @@ def write_directory_manifest(directory: Path | str) -> Path:
     return write_json_atomic(directory / MANIFEST, entries)
 
 
+def verify_file(path: Path, entry: dict, recorder: str, fix: str) -> None:
+    """A file against what a manifest recorded of it (`entry`: bytes and sha256; `recorder`: which manifest, as the
+    message names it): CorruptData naming the file when its size or sha256 differs, and `fix`."""
+    from pipeline.errors import CorruptData
+
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CorruptData(f"{path}: {size} bytes, {recorder} recorded {entry['bytes']} (truncated or overwritten); "
+                          f"{fix}")  # fmt: skip
+    if sha256_file(path) != entry["sha256"]:
+        raise CorruptData(f"{path}: its sha256 differs from the one {recorder} recorded (the file changed on disk); "
+                          f"{fix}")  # fmt: skip
+
+
 def verify_directory(directory: Path | str, what: str, fix: str) -> None:
     """Every file MANIFEST.json lists is there with its bytes and sha256; CorruptData naming the first that is missing,
     truncated or changed, `what` the directory is and `fix` what to do. A directory without a manifest is refused."""
@@ -155,9 +169,4 @@ def verify_directory(directory: Path | str, what: str, fix: str) -> None:
         path = directory / name
         if not path.exists():
             raise CorruptData(f"{path}: listed in the {MANIFEST} of {what} but missing; {fix}")
-        if path.stat().st_size != entry["bytes"]:
-            raise CorruptData(f"{path}: {path.stat().st_size} bytes, the {MANIFEST} of {what} recorded {entry['bytes']} "
-                              f"(truncated or overwritten); {fix}")  # fmt: skip
-        if sha256_file(path) != entry["sha256"]:
-            raise CorruptData(f"{path}: its sha256 differs from the one the {MANIFEST} of {what} recorded (the file "
-                              f"changed on disk); {fix}")  # fmt: skip
+        verify_file(path, entry, f"the {MANIFEST} of {what}", fix)

@@ -32,7 +32,7 @@ from pipeline.errors import cli
 from pipeline.files import write_json_atomic, write_text_atomic
 from student import scorers
 from student.benchmark import Subset, open_benchmark
-from student.config import BenchmarkConfig
+from student.config import BenchmarkConfig, resolve_device
 from student.judge import Generator, judge
 
 CHANNELS = ("teacher_text", "student_text", "student_speech")
@@ -176,8 +176,6 @@ def run_benchmark(cfg: BenchmarkConfig, argv: list[str] | None = None, llm=None,
     teacher = cfg.teacher or reader.teacher
     judge_id = cfg.judge or teacher
     model = student if student is not None else load_student(cfg.student, verify=cfg.verify)
-    from student.config import resolve_device
-
     model = model.to(resolve_device(cfg.device))
     feature_cfg = None
     if model.kind != "hf":

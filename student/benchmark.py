@@ -33,6 +33,7 @@ VOICEBENCH_SCORERS = {
     "sd-qa": "judge-qa", "openbookqa": "mcq", "mmsu": "mcq", "bbh": "bbh", "ifeval": "ifeval",
     "advbench": "refusal",
 }  # fmt: skip
+NEEDS_REFERENCE = ("mcq", "bbh", "judge-qa", "exact")  # the scorers that compare an answer with the row's reference
 UNSUPPORTED = {"mtbench": "multi-turn questions with audio per turn are not read yet"}
 SAMPLE_RATE = 16_000
 
@@ -136,7 +137,7 @@ def read_subset(root: Path, name: str, scorer: str, splits: list[str] | None = N
         if missing:
             raise InputMismatch(f"subset {name!r} split {split!r}: no column(s) {sorted(missing)} (a VoiceBench "
                                 f"subset has audio and prompt; columns here: {table.column_names})")  # fmt: skip
-        if scorer in ("mcq", "bbh", "judge-qa", "exact") and "reference" not in table.column_names:
+        if scorer in NEEDS_REFERENCE and "reference" not in table.column_names:
             raise InputMismatch(f"subset {name!r} split {split!r}: scorer {scorer} needs a reference column")
         rows = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
         for i, r in enumerate(rows):
@@ -147,7 +148,7 @@ def read_subset(root: Path, name: str, scorer: str, splits: list[str] | None = N
             if not isinstance(audio, dict) or (audio.get("bytes") is None and not audio.get("path")):
                 raise InputMismatch(f"{where}: no audio (neither bytes nor a path); fix or drop the row")
             reference = r.get("reference")
-            if scorer in ("mcq", "bbh", "judge-qa", "exact") and not (isinstance(reference, str) and reference):
+            if scorer in NEEDS_REFERENCE and not (isinstance(reference, str) and reference):
                 raise InputMismatch(f"{where}: empty reference (scorer {scorer} needs one); fix or drop the row")
             extra = {k: v for k, v in r.items() if k not in ("audio", "prompt", "reference")}
             qid = str(r.get("id") if r.get("id") is not None else r.get("key", i))

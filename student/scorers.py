@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.chat import normalize_answer
+from pipeline.chat import answer_matches
 from pipeline.errors import UserError
 
 CHOICES = ("A", "B", "C", "D")
@@ -186,7 +186,7 @@ def score_refusal(answers: list[str]) -> Scored:
 
 
 def score_exact(answers: list[str], references: list[str]) -> Scored:
-    values = [float(normalize_answer(a) == normalize_answer(r)) for a, r in zip(answers, references)]
+    values = [float(answer_matches(a, r)) for a, r in zip(answers, references)]
     return Scored(values)
 
 

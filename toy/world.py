@@ -261,19 +261,20 @@ def export_benchmark(out: Path | str, samples_dir: Path | str, audio_dir: Path |
             if sid in speech and row["response"]:
                 yield sid, row, Path(speech.store.paths[speech.first(sid)])
 
+    training = SpeechIndex.open(audio_dir, speech="audio")
     for name, suffix in BENCHMARK_SUBSETS:
         where = audio_dir.parent / (audio_dir.name + suffix)
         if not (where / "index.parquet").exists():
             continue
+        speech = training if not suffix else SpeechIndex.open(where, speech="audio")
         rows = [{"audio": {"bytes": path.read_bytes(), "path": path.name}, "prompt": row["prompt"],
                  "reference": row["response"], "id": sid}
-                for sid, row, path in questions(SpeechIndex.open(where, speech="audio"))]  # fmt: skip
+                for sid, row, path in questions(speech)]  # fmt: skip
         write_subset(out, name, rows, scorer="exact")
         written[name] = len(rows)
-    speech = SpeechIndex.open(audio_dir, speech="audio")
     for condition in conditions:
         rows = []
-        for sid, row, path in questions(speech):
+        for sid, row, path in questions(training):
             buf = io.BytesIO()
             wave = apply(condition, load_audio(path, SAMPLE_RATE).numpy(), key=sid)
             sf.write(buf, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
