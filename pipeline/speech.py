@@ -135,6 +135,62 @@ class Flite:
             return _read_wave(self.name, wav)
 
 
+class Festival:
+    """The Festival Speech Synthesis System (Debian package `festival`, voices in `festvox-*` packages): a third
+    synthesizer, with diphone (concatenative) and HTS (statistical parametric) English voices. One `festival
+    --batch` process renders a whole batch of clips (its start-up is most of a clip's cost)."""
+
+    name = program = "festival"
+    # each English voice Debian main ships, and its package (what a missing voice's set-up error names)
+    VOICE_PACKAGES = {"ked_diphone": "festvox-kdlpc16k", "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",
+                      "kal_diphone": "festvox-kallpc16k"}  # fmt: skip
+    # kal_diphone is held out of the defaults: its speaker and diphones are also Flite's kal16 (so a student trained
+    # on Festival's defaults has not heard any of Flite's kal16 speaker)
+    default_voices = ("ked_diphone", "cmu_us_slt_arctic_hts")
+    heldout_voice = "kal_diphone"
+    NATURAL_WPM = 175  # a rate stretches every duration by 175 / rate (Festival's Duration_Stretch)
+    batch_size = 32
+
+    def __init__(self, executable: str = "festival", timeout_s: float = 120.0,
+                 required: tuple[str, ...] | None = None):  # fmt: skip
+        self.executable = _executable(executable, "festival")
+        self.timeout_s = timeout_s
+        out = _run_synthesizer(self.name, [self.executable, "--pipe"], timeout_s, stdin=b"(print (voice.list))")
+        self.voices = tuple(out.decode().strip().strip("()").split())
+        for voice in self.default_voices + (self.heldout_voice,) if required is None else required:
+            if voice not in self.voices:
+                package = self.VOICE_PACKAGES.get(voice, "the festvox-* package of that voice")
+                raise UserError(f"festival has no voice {voice!r} ({package}): install it (Debian/Ubuntu: `apt-get "
+                                f"install -y {package}`; `make setup` does)")  # fmt: skip
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
+        return self.synthesize_batch([text], voice, rate_wpm)[0]
+
+    def synthesize_batch(self, texts: list[str], voice: str, rate_wpm: int) -> list[tuple[np.ndarray, int]]:
+        if voice not in self.voices:
+            raise SynthesisError(f"festival has no voice {voice!r}; it has {', '.join(self.voices)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            wavs = [Path(tmp) / f"{i}.wav" for i in range(len(texts))]
+            lines = [f"(voice_{voice})", f"(Parameter.set 'Duration_Stretch {self.NATURAL_WPM / rate_wpm:.4f})"]
+            if voice.endswith("_hts"):  # an HTS voice ignores Duration_Stretch; hts_engine takes a speed rate
+                lines.append(f'(set! hts_engine_params (append hts_engine_params (list (list "-r" '
+                             f'{rate_wpm / self.NATURAL_WPM:.4f}))))')  # fmt: skip
+            lines += [f'(utt.save.wave (utt.synth (Utterance Text "{_scheme_string(t)}")) "{w}" \'riff)'
+                      for t, w in zip(texts, wavs)]  # fmt: skip
+            script = Path(tmp) / "batch.scm"
+            script.write_text("\n".join(lines) + "\n")
+            _run_synthesizer(self.name, [self.executable, "--batch", str(script)], self.timeout_s)
+            missing = [t for t, w in zip(texts, wavs) if not w.exists()]
+            if missing:  # festival reports a failed utterance on stderr and goes on (exit status 0)
+                raise SynthesisError(f"festival wrote no audio for {missing[0][:60]!r}")
+            return [_read_wave(self.name, w) for w in wavs]
+
+
+def _scheme_string(text: str) -> str:
+    """A text inside a Scheme string literal (Festival's scripts); newlines become spaces."""
+    return " ".join(text.replace("\\", "\\\\").replace('"', '\\"').split())
+
+
 DEFAULT_VITS_MODEL = "kakao-enterprise/vits-vctk"  # VITS trained on VCTK: 109 English speakers, 22.05 kHz, MIT
 
 
@@ -222,9 +278,12 @@ def _not_found(executable: str, package: str) -> str:
 
 
 def missing_synthesizer(name: str) -> str | None:
-    """Why a command-line backend (one with a `program`) cannot run here, or None."""
-    program = getattr(BACKENDS.get(name), "program", None)
-    return _not_found(program, program) if program and not shutil.which(program) else None
+    """Why a command-line backend (one with a `program`; each of a mixed one's) cannot run here, or None."""
+    for part in name.split("+"):
+        program = getattr(BACKENDS.get(part), "program", None)
+        if program and not shutil.which(program):
+            return _not_found(program, program)
+    return None
 
 
 def _executable(executable: str, package: str) -> str:
@@ -259,13 +318,79 @@ def _read_wave(name: str, source) -> tuple[np.ndarray, int]:
     return wave.mean(axis=1), sr
 
 
-BACKENDS = {"espeak-ng": EspeakNG, "flite": Flite, "vits": Vits}
+class Mixed:
+    """Several synthesizers as one backend (`--tts espeak-ng+festival`): the training speech of a student that must
+    hear more than one synthesizer. Voices of the first keep their names; the others' are qualified by their
+    synthesizer (`festival:ked_diphone`). Each clip is spoken by one synthesizer, the synthesizers in turn by a hash
+    of the sample (renditions_for), so each has an equal share of the clips whatever its number of voices."""
+
+    def __init__(self, backends: list[TTSBackend]):
+        if len(backends) < 2 or len({b.name for b in backends}) < len(backends):
+            raise UserError("a mixed backend takes two or more different synthesizers, e.g. espeak-ng+festival")
+        self.backends = {b.name: b for b in backends}
+        self.first = backends[0]
+        self.name = "+".join(b.name for b in backends)
+        self.families = tuple(b.name for b in backends)
+        self.default_voices = tuple(self.qualify(b.name, v) for b in backends for v in b.default_voices)
+        held = self.first.heldout_voice
+        self.heldout_voice = held if held else None
+        self.batch_size = max(int(getattr(b, "batch_size", 1)) for b in backends)
+
+    def unknown_voices(self, voices) -> list[str]:
+        """The voices no synthesizer of the mix has (one without a voice list, espeak-ng, takes any name)."""
+        out = []
+        for voice in voices:
+            family, _, name = voice.partition(":") if ":" in voice else (self.first.name, "", voice)
+            backend = self.backends.get(family)
+            if backend is None or name not in getattr(backend, "voices", (name,)):
+                out.append(voice)
+        return out
+
+    def qualify(self, family: str, voice: str) -> str:
+        return voice if family == self.first.name else f"{family}:{voice}"
+
+    def resolve(self, voice: str) -> tuple[TTSBackend, str]:
+        family, _, name = voice.partition(":") if ":" in voice else (self.first.name, "", voice)
+        if family not in self.backends:
+            raise SynthesisError(f"{self.name} has no synthesizer {family!r} (voice {voice!r})")
+        return self.backends[family], name
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
+        backend, name = self.resolve(voice)
+        return backend.synthesize(text, name, rate_wpm)
+
+    def synthesize_batch(self, texts: list[str], voice: str, rate_wpm: int) -> list[tuple[np.ndarray, int]]:
+        backend, name = self.resolve(voice)
+        if hasattr(backend, "synthesize_batch"):
+            return backend.synthesize_batch(texts, name, rate_wpm)
+        return [backend.synthesize(t, name, rate_wpm) for t in texts]
+
+
+BACKENDS = {"espeak-ng": EspeakNG, "festival": Festival, "flite": Flite, "vits": Vits}
+
+
+def family_of(voice: str) -> str:
+    """The synthesizer a (possibly qualified) voice of a mixed backend belongs to; '' for the first one's."""
+    return voice.partition(":")[0] if ":" in voice else ""
+
+
+def families_of(name: str) -> tuple[str, ...]:
+    """The synthesizers of a --tts name (`espeak-ng+festival` -> both); refuses an unknown one."""
+    parts = tuple(name.split("+"))
+    unknown = [p for p in parts if p not in BACKENDS]
+    if unknown or not name:
+        raise UserError(f"unknown text-to-speech backend {unknown[0] if unknown else name!r}: use one of "
+                        f"{', '.join(sorted(BACKENDS))}, or several joined by '+' (e.g. espeak-ng+festival)")  # fmt: skip
+    if len(parts) > 1 and "vits" in parts:
+        raise UserError("vits speaks alone: a mixed backend takes command-line synthesizers (espeak-ng, festival, "
+                        "flite)")  # fmt: skip
+    return parts
 
 
 def heldout_voice_of(name: str, model: str | None = None) -> str | None:
     """A backend's own held-out voice (see TTSBackend) without loading it: a VITS model's config alone."""
     if name != "vits":
-        return BACKENDS[name].heldout_voice
+        return BACKENDS[families_of(name)[0]].heldout_voice  # a mixed backend's: its first synthesizer's
     from transformers import AutoConfig
 
     try:
@@ -279,12 +404,13 @@ def heldout_voice_of(name: str, model: str | None = None) -> str | None:
 def make_backend(name: str, model: str | None = None, device: str = "auto", batch_size: int = 16) -> TTSBackend:
     """A backend by its --backend name; `model` (a VITS model id or directory), `device` and `batch_size` are
     VITS's."""
-    if name not in BACKENDS:
-        raise UserError(f"unknown text-to-speech backend {name!r}: use one of {', '.join(sorted(BACKENDS))}")
+    parts = families_of(name)
     if name == "vits":
         return Vits(model or DEFAULT_VITS_MODEL, device, batch_size)
     if model:
         raise UserError(f"--tts-model is for the vits backend; {name} takes voices (--voices)")
+    if len(parts) > 1:
+        return Mixed([BACKENDS[p]() for p in parts])
     return BACKENDS[name]()
 
 
@@ -299,10 +425,21 @@ class Rendition:
 
 
 def renditions_for(sample_id: str, grid: list[Rendition], per_sample: int) -> list[Rendition]:
-    """`per_sample` distinct renditions, spread over the grid by a hash of the id."""
-    per_sample = min(per_sample, len(grid))
-    start = int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) % len(grid)
-    return [grid[(start + i) % len(grid)] for i in range(per_sample)]
+    """`per_sample` distinct renditions, spread over the grid by a hash of the id. A grid of several synthesizers
+    (a mixed backend's) gives each synthesizer an equal share: the renditions take the synthesizers in turn."""
+    h = int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16)
+    families: dict[str, list[Rendition]] = {}
+    for rend in grid:
+        families.setdefault(family_of(rend.voice), []).append(rend)
+    if len(families) == 1:
+        per_sample = min(per_sample, len(grid))
+        return [grid[(h % len(grid) + i) % len(grid)] for i in range(per_sample)]
+    groups = list(families.values())
+    out: list[Rendition] = []
+    for i in range(min(per_sample, len(grid))):
+        group = groups[(h + i) % len(groups)]
+        out.append(group[(h // len(groups) + i // len(groups)) % len(group)])
+    return list(dict.fromkeys(out))
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -373,9 +510,13 @@ def synthesize_all(
     in `per_sample` renditions of voices x rates."""
     backend = backend or EspeakNG()
     voices = backend.default_voices if voices is None else voices
-    unknown = [v for v in voices if v not in getattr(backend, "voices", voices)]
+    if isinstance(backend, Mixed):
+        unknown = backend.unknown_voices(voices)
+    else:
+        unknown = [v for v in voices if v not in getattr(backend, "voices", voices)]
     if unknown:
-        raise UserError(f"{backend.name} has no voice(s) {', '.join(unknown)}; it has {', '.join(backend.voices)}")
+        known = getattr(backend, "voices", backend.default_voices)
+        raise UserError(f"{backend.name} has no voice(s) {', '.join(unknown)}; it has {', '.join(known)}")
     if speak not in SPEAK:
         raise UserError(f"--speak {speak!r} is not one of {', '.join(SPEAK)}")
     audio_dir = Path(audio_dir)
@@ -464,10 +605,12 @@ class SpeechConfig:
 
     samples: str = opt(str(schemas.SAMPLES_DIR), "samples directory")
     out: str = opt(str(schemas.AUDIO_DIR), "audio directory")
-    backend: str = opt("espeak-ng", "the synthesizer", tuple(sorted(BACKENDS)))
+    backend: str = opt("espeak-ng", f"the synthesizer ({', '.join(sorted(BACKENDS))}), or several joined by '+' "
+                                    f"(espeak-ng+festival: each clip spoken by one, in equal shares)")  # fmt: skip
     voices: list[str] = listed((), "voices, one drawn per clip (default: the backend's own: espeak-ng's 7 English "
-                                   "accents x 14 variants; flite's awb,kal16,rms,slt; vits: every speaker spk0, "
-                                   "spk1, ... but the last)")  # fmt: skip
+                                   "accents x 14 variants; festival's ked_diphone,cmu_us_slt_arctic_hts; flite's "
+                                   "awb,kal16,rms,slt; a mixed one's qualified: festival:ked_diphone; vits: every "
+                                   "speaker spk0, spk1, ... but the last)")  # fmt: skip
     tts_model: str | None = opt(None, f"vits: a Hugging Face id or directory of a VITS model (default "
                                       f"{DEFAULT_VITS_MODEL})")  # fmt: skip
     tts_device: str = opt("auto", "vits: cuda, cpu, or auto (cuda when there is one)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a fresh Debian/Ubuntu machine needs before `make demo` / `make test`:
-# uv, Debian's espeak-ng and flite (text-to-speech), and the locked Python environment (.venv, CPU vLLM).
+# uv, Debian's espeak-ng, flite and festival with its English voices (text-to-speech), and the locked Python environment (.venv, CPU vLLM).
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +20,14 @@ else
     UV=(python3 -m uv)
 fi
 
-TTS=(espeak-ng flite)
+# The synthesizers (programs, each its Debian package) and Festival's English voices (package: voice directory).
+TTS=(espeak-ng flite festival)
+FESTIVAL_VOICES=(festvox-kdlpc16k:ked_diphone festvox-us-slt-hts:cmu_us_slt_arctic_hts festvox-kallpc16k:kal_diphone)
 MISSING=()
 for tool in "${TTS[@]}"; do command -v "$tool" >/dev/null 2>&1 || MISSING+=("$tool"); done
+for entry in "${FESTIVAL_VOICES[@]}"; do
+    ls -d /usr/share/festival/voices/*/"${entry#*:}" >/dev/null 2>&1 || MISSING+=("${entry%%:*}")
+done
 if [ "${#MISSING[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${MISSING[*]} (apt-get)"

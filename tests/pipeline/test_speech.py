@@ -3,6 +3,7 @@ import hashlib
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 import soundfile as sf
 
 from pipeline.parquet_io import rejects_path
@@ -242,3 +243,79 @@ def test_vits_from_many_threads_speaks_each_text_not_another(tiny_vits):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda t: len(tts.synthesize(t, "spk0", 175)[0]), texts))
     assert got == expected
+
+
+KNOWN_TEXT = "What is the capital of Zorbania? The capital of Zorbania is Melvik."  # 12 words
+
+
+@pytest.mark.parametrize("name", ["espeak-ng", "festival", "flite"])
+def test_every_synthesizer_speaks_a_known_text_in_each_default_voice_at_its_rate(name):
+    """Each synthesizer the encoder's corpus, the training speech or a held-out set uses: every default voice (and
+    the held-out one) speaks 12 words in 2.5-7 s at 150 wpm (a silent, cut or looping clip fails), faster at 200."""
+    from pipeline.speech import make_backend, to_16k
+
+    tts = make_backend(name)
+    voices = tts.default_voices + ((tts.heldout_voice,) if tts.heldout_voice else ())
+    for voice in voices if name != "espeak-ng" else voices[::13]:  # espeak-ng: every accent is tested above
+        wave = to_16k(*tts.synthesize(KNOWN_TEXT, voice, 150))
+        seconds = len(wave) / SAMPLE_RATE
+        assert 2.5 < seconds < 7.0 and np.abs(wave).max() > 0.05, (voice, seconds)
+        faster = len(to_16k(*tts.synthesize(KNOWN_TEXT, voice, 200))) / SAMPLE_RATE
+        assert faster < seconds * 0.9, (voice, seconds, faster)
+
+
+def test_festival_batches_escape_their_text_and_a_mix_speaks_each_synthesizer_in_equal_shares(samples_dir, tmp_path):
+    """A Festival batch (one process for many clips) gives each text its own clip, quotes and backslashes
+    included; `espeak-ng+festival` speaks each clip with one of them, half the clips each, and names the voices of
+    the second by their synthesizer."""
+    from collections import Counter
+
+    from pipeline.speech import Festival, Mixed, make_backend
+
+    tts = Festival()
+    texts = ["Say \"yes\" to it.", "A back\\slash, then more words after it.", "One."]
+    waves = tts.synthesize_batch(texts, "ked_diphone", 175)
+    singles = [tts.synthesize(t, "ked_diphone", 175) for t in texts]
+    assert [len(w) for w, _ in waves] == [len(w) for w, _ in singles] and len({len(w) for w, _ in waves}) == 3
+    mix = make_backend("espeak-ng+festival")
+    assert isinstance(mix, Mixed) and mix.heldout_voice == "en-029"
+    assert "festival:ked_diphone" in mix.default_voices and "en-us" in mix.default_voices
+    result = synthesize_all(samples_dir, tmp_path / "audio", backend=mix, progress=False)
+    shares = Counter("festival" if v.startswith("festival:") else "espeak-ng" for v in result.index["voice"].to_pylist())
+    assert result.rejects.num_rows == 0 and abs(shares["festival"] - shares["espeak-ng"]) <= 0.2 * result.index.num_rows
+    assert read_metadata(pq.read_schema(tmp_path / "audio" / "index.parquet"))["tts_backend"] == "espeak-ng+festival"
+
+
+def test_a_missing_synthesizer_or_voice_is_one_set_up_line_naming_its_package(monkeypatch):
+    from pipeline.errors import UserError
+    from pipeline.speech import Festival, Flite, families_of
+
+    for cls, package in ((EspeakNG, "espeak-ng"), (Flite, "flite"), (Festival, "festival")):
+        with pytest.raises(UserError, match=rf"^'no-such-program' \({package}\) not found on PATH: install it "
+                                            rf"\(Debian/Ubuntu: `apt-get install -y {package}`"):
+            cls(executable="no-such-program")
+    # a voice Festival lacks (its package not installed): named with its package, not a silent drop of its clips
+    monkeypatch.setitem(Festival.VOICE_PACKAGES, "cmu_us_awb_cg", "festvox-awb-cg")
+    with pytest.raises(UserError, match=r"^festival has no voice 'cmu_us_awb_cg' \(festvox-awb-cg\): install it"):
+        Festival(required=("ked_diphone", "cmu_us_awb_cg"))
+    with pytest.raises(UserError, match="unknown text-to-speech backend 'espeak'"):
+        families_of("espeak+festival")
+    with pytest.raises(UserError, match="vits speaks alone"):
+        families_of("vits+festival")
+
+
+def test_a_mix_takes_its_first_synthesizers_voices_by_name_and_refuses_a_voice_none_has(samples_dir, tmp_path):
+    """The flow's held-out voice of a mix is its first synthesizer's (en-029, not a default voice): spoken; a
+    voice neither synthesizer has is refused before anything is written."""
+    from pipeline.errors import UserError
+    from pipeline.speech import make_backend
+
+    mix = make_backend("espeak-ng+festival")
+    result = synthesize_all(samples_dir, tmp_path / "held", backend=mix, voices=("en-029", "festival:kal_diphone"),
+                            rates=(160,), split="eval", progress=False)  # fmt: skip
+    assert result.rejects.num_rows == 0 and set(result.index["voice"].to_pylist()) == {"en-029",
+                                                                                       "festival:kal_diphone"}
+    with pytest.raises(UserError, match="has no voice\\(s\\) festival:nope, flite:slt"):
+        synthesize_all(samples_dir, tmp_path / "bad", backend=mix, voices=("en-us", "festival:nope", "flite:slt"),
+                       progress=False)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
