@@ -99,8 +99,9 @@ class ExtractConfig:
     overwrite: bool = opt(False, "replace shards made with another feature config")
 
 
-def fbank(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
-    """(n_frames, n_mels) float32 log-mel filterbank of a mono waveform."""
+def fbank(wave: torch.Tensor, cfg: FeatureConfig, vtln_warp: float = 1.0) -> torch.Tensor:
+    """(n_frames, n_mels) float32 log-mel filterbank of a mono waveform; `vtln_warp` != 1 warps the mel filters'
+    frequencies (Kaldi's VTLN: a training-time vocal-tract-length perturbation, pipeline.augment)."""
     min_len = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
     if wave.numel() < min_len:
         raise BadAudio(f"audio shorter than one {cfg.frame_length_ms:g} ms frame ({wave.numel()} samples)")
@@ -113,6 +114,7 @@ def fbank(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
         dither=cfg.dither,
         window_type=cfg.window,
         energy_floor=0.0,
+        vtln_warp=vtln_warp,
     )
 
 

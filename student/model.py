@@ -33,6 +33,10 @@ class StudentConfig:
     encoder_layers: int = 2
     encoder_heads: int = 4
     encoder_subsample: int = 3  # stride-2 convolutions: 3 -> 80 ms frames, 2 -> 40 ms
+    # the conv-transformer's input normalization: "utterance" (each mel bin to mean 0, variance 1 over the clip's
+    # frames: a fixed channel or gain is gone, as in Kaldi's CMVN) or "none"; part of the architecture, so training,
+    # evaluation and a saved student apply the same (docs/design.md, "Features that survive the room")
+    feature_norm: str = "utterance"
     stack: int = 2  # adapter frame stacking (after the encoder's 8x subsampling): 160 ms a token
     adapter_hidden: int = 512
     dropout: float = 0.1
@@ -79,9 +83,23 @@ def _zero_past(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return x * keep.unsqueeze(-1).to(x.dtype)
 
 
+def utterance_norm(feats: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(B, T, F) with each clip's mel bins normalized to mean 0, variance 1 over its own frames (t < lengths[b]);
+    its padding stays 0."""
+    keep = (torch.arange(feats.shape[1], device=feats.device)[None, :] < lengths[:, None].to(feats.device))
+    keep = keep.unsqueeze(-1).to(feats.dtype)
+    n = keep.sum(1, keepdim=True).clamp(min=1)
+    mean = (feats * keep).sum(1, keepdim=True) / n
+    var = (((feats - mean) * keep) ** 2).sum(1, keepdim=True) / n
+    return (feats - mean) / torch.sqrt(var + eps) * keep
+
+
 class ConvTransformerEncoder(nn.Module):
     def __init__(self, cfg: StudentConfig):
         super().__init__()
+        if cfg.feature_norm not in ("utterance", "none"):
+            raise ValueError(f"feature_norm must be utterance or none, got {cfg.feature_norm!r}")
+        self.feature_norm = cfg.feature_norm
         self.norm_in = nn.LayerNorm(cfg.n_mels)
         self.subsample = ConvSubsampling(cfg.n_mels, cfg.encoder_dim, cfg.encoder_subsample)
         self.pos = nn.Parameter(torch.zeros(1, 2048, cfg.encoder_dim))
@@ -93,6 +111,8 @@ class ConvTransformerEncoder(nn.Module):
         self.out_dim = cfg.encoder_dim
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.feature_norm == "utterance":
+            feats = utterance_norm(feats.float(), lengths).to(feats.dtype)
         x, lengths = self.subsample(self.norm_in(feats), lengths)
         x = x + self.pos[:, : x.shape[1]]
         pad = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
@@ -156,6 +176,7 @@ def toy_encoder_architecture(c: dict) -> "ConvTransformerEncoder":
     build trains and what the student loads its weights into."""
     return ConvTransformerEncoder(StudentConfig(n_mels=c["n_mels"], encoder_dim=c["dim"], encoder_layers=c["layers"],
                                                 encoder_heads=c["heads"], encoder_subsample=c["subsample"],
+                                                feature_norm=c.get("feature_norm", "none"),  # builds before it: none
                                                 dropout=0.1))  # fmt: skip
 
 
@@ -386,7 +407,8 @@ class SpeechLLM(nn.Module):
         """A saved student from its directory alone (the backbone in HF format, the speech side's architecture from
         student_config.json, its weights from speech.pt)."""
         out_dir = Path(out_dir)
-        cfg = StudentConfig(**json.loads((out_dir / "student_config.json").read_text()))
+        # a student saved before feature_norm existed normalized nothing
+        cfg = StudentConfig(**{"feature_norm": "none", **json.loads((out_dir / "student_config.json").read_text())})
         cfg.backbone = str(out_dir / "backbone")
         cfg.lora = None  # backbone/ has the adapters merged in
         model = cls(cfg)

@@ -4,18 +4,24 @@
     python -m toy.encoder --force --max-minutes 15
 
 Real speech LLMs start from an encoder that already knows phonetic units
-(Whisper), so they hear words their instruction data never had. This builds the
-toy equivalent: a corpus of carrier sentences (the toy world's question and
-answer templates) filled with random pseudo-names drawn from the toy world's own
-name grammar but *disjoint from every word of the samples* (no world name is ever
-heard here), spoken by espeak-ng over many voices, rates and pitches, and a
-conv-transformer (4x subsampling: 40 ms frames) trained with CTC against
-espeak-ng's own phonemes (`espeak-ng -x`). Training stops when the phoneme error
-rate on sentences with *held-out* pseudo-names (never heard in training) reaches
-the target, or at the time budget. Saved: `encoder.pt` (weights), `encoder.json`
-(architecture + phoneme inventory), `speechkd_encoder.json` (the build report:
-held-out PER, steps, seconds). `student/train.py --encoder data/models/encoder`
-starts from it.
+(Whisper), so they hear words their instruction data never had, in voices and rooms
+they never heard. This builds the toy equivalent: a corpus of carrier sentences (the
+toy world's question and answer templates) filled with random pseudo-names drawn
+from the toy world's own name grammar but *disjoint from every word of the samples*
+(no world name is ever heard here), spoken through the speech stage's synthesizers
+(`--tts`, default espeak-ng's 98-voice grid and Festival's voices, in equal shares),
+each clip perturbed (pipeline.augment: speed, vocal-tract length, white noise, rooms
+of its own, a dither floor), and a conv-transformer (4x subsampling: 40 ms frames)
+trained with CTC against one phoneme inventory whoever speaks: espeak-ng's en-us
+phonemes of the text (`espeak-ng -x`). Training stops when the phoneme error rate on
+sentences with *held-out* pseudo-names (never heard in training) reaches the target,
+or at the budget. The build report measures the PER in every voice and condition it
+never heard too: espeak-ng's en-029, a whole held-out synthesizer (`--heldout-tts`,
+default Flite, each voice), and pipeline.conditions' rooms, pink noise and telephone
+line; and lists every synthesizer, voice and perturbation it did hear, so "never
+heard" can be checked. Saved: `encoder.pt` (weights), `encoder.json` (architecture
++ phoneme inventory), `speechkd_encoder.json` (the build report).
+`student/train.py --encoder data/models/encoder` starts from it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import json
 import random
 import re
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,11 +39,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import schemas
-from pipeline.config import config_from_args, opt, parse_args
+from pipeline import augment, conditions, schemas
+from pipeline import speech as speech_stage
+from pipeline.config import ConfigError, config_from_args, opt, parse_args
 from pipeline.errors import cli
 from pipeline.files import atomic_write, write_json_atomic
-from pipeline.speech import ACCENTS, VARIANTS, voice_grid
 from toy.world import ADDITION, CITY_ENDINGS, COLOURS, COUNTRY_ENDINGS, RELATIONS, STRESS, _name, phonemize
 
 ENCODER_DIR = schemas.MODELS_DIR / "encoder"
@@ -52,14 +57,25 @@ class EncoderBuildConfig:
     utterances: int = opt(6000, "training sentences")
     eval_utterances: int = opt(300, "sentences with held-out names (the stopping criterion's)")
     heldout_names: int = opt(300, "pseudo-names never heard in training")
-    # every accent x every voice variant: the training speech's own grid (pipeline.speech.voice_grid)
-    accents: tuple[str, ...] = opt(ACCENTS, "espeak-ng voices (accents)")
-    variants: tuple[str, ...] = opt(VARIANTS, "espeak-ng variants crossed with every accent ('' = the accent's own)")
+    tts: str = opt("espeak-ng+festival", "the corpus's synthesizers (pipeline.speech backends, '+'-joined: each "
+                                         "clip spoken by one, in equal shares)")  # fmt: skip
+    voices: tuple[str, ...] = opt((), "voices, one drawn per clip (default: the backends' own; a mixed backend's "
+                                      "qualified, e.g. festival:ked_diphone)")  # fmt: skip
     # never used here: the build report gives the PER of held-out names spoken by it (the demo speech's
     # held-out voice is the same accent), the honest measure of how far the encoder generalizes
     heldout_voice: str = opt("en-029", "a voice never used in training (the build report's PER in it)")
-    rate_range: tuple[int, ...] = opt((140, 185), "speaking rates drawn from this range (words per minute)")
-    pitch_range: tuple[int, ...] = opt((35, 65), "espeak-ng pitches drawn from this range")
+    heldout_tts: str = opt("flite", "a whole synthesizer never used in training (the build report's PER in each of "
+                                    "its voices); '' for none")  # fmt: skip
+    rate_range: tuple[int, ...] = opt((140, 185), "speaking rates drawn from this range (words per minute, in steps "
+                                                  "of 5)")  # fmt: skip
+    clean_fraction: float = opt(0.2, "clips left as the synthesizer wrote them (the rest perturbed)")
+    speed_range: tuple[float, ...] = opt(augment.AugmentConfig.speed, "speed perturbation factors (1: none)")
+    vtln_range: tuple[float, ...] = opt(augment.AugmentConfig.vtln, "vocal-tract-length warps of the features")
+    noise_p: float = opt(augment.AugmentConfig.noise_p, "share of perturbed clips with white noise added")
+    room_p: float = opt(augment.AugmentConfig.room_p, "share of perturbed clips in a reverberant room")
+    spec_augment: bool = opt(True, "mask 2 bands of mel bins and 2 spans of frames of every training clip")
+    feature_norm: str = opt("utterance", "the encoder's input normalization: utterance (mean and variance of each "
+                                         "mel bin over the clip) or none", ("utterance", "none"))  # fmt: skip
     n_mels: int = opt(80, "fbank mel bins")
     dim: int = opt(144, "encoder width")
     layers: int = opt(4, "transformer layers")
@@ -68,10 +84,27 @@ class EncoderBuildConfig:
     batch_size: int = opt(32, "utterances per step")
     lr: float = opt(1.5e-3, "peak learning rate")
     warmup: int = opt(200, "linear warm-up steps")
+    lr_decay: bool = opt(False, "after the warm-up, decay the learning rate linearly to a tenth at --max-steps")
     target_per: float = opt(0.07, "stop at this phoneme error rate on held-out names")
-    max_minutes: float = opt(6.0, "training budget (synthesis not included)")
+    # a step budget, so that a slower or shared machine builds the same encoder (only later); the minutes are a cap
+    max_steps: int = opt(1000, "training budget in steps (0: no limit)")
+    max_minutes: float = opt(15.0, "and at most this many minutes of training (synthesis not included)")
     eval_every: int = opt(100, "steps between held-out PER checks")
-    seed: int = opt(0, "seeds the corpus, the weights and the batches")
+    seed: int = opt(0, "seeds the corpus, its perturbations, the weights and the batches")
+
+    def augment_config(self) -> augment.AugmentConfig:
+        return augment.AugmentConfig(speed=tuple(self.speed_range), vtln=tuple(self.vtln_range),
+                                     noise_p=self.noise_p, room_p=self.room_p)  # fmt: skip
+
+    def synthesizers(self) -> tuple[str, ...]:
+        return speech_stage.families_of(self.tts)
+
+    def __post_init__(self):
+        if self.heldout_tts and self.heldout_tts in self.synthesizers():
+            raise ConfigError(f"--heldout-tts {self.heldout_tts} is one of the corpus's synthesizers (--tts "
+                              f"{self.tts}): a held-out synthesizer must never be heard in pretraining")  # fmt: skip
+        if not 0.0 <= self.clean_fraction <= 1.0:
+            raise ConfigError(f"--clean-fraction must be in [0, 1], got {self.clean_fraction}")
 
 
 @dataclass
@@ -131,29 +164,99 @@ def carrier_sentence(rng: random.Random, names: list[str]) -> str:
     return template.format(**fields)
 
 
-def speak(text: str, voice: str, rate: int, pitch: int, n_mels: int) -> tuple[np.ndarray, list[str]]:
-    """(fbank (frames, n_mels) float16, phonemes) of one utterance."""
-    from pipeline.features import FeatureConfig, compute_features, load_audio
+SENTINEL = "zero zero zero zero."  # a clause no corpus text says, between texts: espeak-ng's lines are clauses
 
-    with tempfile.NamedTemporaryFile(suffix=".wav") as wav, tempfile.NamedTemporaryFile(suffix=".txt") as ph:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-x", "--sep=_",
-                        f"--phonout={ph.name}", "-w", wav.name], input=text.encode(), check=True,
-                       capture_output=True)  # fmt: skip
-        cfg = FeatureConfig(n_mels=n_mels)
-        feats = compute_features(load_audio(Path(wav.name), cfg.sample_rate), cfg).to(torch.float16).numpy()
-        raw = Path(ph.name).read_text()
+
+def phoneme_targets(texts: list[str], voice: str = "en-us") -> list[list[str]]:
+    """CTC targets of each text: espeak-ng's phonemes of it in one voice whoever speaks it (`-x --sep=_`, stress
+    marks dropped), '|' between words; one espeak-ng call for many texts (espeak-ng writes a line per clause, so
+    the texts are told apart by a sentinel clause between them)."""
+    if not texts:
+        return []
+    if len(texts) == 1:
+        out = subprocess.run(["espeak-ng", "-q", "-x", "--sep=_", "-v", voice], input=texts[0].encode(),
+                             capture_output=True, check=True).stdout.decode()  # fmt: skip
+        return [_tokens(" ".join(out.split()))]
+    sentinel = " ".join(phoneme_lines([SENTINEL], voice))
+    lines = phoneme_lines([x for t in texts for x in (" ".join(t.split()), SENTINEL)], voice)
+    groups, current = [], []
+    for line in lines:
+        if line == sentinel:
+            groups.append(_tokens(" ".join(current)))
+            current = []
+        else:
+            current.append(line)
+    if len(groups) != len(texts) or current:  # a text said the sentinel after all: one call each
+        return [phoneme_targets([t], voice)[0] for t in texts]
+    return groups
+
+
+def phoneme_lines(texts: list[str], voice: str) -> list[str]:
+    out = subprocess.run(["espeak-ng", "-q", "-x", "--sep=_", "-v", voice], input="\n".join(texts).encode(),
+                         capture_output=True, check=True).stdout.decode()  # fmt: skip
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _tokens(raw: str) -> list[str]:
     tokens: list[str] = []
     for word in raw.split():
-        parts = [STRESS.sub("", p) for p in word.split("_")]
-        tokens.extend(p for p in parts if p)
+        tokens.extend(p for p in (STRESS.sub("", p) for p in word.split("_")) if p)
         tokens.append("|")
-    return feats, tokens[:-1]
+    return tokens[:-1]
 
 
-def synthesize_corpus(items: list[tuple[str, str, int, int]], n_mels: int, progress: bool, desc: str):
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(speak, t, v, r, p, n_mels) for t, v, r, p in items]
-        return [f.result() for f in tqdm(futures, desc=desc, unit="utt", disable=not progress)]
+@dataclass(frozen=True)
+class Clip:
+    """One corpus utterance: what is said, by whom, how, and (training clips) how it is perturbed."""
+
+    text: str
+    voice: str
+    rate: int
+    perturbation: augment.Perturbation = augment.CLEAN
+    condition: str | None = None  # a held-out listening condition (pipeline.conditions), evaluation only
+    key: str = ""  # seeds its perturbation's or condition's noise
+
+
+def clip_features(wave: np.ndarray, sample_rate: int, clip: Clip, n_mels: int, seed: int) -> np.ndarray:
+    """(frames, n_mels) float16 fbank of a synthesized clip after its perturbation or condition."""
+    from pipeline.features import FeatureConfig, fbank
+
+    wave = speech_stage.to_16k(wave, sample_rate).astype(np.float32)
+    if clip.perturbation != augment.CLEAN:
+        wave = augment.perturb(wave, clip.perturbation, augment.rng_for(clip.key, seed))
+    if clip.condition:
+        wave = conditions.apply(clip.condition, wave, clip.key, seed)
+    feats = fbank(torch.from_numpy(wave), FeatureConfig(n_mels=n_mels), clip.perturbation.vtln_warp)
+    return feats.to(torch.float16).numpy()
+
+
+def synthesize_corpus(clips: list[Clip], backend, n_mels: int, seed: int, progress: bool, desc: str):
+    """[(features, phonemes)] of the clips, in order: each (voice, rate) group in batches through the backend
+    (a Festival batch is one process) and espeak-ng's phonemizer, 2 threads."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, c in enumerate(clips):
+        groups.setdefault((c.voice, c.rate), []).append(i)
+    size = max(1, int(getattr(backend, "batch_size", 1)))
+    units = [(v, r, idx[k : k + size]) for (v, r), idx in groups.items() for k in range(0, len(idx), size)]
+    out: list[tuple[np.ndarray, list[str]] | None] = [None] * len(clips)
+
+    def one(unit):
+        voice, rate, idx = unit
+        texts = [clips[i].text for i in idx]
+        if hasattr(backend, "synthesize_batch") and len(idx) > 1:
+            waves = backend.synthesize_batch(texts, voice, rate)
+        else:
+            waves = [backend.synthesize(t, voice, rate) for t in texts]
+        feats = [clip_features(w, sr, clips[i], n_mels, seed) for i, (w, sr) in zip(idx, waves, strict=True)]
+        return idx, list(zip(feats, phoneme_targets(texts), strict=True))
+
+    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(clips), desc=desc, unit="utt",
+                                                         disable=not progress) as bar:  # fmt: skip
+        for idx, done in pool.map(one, units):
+            for i, item in zip(idx, done):
+                out[i] = item
+            bar.update(len(idx))
+    return out
 
 
 # --- model ------------------------------------------------------------------------------------------
@@ -219,9 +322,56 @@ def is_built(out_dir: Path = ENCODER_DIR) -> bool:
     return all((out_dir / f).exists() for f in (BUILD_REPORT, CONFIG_FILE, WEIGHTS_FILE))
 
 
+def spec_augment(speech: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Two bands of up to 8 mel bins and two spans of up to 5% of each clip's frames set to 0 (the mean, after the
+    encoder's utterance normalization); seeded by `gen`."""
+    out = speech.clone()
+    B, T, F = out.shape
+    for b in range(B):
+        n = int(lengths[b])
+        for _ in range(2):
+            w = int(torch.randint(0, 9, (1,), generator=gen))
+            f0 = int(torch.randint(0, max(1, F - w), (1,), generator=gen))
+            out[b, :, f0 : f0 + w] = 0
+            w = int(torch.randint(0, max(1, n // 20) + 1, (1,), generator=gen))
+            t0 = int(torch.randint(0, max(1, n - w), (1,), generator=gen))
+            out[b, t0 : t0 + w] = 0
+    return out
+
+
+def learning_rate(cfg: EncoderBuildConfig, step: int) -> float:
+    """Linear warm-up to --lr, then constant, or (--lr-decay, with a step budget) linear decay to a tenth of it."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if cfg.lr_decay and cfg.max_steps and step >= cfg.warmup:
+        lr *= 1.0 - 0.9 * (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup)
+    return lr
+
+
+def corpus_clips(cfg: EncoderBuildConfig, rng: random.Random, names: list[str], voices: tuple[str, ...], n: int,
+                 prefix: str, perturbed: bool = False, condition: str | None = None) -> list[Clip]:  # fmt: skip
+    """n carrier sentences over `names`, each in a voice drawn (a mixed backend's synthesizers in equal shares),
+    at a drawn rate; training clips (`perturbed`) with their perturbation drawn, seeded by the clip's key."""
+    families: dict[str, list[str]] = {}
+    for v in voices:
+        families.setdefault(speech_stage.family_of(v), []).append(v)
+    pools = list(families.values())
+    acfg = cfg.augment_config()
+    lo, hi = cfg.rate_range
+    out = []
+    for i in range(n):
+        key = f"{prefix}{i}"
+        p = augment.CLEAN
+        if perturbed and rng.random() >= cfg.clean_fraction:
+            p = augment.draw(acfg, augment.rng_for(key, cfg.seed))
+        out.append(Clip(carrier_sentence(rng, names), rng.choice(rng.choice(pools)), rng.randrange(lo, hi + 1, 5), p,
+                        condition, key))  # fmt: skip
+    return out
+
+
 def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCODER_DIR,
                   cfg: EncoderBuildConfig = EncoderBuildConfig(), progress: bool = True) -> dict:  # fmt: skip
-    """Synthesize the pretraining corpus, train until the held-out PER target (or the budget), save."""
+    """Synthesize the pretraining corpus, train until the held-out PER target (or the budget), measure every
+    never-heard voice, synthesizer and condition, save."""
     from pipeline.samples import load_samples
 
     t0 = time.monotonic()
@@ -230,44 +380,58 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
     forbidden = _words(samples["prompt"].to_pylist() + samples["response"].to_pylist())
     names = pretraining_names(rng, 3000 + cfg.heldout_names, forbidden)
     heldout, train_names = names[: cfg.heldout_names], names[cfg.heldout_names :]
-    voices = voice_grid(cfg.accents, cfg.variants)
+    backend = speech_stage.make_backend(cfg.tts)  # a missing synthesizer or voice: one line naming its package
+    voices = tuple(cfg.voices) or backend.default_voices
     if cfg.heldout_voice in voices:
-        raise ValueError(f"the held-out voice {cfg.heldout_voice!r} is also a training voice")
+        raise ConfigError(f"the held-out voice {cfg.heldout_voice!r} is also a training voice")
+    espeak = speech_stage.EspeakNG()
+    held_tts = speech_stage.make_backend(cfg.heldout_tts) if cfg.heldout_tts else None
+    n_cond = cfg.eval_utterances // 3
 
-    def item(pool: list[str], voice: str | None = None) -> tuple[str, str, int, int]:
-        return (carrier_sentence(rng, pool), voice or rng.choice(voices), rng.randint(*cfg.rate_range),
-                rng.randint(*cfg.pitch_range))  # fmt: skip
-
-    train_items = [item(train_names) for _ in range(cfg.utterances)]
-    eval_items = [item(heldout) for _ in range(cfg.eval_utterances)]
-    seen_items = [item(train_names) for _ in range(cfg.eval_utterances // 2)]
-    voice_items = [item(heldout, cfg.heldout_voice) for _ in range(cfg.eval_utterances // 2)]
-    train = synthesize_corpus(train_items, cfg.n_mels, progress, "encoder corpus")
-    held = synthesize_corpus(eval_items, cfg.n_mels, progress, "held-out names")
-    seen = synthesize_corpus(seen_items, cfg.n_mels, progress, "heard names")
-    new_voice = synthesize_corpus(voice_items, cfg.n_mels, progress, f"held-out voice {cfg.heldout_voice}")
+    train_clips = corpus_clips(cfg, rng, train_names, voices, cfg.utterances, "train-", perturbed=True)
+    sets = {  # name -> (clips, backend): the evaluation sets, none perturbed in training's way
+        "heldout": (corpus_clips(cfg, rng, heldout, voices, cfg.eval_utterances, "held-"), backend),
+        "heard": (corpus_clips(cfg, rng, train_names, voices, cfg.eval_utterances // 2, "heard-"), backend),
+        f"voice:{cfg.heldout_voice}": (corpus_clips(cfg, rng, heldout, (cfg.heldout_voice,),
+                                                    cfg.eval_utterances // 2, "voice-"), espeak),  # fmt: skip
+    }
+    if held_tts is not None:
+        per_voice = max(1, cfg.eval_utterances // (2 * len(held_tts.default_voices)))
+        for v in held_tts.default_voices:
+            sets[f"tts:{cfg.heldout_tts}:{v}"] = (corpus_clips(cfg, rng, heldout, (v,), per_voice, f"tts-{v}-"),
+                                                   held_tts)  # fmt: skip
+    for condition in conditions.CONDITIONS:
+        sets[f"condition:{condition}"] = (corpus_clips(cfg, rng, heldout, voices, n_cond, f"cond-{condition}-",
+                                                       condition=condition), backend)  # fmt: skip
+    train = synthesize_corpus(train_clips, backend, cfg.n_mels, cfg.seed, progress, "encoder corpus")
+    evals = {name: synthesize_corpus(clips, b, cfg.n_mels, cfg.seed, progress, name)
+             for name, (clips, b) in sets.items()}  # fmt: skip
     synth_s = time.monotonic() - t0
-    inventory = sorted({p for _, ph in train + held + seen + new_voice for p in ph})
+    inventory = sorted({p for corpus in [train, *evals.values()] for _, ph in corpus for p in ph})
     vocab = {p: i for i, p in enumerate(inventory)}
+    held = evals["heldout"]
 
     torch.manual_seed(cfg.seed)
     encoder, head = make_encoder(cfg, len(vocab))
     params = list(encoder.parameters()) + list(head.parameters())
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     order = np.random.default_rng(cfg.seed)
+    masks = torch.Generator().manual_seed(cfg.seed)
     step, per, history = 0, 1.0, []
     t_train = time.monotonic()
     bar = tqdm(desc="encoder (phoneme CTC)", unit="step", disable=not progress)
     while True:
         idx = order.choice(len(train), cfg.batch_size, replace=False)
         speech, lengths, targets = _batch(train, idx, vocab)
+        if cfg.spec_augment:
+            speech = spec_augment(speech, lengths, masks)
         x, out_len = encoder(speech, lengths)
         log_probs = head(x).float().log_softmax(-1).transpose(0, 1)
         loss = torch.nn.functional.ctc_loss(log_probs, torch.cat(targets), out_len,
                                             torch.tensor([len(t) for t in targets]), blank=len(vocab),
                                             zero_infinity=True)  # fmt: skip
         for g in optim.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = learning_rate(cfg, step)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -276,19 +440,34 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
         bar.update(1)
         bar.set_postfix(ctc=f"{loss.item():.3f}", per=f"{per:.3f}")
         minutes = (time.monotonic() - t_train) / 60
-        if step % cfg.eval_every == 0 or minutes >= cfg.max_minutes:
+        out_of_budget = minutes >= cfg.max_minutes or (cfg.max_steps and step >= cfg.max_steps)
+        if step % cfg.eval_every == 0 or out_of_budget:
             per = phoneme_error_rate(encoder, head, held, vocab)
             history.append({"step": step, "minutes": round(minutes, 2), "heldout_per": round(per, 4)})
             tqdm.write(f"encoder step {step}: held-out-name PER {per:.1%} ({minutes:.1f} min)")
-            if per <= cfg.target_per or minutes >= cfg.max_minutes:
+            if per <= cfg.target_per or out_of_budget:
                 break
     bar.close()
+    per_set = {name: round(phoneme_error_rate(encoder, head, corpus, vocab), 4) for name, corpus in evals.items()}
+    heard_voices = sorted({c.voice for c in train_clips})
     report = {
         "heldout_per": round(per, 4),
-        "heard_per": round(phoneme_error_rate(encoder, head, seen, vocab), 4),
-        "heldout_voice_per": round(phoneme_error_rate(encoder, head, new_voice, vocab), 4),
+        "heard_per": per_set["heard"],
+        "heldout_voice_per": per_set[f"voice:{cfg.heldout_voice}"],
         "heldout_voice": cfg.heldout_voice,
-        "voices": len(voices),
+        "heldout_tts": cfg.heldout_tts or None,
+        "heldout_tts_per": (round(float(np.mean([v for k, v in per_set.items() if k.startswith("tts:")])), 4)
+                            if held_tts is not None else None),  # fmt: skip
+        "per": per_set,  # every evaluation set: held-out names, heard names, the held-out voice, synthesizer, conditions
+        # what the encoder heard, so that "never heard" can be checked
+        "synthesizers": list(cfg.synthesizers()),
+        "voices_heard": heard_voices,
+        "voices": len(heard_voices),
+        "augmentation": {"clean_fraction": cfg.clean_fraction, "spec_augment": cfg.spec_augment,
+                         **cfg.augment_config().describe(),
+                         "perturbed_clips": sum(c.perturbation != augment.CLEAN for c in train_clips)},  # fmt: skip
+        "heldout_conditions": list(conditions.CONDITIONS),
+        "feature_norm": cfg.feature_norm,
         "reached_target": per <= cfg.target_per,
         "target_per": cfg.target_per,
         "steps": step,
@@ -310,6 +489,16 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
     return report
 
 
+def never_heard_summary(report: dict) -> str:
+    """One line of a build report's phoneme errors in what the encoder never heard (voice, synthesizer, conditions)."""
+    per = report.get("per", {})
+    parts = [f"{report.get('heldout_voice', '?')} {report.get('heldout_voice_per', float('nan')):.1%}"]
+    if report.get("heldout_tts"):
+        parts.append(f"{report['heldout_tts']} {report['heldout_tts_per']:.1%}")
+    parts += [f"{k.split(':', 1)[1]} {v:.1%}" for k, v in per.items() if k.startswith("condition:")]
+    return ", ".join(parts)
+
+
 @cli("toy.encoder")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(EncoderBuildConfig, EncoderBuild, argv=argv, description=__doc__)
@@ -320,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"toy encoder already built: held-out-name PER {report['heldout_per']:.1%} -> {out}")
         return
     r = build_encoder(Path(run.samples), out, cfg)
+    print(f"toy encoder: never heard: {never_heard_summary(r)}")
     print(f"toy encoder: held-out-name PER {r['heldout_per']:.1%} (heard names {r['heard_per']:.1%}) after "
           f"{r['steps']} steps, {r['seconds'] / 60:.1f} min in all -> {out}")
 

@@ -1,5 +1,6 @@
-"""The embedded speech encoder: its corpus never contains a world word, its CTC targets are espeak-ng's
-phonemes, a tiny-budget build completes, and the student starts from it (frozen by default)."""
+"""The embedded speech encoder: its corpus never contains a world word, its CTC targets are espeak-ng's phonemes of
+the text whoever speaks, its clips are spoken by more than one synthesizer and perturbed reproducibly, its build
+report lists what it heard and measures what it never heard, and the student starts from it (frozen by default)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import json
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from toy import encoder as te
 
+VOICES = ("en-us", "en+f2", "festival:ked_diphone", "festival:cmu_us_slt_arctic_hts")
 TINY = te.EncoderBuildConfig(utterances=48, eval_utterances=8, heldout_names=8, n_mels=40, max_minutes=0.02,
-                             eval_every=2, batch_size=8, accents=("en-us", "en"),
-                             variants=("", "+f2"))  # fmt: skip
+                             eval_every=2, batch_size=8, voices=VOICES)  # fmt: skip
 
 
 def test_pseudo_names_avoid_every_world_word_and_carrier_sentences_use_them(tiny_rows):
@@ -44,32 +46,87 @@ def test_pretraining_names_never_sound_like_a_world_word_or_each_other(tiny_rows
     assert len(set(phonemize(raw))) < len(raw)
 
 
-def test_ctc_targets_are_espeak_phonemes_of_the_spoken_text():
+def test_ctc_targets_are_espeak_phonemes_of_the_text_in_one_inventory():
     import subprocess
 
-    feats, phonemes = te.speak("What is the capital of Bakitan?", "en-us", 160, 50, 40)
-    assert feats.shape[1] == 40 and feats.shape[0] > 50 and feats.dtype.name == "float16"
+    text = "What is the capital of Bakitan?"
+    phonemes = te.phoneme_targets([text])[0]
     assert phonemes.count("|") == 5  # six words
     assert not any("'" in p or "," in p for p in phonemes)  # stress marks dropped
-    raw = subprocess.run(["espeak-ng", "-q", "-x", "--sep=_", "-v", "en-us"], input=b"What is the capital of Bakitan?",
+    raw = subprocess.run(["espeak-ng", "-q", "-x", "--sep=_", "-v", "en-us"], input=text.encode(),
                          capture_output=True, check=True).stdout.decode()  # fmt: skip
     expected = [p.replace("'", "").replace(",", "") for w in raw.split() for p in w.split("_") + ["|"]][:-1]
-    assert phonemes == [p for p in expected if p]  # what espeak-ng says the audio contains
-    assert te.speak("What is the capital of Romiland?", "en-us", 160, 50, 40)[1] != phonemes
+    assert phonemes == [p for p in expected if p]
+    # one espeak-ng call for many texts gives each its own phonemes, in order
+    texts = [text, "The capital of Romiland is Sefa.", "What is 3 plus 14?", "Who founded Kelvora?"]
+    assert te.phoneme_targets(texts) == [te.phoneme_targets([t])[0] for t in texts]
+    assert te.phoneme_targets(texts)[0] != te.phoneme_targets(texts)[1]
 
 
-def test_a_tiny_budget_build_saves_its_report_and_is_skipped_once_built(built_encoder):
+def test_perturbation_is_seeded_the_same_corpus_and_seed_give_the_same_features():
+    """Every clip's perturbation (speed, VTLP, noise, room, dither) is drawn from (seed, its key): building the same
+    clips twice, in another order, gives the same features; another seed other features."""
+    from pipeline.speech import make_backend
+
+    backend = make_backend("espeak-ng+festival")
+    cfg = te.EncoderBuildConfig(clean_fraction=0.0, noise_p=1.0, room_p=1.0)
+    clips = te.corpus_clips(cfg, random.Random(0), ["Zorbania", "Melvik"], VOICES, 6, "t-", perturbed=True)
+    assert all(c.perturbation.snr_db is not None and c.perturbation.rt60_s is not None for c in clips)
+    assert len({c.voice for c in clips}) > 1
+    a = te.synthesize_corpus(clips, backend, 40, 0, False, "a")
+    b = te.synthesize_corpus(clips[::-1], backend, 40, 0, False, "b")[::-1]
+    c = te.synthesize_corpus(clips, backend, 40, 1, False, "c")
+    clean = te.synthesize_corpus([te.Clip(x.text, x.voice, x.rate) for x in clips], backend, 40, 0, False, "d")
+    for (fa, pa), (fb, pb), (fc, _), (fd, pd) in zip(a, b, c, clean):
+        assert np.array_equal(fa, fb) and pa == pb == pd  # the targets do not depend on the perturbation
+        assert not np.array_equal(fa, fc)
+        assert fa.shape != fd.shape or not np.array_equal(fa, fd)
+
+
+def test_a_held_out_synthesizer_cannot_be_a_corpus_synthesizer():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--heldout-tts festival is one of the corpus's synthesizers"):
+        te.EncoderBuildConfig(tts="espeak-ng+festival", heldout_tts="festival")
+    assert te.EncoderBuildConfig(tts="espeak-ng+flite", heldout_tts="festival").synthesizers() == ("espeak-ng",
+                                                                                                   "flite")
+
+
+def test_a_tiny_budget_build_reports_what_it_heard_and_what_it_never_heard(built_encoder):
+    from pipeline import conditions
+    from pipeline.speech import Flite
     from student.model import pretrained_toy_encoder
 
     assert te.is_built(built_encoder)
     report = json.loads((built_encoder / te.BUILD_REPORT).read_text())
     assert 0.0 <= report["heldout_per"] and report["steps"] >= 2 and report["phonemes"] > 20
-    assert report["voices"] == 4 and report["heldout_voice"] == "en-029" and 0.0 <= report["heldout_voice_per"]
     assert report["history"] and report["history"][-1]["step"] == report["steps"]
-    assert pretrained_toy_encoder(str(built_encoder))["config"]["subsample"] == 2
+    # what it heard: the two synthesizers, only the configured voices, the perturbations
+    assert report["synthesizers"] == ["espeak-ng", "festival"]
+    assert set(report["voices_heard"]) <= set(VOICES) and report["voices"] == len(report["voices_heard"]) > 1
+    aug = report["augmentation"]
+    assert aug["noise_type"] == "white" and aug["perturbed_clips"] > 0 and aug["spec_augment"]
+    # what it never heard, each measured: en-029, every voice of Flite, every held-out condition
+    assert report["heldout_voice"] == "en-029" and report["heldout_voice"] not in report["voices_heard"]
+    assert report["heldout_tts"] == "flite" and "flite" not in report["synthesizers"]
+    assert {f"tts:flite:{v}" for v in Flite.default_voices} <= set(report["per"])
+    assert {f"condition:{c}" for c in conditions.CONDITIONS} <= set(report["per"])
+    assert report["heldout_conditions"] == list(conditions.CONDITIONS)
+    assert all(0.0 <= v for v in report["per"].values())
+    assert "flite" in te.never_heard_summary(report) and "telephone" in te.never_heard_summary(report)
+    assert pretrained_toy_encoder(str(built_encoder))["config"]["feature_norm"] == "utterance"
     before = (built_encoder / te.WEIGHTS_FILE).stat().st_mtime_ns
     assert te.main(["--out", str(built_encoder)]) == 0  # a complete build is skipped
     assert (built_encoder / te.WEIGHTS_FILE).stat().st_mtime_ns == before
+
+
+def test_the_flow_refuses_a_held_out_synthesizer_the_built_encoder_heard(built_encoder):
+    from flows.cache_teacher import check_encoder_never_heard
+    from pipeline.config import ConfigError
+
+    check_encoder_never_heard(built_encoder, "flite")  # never heard: fine
+    with pytest.raises(ConfigError, match="--heldout-tts festival: the toy encoder at .* heard it in pretraining"):
+        check_encoder_never_heard(built_encoder, "festival")
 
 
 @pytest.fixture(scope="module")
