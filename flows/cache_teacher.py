@@ -81,14 +81,15 @@ class CacheFlowConfig:
     source: str = opt(toy_world.SOURCE_NAME, "toy-world (the embedded default, written to <data-dir>/raw first) | "
                                              ".jsonl | .parquet | a Hugging Face dataset")  # fmt: skip
     split: str = opt("train", "split of source rows that carry none")
-    tts: str = opt("espeak-ng", "text-to-speech: espeak-ng, flite, or vits (a VITS model from transformers, "
-                                "--tts-model; on a GPU when there is one)",
-                   choices=tuple(sorted(speech_stage.BACKENDS)))  # fmt: skip
+    tts: str = opt("espeak-ng+festival", "text-to-speech: espeak-ng, festival, flite, several joined by '+' (each "
+                                         "clip spoken by one, in equal shares), or vits (a VITS model from "
+                                         "transformers, --tts-model; on a GPU when there is one)")  # fmt: skip
     tts_model: str | None = opt(None, f"with --tts vits: a Hugging Face id or local directory of a VITS model "
                                       f"(default {speech_stage.DEFAULT_VITS_MODEL}, 109 speakers)")  # fmt: skip
     voices: list[str] = listed((), "voices of the training speech, one drawn per clip (default: the TTS's own: "
-                                   "espeak-ng 7 English accents x 14 variants; vits every speaker but the "
-                                   "last)")  # fmt: skip
+                                   "espeak-ng 7 English accents x 14 variants, festival ked_diphone and "
+                                   "cmu_us_slt_arctic_hts (in a mix: festival:ked_diphone), vits every speaker but "
+                                   "the last)")  # fmt: skip
     rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
     per_sample: int = opt(1, "speech renditions per sample")
     speak: str = opt("last-user", "which user turns of a conversation are spoken: the last, or all-user (system "
@@ -97,8 +98,8 @@ class CacheFlowConfig:
                                             "the TTS's own, espeak-ng en-029, vits its last speaker, flite none; "
                                             "'': none)")  # fmt: skip
     heldout_tts: str = opt("auto", "also speak the eval split with this other synthesizer, in its default voices: "
-                                   "one the training speech never used ('auto': flite, or espeak-ng when the "
-                                   "training speech is flite's; '': none)",
+                                   "one the training speech and the toy encoder never heard ('auto': the first of "
+                                   "flite, festival, espeak-ng that --tts does not use; '': none)",
                            choices=("", "auto", *sorted(speech_stage.BACKENDS)))  # fmt: skip
     default_encoder: bool = opt(True, "on the toy world, also build the embedded pretrained speech encoder")
     n_mels: int = opt(80, "log-mel bins of the speech features")
@@ -114,9 +115,14 @@ class CacheFlowConfig:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
-        if self.heldout_tts and self.heldout_tts == self.tts:
-            raise ConfigError(f"--heldout-tts {self.heldout_tts} is the training speech's synthesizer (--tts); pick "
-                              f"another, or --heldout-tts ''")  # fmt: skip
+        try:
+            families = speech_stage.families_of(self.tts)
+        except UserError as exc:
+            raise ConfigError(f"--tts {self.tts}: {exc}") from exc
+        if self.heldout_tts and self.heldout_tts in families:
+            raise ConfigError(f"--heldout-tts {self.heldout_tts} is a synthesizer of the training speech (--tts "
+                              f"{self.tts}): a held-out synthesizer must be one it never used; pick another, or "
+                              f"--heldout-tts ''")  # fmt: skip
         for flag, name, skip in (("--tts", self.tts, ""), ("--heldout-tts", self.heldout_tts, " or --heldout-tts ''")):
             problem = name and speech_stage.missing_synthesizer(name)
             if problem:
@@ -176,14 +182,31 @@ def build_default_teacher(samples_dir: Path, teacher_dir: Path) -> str:
     return str(teacher_dir)
 
 
+def encoder_config(tts: str, heldout_tts: str | None) -> "toy_encoder.EncoderBuildConfig":
+    """The embedded encoder's build for this flow: its corpus spoken by the training speech's synthesizers (the
+    encoder's default ones when that is a VITS model), its held-out synthesizer the flow's."""
+    corpus_tts = tts if "vits" not in speech_stage.families_of(tts) else toy_encoder.EncoderBuildConfig.tts
+    return toy_encoder.EncoderBuildConfig(tts=corpus_tts, heldout_tts=heldout_tts or "")
+
+
+def check_encoder_never_heard(encoder_dir: Path, heldout_tts: str | None) -> None:
+    """Refuse a held-out synthesizer that the toy encoder already built there heard in pretraining."""
+    if not heldout_tts or not toy_encoder.is_built(encoder_dir):
+        return
+    heard = json.loads((Path(encoder_dir) / toy_encoder.BUILD_REPORT).read_text()).get("synthesizers", ["espeak-ng"])
+    if heldout_tts in heard:
+        raise ConfigError(f"--heldout-tts {heldout_tts}: the toy encoder at {encoder_dir} heard it in pretraining "
+                          f"(its build report's synthesizers: {', '.join(heard)}); rebuild it without it (`python "
+                          f"-m toy.encoder --force --tts ...`) or pick another held-out synthesizer")  # fmt: skip
+
+
 @task(name="build-default-encoder")
-def build_default_encoder(samples_dir: Path, encoder_dir: Path) -> dict:
+def build_default_encoder(samples_dir: Path, encoder_dir: Path, cfg: "toy_encoder.EncoderBuildConfig") -> dict:
     """The embedded speech encoder (the toy's Whisper: phoneme CTC on pseudo-names), built once and reused."""
     report, how = build_once(toy_encoder, encoder_dir, lambda: toy_encoder.build_encoder(
-        samples_dir, encoder_dir, toy_encoder.EncoderBuildConfig(), progress=False))  # fmt: skip
-    print(f"toy speech encoder ({how}): phoneme error {report['heldout_per']:.1%} on never-heard names, "
-          f"{report.get('heldout_voice_per', float('nan')):.1%} in the never-heard voice "
-          f"{report.get('heldout_voice', '?')} -> {encoder_dir}")  # fmt: skip
+        samples_dir, encoder_dir, cfg, progress=False))  # fmt: skip
+    print(f"toy speech encoder ({how}): phoneme error {report['heldout_per']:.1%} on never-heard names; never heard: "
+          f"{toy_encoder.never_heard_summary(report)} -> {encoder_dir}")  # fmt: skip
     return report
 
 
@@ -291,7 +314,8 @@ def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict, held
                       f"extracted, {held['rejected']} rejected |\n")  # fmt: skip
     if encoder:
         extra += (f"| toy speech encoder | phoneme error {encoder['heldout_per']:.1%} on never-heard names after "
-                  f"{encoder['steps']} steps ({encoder['seconds'] / 60:.1f} min) |\n")  # fmt: skip
+                  f"{encoder['steps']} steps ({encoder['seconds'] / 60:.1f} min); never heard: "
+                  f"{toy_encoder.never_heard_summary(encoder)} |\n")  # fmt: skip
     reasons = "\n".join(f"| {reason} | {n} |" for reason, n in sorted(cache["rejects_by_reason"].items()))
     return f"""# cache-teacher run
 
@@ -319,12 +343,13 @@ Cache rejects by reason:
 def split_parameters(params: dict) -> tuple[CacheFlowConfig, TeacherConfig]:
     """The flow's parameters as its two configs, validated; the teacher's paths are under data_dir."""
     own = {f.name for f in fields(CacheFlowConfig)}
-    flow_cfg = CacheFlowConfig(**{k: v for k, v in params.items() if k in own})
+    flow_cfg = CacheFlowConfig(**{k: v for k, v in params.items() if k in own}).validate()  # and once resolved
     if flow_cfg.heldout_voice == "auto":
         flow_cfg.heldout_voice = speech_stage.heldout_voice_of(flow_cfg.tts, flow_cfg.tts_model)
     flow_cfg.heldout_voice = flow_cfg.heldout_voice or None
     if flow_cfg.heldout_tts == "auto":
-        flow_cfg.heldout_tts = "espeak-ng" if flow_cfg.tts == "flite" else "flite"
+        used = flow_cfg.tts.split("+")
+        flow_cfg.heldout_tts = next((t for t in ("flite", "festival", "espeak-ng") if t not in used), "")
     data = Path(flow_cfg.data_dir)
     teacher_cfg = TeacherConfig(**{k: v for k, v in params.items() if k not in own}, samples=str(data / "samples"),
                                 out=str(data / "cache"), features=str(data / "features"),
@@ -344,6 +369,9 @@ def run_cache_teacher(**params) -> dict:
     toy = cfg.teacher is None
     if toy:
         cfg = replace(cfg, teacher=str(data / "models" / "teacher"))
+    builds_encoder = flow_cfg.default_encoder and flow_cfg.source == toy_world.SOURCE_NAME
+    if builds_encoder:  # before any work: a held-out synthesizer the encoder heard is refused at once
+        check_encoder_never_heard(data / "models" / "encoder", flow_cfg.heldout_tts)
     samples = prepare_samples(flow_cfg.source, samples_dir, flow_cfg.split)
     if toy:
         build_default_teacher(samples_dir, data / "models" / "teacher")
@@ -366,8 +394,9 @@ def run_cache_teacher(**params) -> dict:
         heldout_tts = {**tts_speech, **extract_features(tts_audio, tts_features, flow_cfg.n_mels)}
     cache = cache_on_workers(flow_cfg, cfg) if flow_cfg.uses_ray else cache_logits(cfg)
     encoder = None
-    if flow_cfg.default_encoder and flow_cfg.source == toy_world.SOURCE_NAME:
-        encoder = build_default_encoder(samples_dir, data / "models" / "encoder")
+    if builds_encoder:
+        encoder = build_default_encoder(samples_dir, data / "models" / "encoder",
+                                        encoder_config(flow_cfg.tts, flow_cfg.heldout_tts))  # fmt: skip
     create_markdown_artifact(
         key="cache-teacher-summary",
         markdown=summary_markdown(samples, speech, feats, cache, heldout, encoder, heldout_tts),

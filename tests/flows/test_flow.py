@@ -118,9 +118,10 @@ def test_served_deployment_runs_the_flow_on_two_ray_workers_and_writes_the_cache
 
 
 def test_the_flows_held_out_voice_is_the_tts_own_unless_given(tiny_vits):
-    """--heldout-voice auto (the default) is the backend's held-out voice: espeak-ng's en-029, a VITS model's last
-    speaker (read from its config), none for flite; --heldout-tts auto is another synthesizer than the training
-    speech's; --tts-model belongs to --tts vits alone."""
+    """--heldout-voice auto (the default) is the backend's held-out voice: espeak-ng's en-029 (a mix's: its first
+    synthesizer's), a VITS model's last speaker (read from its config), none for flite; --heldout-tts auto is a
+    synthesizer the training speech never used, and one it used is refused; --tts-model belongs to --tts vits
+    alone."""
     import pytest
 
     from flows.cache_teacher import split_parameters
@@ -134,9 +135,15 @@ def test_the_flows_held_out_voice_is_the_tts_own_unless_given(tiny_vits):
 
     assert held() == "en-029" and held(tts="flite") is None
     assert held_tts() == held_tts(tts="vits", tts_model=str(tiny_vits)) == "flite"
-    assert held_tts(tts="flite") == "espeak-ng"
-    with pytest.raises(ConfigError, match="--heldout-tts flite is the training speech's synthesizer"):
+    assert held_tts(tts="flite") == held_tts(tts="espeak-ng+flite") == "festival"
+    assert held_tts(tts="flite+festival") == "espeak-ng" and held_tts(tts="espeak-ng+festival+flite") == ""
+    with pytest.raises(ConfigError, match="--heldout-tts flite is a synthesizer of the training speech"):
         held_tts(tts="flite", heldout_tts="flite")
+    with pytest.raises(ConfigError, match="--heldout-tts festival is a synthesizer of the training speech "
+                                          r"\(--tts espeak-ng\+festival\)"):
+        held_tts(heldout_tts="festival")
+    with pytest.raises(ConfigError, match="--tts espeak: unknown text-to-speech backend"):
+        held_tts(tts="espeak")
     assert held(tts="vits", tts_model=str(tiny_vits)) == "spk3"
     assert held(tts="vits", tts_model=str(tiny_vits), heldout_voice="") is None
     with pytest.raises(ConfigError, match="also one of the 2 training voices"):
@@ -159,7 +166,8 @@ def test_the_flow_refuses_at_once_a_synthesizer_this_machine_lacks(tmp_path, mon
 
     bin_dir = tmp_path / "bin"  # a PATH with espeak-ng and without flite
     bin_dir.mkdir()
-    (bin_dir / "espeak-ng").symlink_to(shutil.which("espeak-ng"))
+    for program in ("espeak-ng", "festival"):
+        (bin_dir / program).symlink_to(shutil.which(program))
     monkeypatch.setenv("PATH", str(bin_dir))
     with pytest.raises(ConfigError, match=r"--heldout-tts flite: 'flite' \(flite\) not found on PATH: install it .*"
                                           r"or --heldout-tts ''"):
