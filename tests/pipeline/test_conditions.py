@@ -60,3 +60,29 @@ def test_the_room_fills_the_silence_after_speech():
     wet = apply("reverb", wave, key="x")
     tail = slice(len(wave) - SAMPLE_RATE // 4, len(wave) - SAMPLE_RATE // 4 + 1600)  # 100 ms after the speech ends
     assert np.all(wave[tail] == 0) and np.sqrt(np.mean(wet[tail] ** 2)) > 1e-3
+
+
+def test_training_perturbations_are_none_of_the_held_out_conditions():
+    """pipeline.augment (training) and pipeline.conditions (held out) must not share a condition: augment's noise is
+    white (as much power above 4 kHz as below; the held-out noise is pink, far less), its rooms come from its own
+    generator (never a conditions impulse response), and it never band-limits (the telephone line is held out)."""
+    import numpy as np
+
+    from pipeline import augment, conditions
+
+    def high_over_low(x):
+        p = np.abs(np.fft.rfft(x)) ** 2
+        half = len(p) // 2
+        return p[half:].sum() / p[:half].sum()
+
+    rng = np.random.default_rng(0)
+    tone = (0.3 * np.sin(np.arange(32000) * 0.05)).astype(np.float32)
+    white = augment.perturb(tone, augment.Perturbation(snr_db=0.0), rng) - tone
+    pink = conditions.pink_noise(32000, rng)
+    assert augment.NOISE_TYPE == "white" and 0.8 < high_over_low(white) < 1.25 and high_over_low(pink) < 0.1
+    for seed in range(5):
+        ir = augment.room_response(0.4, np.random.default_rng(seed))
+        held = conditions.room_response(conditions.rng_for("reverb", f"k{seed}"))
+        assert len(ir) == len(held) and not np.allclose(ir, held)
+    clean = augment.perturb(tone, augment.Perturbation(dither_db=60.0), rng)
+    assert high_over_low(clean - tone) > 0.8  # the dither is white too: nothing above 4 kHz is taken away
