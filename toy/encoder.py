@@ -84,7 +84,7 @@ class EncoderBuildConfig:
     batch_size: int = opt(32, "utterances per step")
     lr: float = opt(1.5e-3, "peak learning rate")
     warmup: int = opt(200, "linear warm-up steps")
-    lr_decay: bool = opt(False, "after the warm-up, decay the learning rate linearly to a tenth at --max-steps")
+    lr_decay: bool = opt(True, "after the warm-up, decay the learning rate linearly to a tenth at --max-steps")
     target_per: float = opt(0.07, "stop at this phoneme error rate on held-out names")
     # a step budget, so that a slower or shared machine builds the same encoder (only later); the minutes are a cap
     max_steps: int = opt(1000, "training budget in steps (0: no limit)")
@@ -340,7 +340,7 @@ def spec_augment(speech: torch.Tensor, lengths: torch.Tensor, gen: torch.Generat
 
 
 def learning_rate(cfg: EncoderBuildConfig, step: int) -> float:
-    """Linear warm-up to --lr, then constant, or (--lr-decay, with a step budget) linear decay to a tenth of it."""
+    """Linear warm-up to --lr, then constant, or (with a step budget) linear decay to a tenth of it."""
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
     if cfg.lr_decay and cfg.max_steps and step >= cfg.warmup:
         lr *= 1.0 - 0.9 * (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup)
