@@ -348,7 +348,7 @@ def split_parameters(params: dict) -> tuple[CacheFlowConfig, TeacherConfig]:
         flow_cfg.heldout_voice = speech_stage.heldout_voice_of(flow_cfg.tts, flow_cfg.tts_model)
     flow_cfg.heldout_voice = flow_cfg.heldout_voice or None
     if flow_cfg.heldout_tts == "auto":
-        used = flow_cfg.tts.split("+")
+        used = speech_stage.families_of(flow_cfg.tts)
         flow_cfg.heldout_tts = next((t for t in ("flite", "festival", "espeak-ng") if t not in used), "")
     data = Path(flow_cfg.data_dir)
     teacher_cfg = TeacherConfig(**{k: v for k, v in params.items() if k not in own}, samples=str(data / "samples"),

@@ -330,18 +330,16 @@ class Mixed:
         self.backends = {b.name: b for b in backends}
         self.first = backends[0]
         self.name = "+".join(b.name for b in backends)
-        self.families = tuple(b.name for b in backends)
         self.default_voices = tuple(self.qualify(b.name, v) for b in backends for v in b.default_voices)
-        held = self.first.heldout_voice
-        self.heldout_voice = held if held else None
+        self.heldout_voice = self.first.heldout_voice
         self.batch_size = max(int(getattr(b, "batch_size", 1)) for b in backends)
 
     def unknown_voices(self, voices) -> list[str]:
         """The voices no synthesizer of the mix has (one without a voice list, espeak-ng, takes any name)."""
         out = []
         for voice in voices:
-            family, _, name = voice.partition(":") if ":" in voice else (self.first.name, "", voice)
-            backend = self.backends.get(family)
+            family, name = split_voice(voice)
+            backend = self.backends.get(family or self.first.name)
             if backend is None or name not in getattr(backend, "voices", (name,)):
                 out.append(voice)
         return out
@@ -350,10 +348,11 @@ class Mixed:
         return voice if family == self.first.name else f"{family}:{voice}"
 
     def resolve(self, voice: str) -> tuple[TTSBackend, str]:
-        family, _, name = voice.partition(":") if ":" in voice else (self.first.name, "", voice)
-        if family not in self.backends:
+        family, name = split_voice(voice)
+        backend = self.backends.get(family or self.first.name)
+        if backend is None:
             raise SynthesisError(f"{self.name} has no synthesizer {family!r} (voice {voice!r})")
-        return self.backends[family], name
+        return backend, name
 
     def synthesize(self, text: str, voice: str, rate_wpm: int) -> tuple[np.ndarray, int]:
         backend, name = self.resolve(voice)
@@ -369,9 +368,19 @@ class Mixed:
 BACKENDS = {"espeak-ng": EspeakNG, "festival": Festival, "flite": Flite, "vits": Vits}
 
 
-def family_of(voice: str) -> str:
-    """The synthesizer a (possibly qualified) voice of a mixed backend belongs to; '' for the first one's."""
-    return voice.partition(":")[0] if ":" in voice else ""
+def split_voice(voice: str) -> tuple[str, str]:
+    """(synthesizer, voice) of a (possibly qualified) voice of a mixed backend; '' for the first one's."""
+    family, _, name = voice.rpartition(":")
+    return family, name
+
+
+def by_synthesizer(items: list, voice=lambda item: item) -> list[list]:
+    """`items` (voices, or what `voice` reads one from) grouped by their synthesizer, in order of first appearance:
+    what gives each synthesizer of a mix an equal share of the clips."""
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(split_voice(voice(item))[0], []).append(item)
+    return list(groups.values())
 
 
 def families_of(name: str) -> tuple[str, ...]:
@@ -428,13 +437,10 @@ def renditions_for(sample_id: str, grid: list[Rendition], per_sample: int) -> li
     """`per_sample` distinct renditions, spread over the grid by a hash of the id. A grid of several synthesizers
     (a mixed backend's) gives each synthesizer an equal share: the renditions take the synthesizers in turn."""
     h = int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16)
-    families: dict[str, list[Rendition]] = {}
-    for rend in grid:
-        families.setdefault(family_of(rend.voice), []).append(rend)
-    if len(families) == 1:
+    groups = by_synthesizer(grid, lambda rend: rend.voice)
+    if len(groups) == 1:
         per_sample = min(per_sample, len(grid))
         return [grid[(h % len(grid) + i) % len(grid)] for i in range(per_sample)]
-    groups = list(families.values())
     out: list[Rendition] = []
     for i in range(min(per_sample, len(grid))):
         group = groups[(h + i) % len(groups)]

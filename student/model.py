@@ -86,12 +86,10 @@ def _zero_past(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def utterance_norm(feats: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """(B, T, F) with each clip's mel bins normalized to mean 0, variance 1 over its own frames (t < lengths[b]);
     its padding stays 0."""
-    keep = (torch.arange(feats.shape[1], device=feats.device)[None, :] < lengths[:, None].to(feats.device))
-    keep = keep.unsqueeze(-1).to(feats.dtype)
-    n = keep.sum(1, keepdim=True).clamp(min=1)
-    mean = (feats * keep).sum(1, keepdim=True) / n
-    var = (((feats - mean) * keep) ** 2).sum(1, keepdim=True) / n
-    return (feats - mean) / torch.sqrt(var + eps) * keep
+    n = lengths.to(device=feats.device, dtype=feats.dtype).clamp(min=1)[:, None, None]
+    mean = _zero_past(feats, lengths).sum(1, keepdim=True) / n
+    var = (_zero_past(feats - mean, lengths) ** 2).sum(1, keepdim=True) / n
+    return _zero_past((feats - mean) / torch.sqrt(var + eps), lengths)
 
 
 class ConvTransformerEncoder(nn.Module):

@@ -174,9 +174,7 @@ def phoneme_targets(texts: list[str], voice: str = "en-us") -> list[list[str]]:
     if not texts:
         return []
     if len(texts) == 1:
-        out = subprocess.run(["espeak-ng", "-q", "-x", "--sep=_", "-v", voice], input=texts[0].encode(),
-                             capture_output=True, check=True).stdout.decode()  # fmt: skip
-        return [_tokens(" ".join(out.split()))]
+        return [_tokens(" ".join(phoneme_lines(texts, voice)))]
     sentinel = " ".join(phoneme_lines([SENTINEL], voice))
     lines = phoneme_lines([x for t in texts for x in (" ".join(t.split()), SENTINEL)], voice)
     groups, current = [], []
@@ -351,10 +349,7 @@ def corpus_clips(cfg: EncoderBuildConfig, rng: random.Random, names: list[str], 
                  prefix: str, perturbed: bool = False, condition: str | None = None) -> list[Clip]:  # fmt: skip
     """n carrier sentences over `names`, each in a voice drawn (a mixed backend's synthesizers in equal shares),
     at a drawn rate; training clips (`perturbed`) with their perturbation drawn, seeded by the clip's key."""
-    families: dict[str, list[str]] = {}
-    for v in voices:
-        families.setdefault(speech_stage.family_of(v), []).append(v)
-    pools = list(families.values())
+    pools = speech_stage.by_synthesizer(list(voices))
     acfg = cfg.augment_config()
     lo, hi = cfg.rate_range
     out = []
@@ -448,7 +443,8 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
             if per <= cfg.target_per or out_of_budget:
                 break
     bar.close()
-    per_set = {name: round(phoneme_error_rate(encoder, head, corpus, vocab), 4) for name, corpus in evals.items()}
+    per_set = {name: round(per if name == "heldout" else phoneme_error_rate(encoder, head, corpus, vocab), 4)
+               for name, corpus in evals.items()}  # held-out names: measured at the last step already
     heard_voices = sorted({c.voice for c in train_clips})
     report = {
         "heldout_per": round(per, 4),
