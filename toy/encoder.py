@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import augment, conditions, schemas
+from pipeline import augment, conditions, cpu_isa, schemas
 from pipeline import speech as speech_stage
 from pipeline.config import ConfigError, config_from_args, opt, parse_args
 from pipeline.errors import cli
@@ -473,6 +473,7 @@ def build_encoder(samples_dir: Path = schemas.SAMPLES_DIR, out_dir: Path = ENCOD
         "utterances": cfg.utterances,
         "heldout_names": cfg.heldout_names,
         "phonemes": len(vocab),
+        "cpu": cpu_isa.describe(),  # the arithmetic it was built with (pipeline.cpu_isa)
         "history": history,
     }
     out_dir = Path(out_dir)

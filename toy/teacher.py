@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import schemas
+from pipeline import cpu_isa, schemas
 from pipeline.config import config_from_args, opt, parse_args
 from pipeline.errors import cli
 from pipeline.chat import encode_pair, encode_prompt, exact_match
@@ -233,6 +233,7 @@ def build_teacher(samples_dir: Path, out_dir: Path, cfg: ToyTeacherConfig, progr
         "stop_reason": stop_reason,
         "parameters": n_params,
         "config": asdict(cfg),
+        "cpu": cpu_isa.describe(),  # the arithmetic it was built with (pipeline.cpu_isa)
         "history": history,
     }
     # Written last: its presence marks a complete build.
