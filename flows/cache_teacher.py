@@ -92,6 +92,9 @@ class CacheFlowConfig:
                                    "the last)")  # fmt: skip
     rates: list[int] = listed(speech_stage.DEFAULT_RATES, "speaking rates (words per minute)")
     per_sample: int = opt(1, "speech renditions per sample")
+    perturb_train: float = opt(0.0, "share of the train split's training-voice clips perturbed after synthesis "
+                                    "(speed, white noise, a training room, dither: pipeline.augment), so the "
+                                    "student's alignment hears more than clean audio; 0: none")  # fmt: skip
     speak: str = opt("last-user", "which user turns of a conversation are spoken: the last, or all-user (system "
                                   "prompts and assistant turns stay text)", choices=SPEAK)  # fmt: skip
     heldout_voice: str | None = opt("auto", "also speak the eval split in this voice, never a training one ('auto': "
@@ -113,6 +116,8 @@ class CacheFlowConfig:
     def validate(self) -> "CacheFlowConfig":
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if not 0.0 <= self.perturb_train <= 1.0:
+            raise ConfigError(f"--perturb-train must be a fraction in [0, 1], got {self.perturb_train}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
         try:
@@ -212,13 +217,15 @@ def build_default_encoder(samples_dir: Path, encoder_dir: Path, cfg: "toy_encode
 
 @task(name="synthesize-speech", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
 def synthesize_speech(samples_dir: Path, audio_dir: Path, tts: str, tts_model: str | None, voices: list[str],
-                      rates: list[int], per_sample: int, split: str | None = None, speak: str = "last-user") -> dict:  # fmt: skip
+                      rates: list[int], per_sample: int, split: str | None = None, speak: str = "last-user",
+                      perturb_train: float = 0.0) -> dict:  # fmt: skip
     """`voices` empty: the backend's own defaults."""
     backend = speech_stage.make_backend(tts, tts_model)
     r = speech_stage.synthesize_all(samples_dir, audio_dir, backend, voices=tuple(voices) or None,
                                     rates=tuple(rates), per_sample=per_sample, progress=False, split=split,
-                                    speak=speak)  # fmt: skip
-    return {"clips": r.index.num_rows, "synthesized": r.synthesized, "rejected": r.rejects.num_rows}
+                                    speak=speak, perturb=speech_stage.TrainPerturbation(perturb_train))  # fmt: skip
+    return {"clips": r.index.num_rows, "synthesized": r.synthesized, "rejected": r.rejects.num_rows,
+            "perturbed": r.index["perturbation"].drop_null().length()}
 
 
 @task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
@@ -322,7 +329,7 @@ def summary_markdown(samples: dict, speech: dict, feats: dict, cache: dict, held
 | stage | result |
 |---|---|
 | samples | {samples['accepted']} accepted, {samples['rejected']} rejected |
-| speech | {speech['clips']} clips ({speech['synthesized']} new), {speech['rejected']} rejected |
+| speech | {speech['clips']} clips ({speech['synthesized']} new, {speech.get('perturbed', 0)} perturbed), {speech['rejected']} rejected |
 | features | {feats['extracted']} extracted, {feats['already_there']} already there, {feats['rejected']} rejected |
 | teacher cache | {cache['cached_now']} cached now ({cache.get('rescored_changed', 0)} re-scored: changed since cached), {cache['already_cached']} already there, {cache['rejected']} rejected |
 | response tokens cached | {cache['tokens_cached']} |
@@ -376,7 +383,8 @@ def run_cache_teacher(**params) -> dict:
     if toy:
         build_default_teacher(samples_dir, data / "models" / "teacher")
     speech = synthesize_speech(samples_dir, audio_dir, flow_cfg.tts, flow_cfg.tts_model, flow_cfg.voices,
-                               flow_cfg.rates, flow_cfg.per_sample, speak=flow_cfg.speak)  # fmt: skip
+                               flow_cfg.rates, flow_cfg.per_sample, speak=flow_cfg.speak,
+                               perturb_train=flow_cfg.perturb_train)  # fmt: skip
     feats = extract_features(audio_dir, features_dir, flow_cfg.n_mels)
     heldout = None
     if flow_cfg.heldout_voice:

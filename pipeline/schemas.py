@@ -63,8 +63,10 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 # --- audio index: data/audio/index.parquet (the audio itself: data/audio/<voice>/...)
+# Version 3: `perturbation`, the draw (JSON, pipeline.augment.Perturbation) a clip was perturbed with after
+#            synthesis (pipeline.speech --perturb-train), null for a clip as the synthesizer wrote it.
 # Version 2: `turn`, the message index of the user turn a clip speaks (a conversation may have several spoken).
-AUDIO_INDEX_VERSION = 2
+AUDIO_INDEX_VERSION = 3
 AUDIO_INDEX_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
@@ -75,6 +77,7 @@ AUDIO_INDEX_SCHEMA = pa.schema(
         pa.field("path", pa.string(), nullable=False),  # relative to the audio dir
         pa.field("duration_s", pa.float32(), nullable=False),
         pa.field("sample_rate", pa.int32(), nullable=False),
+        pa.field("perturbation", pa.string()),  # null: clean
     ]
 )
 

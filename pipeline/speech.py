@@ -15,12 +15,20 @@ conversation). Re-running skips audio that exists; a turn whose synthesis fails
 is recorded in data/rejects/speech.parquet (the sample's other turns in that
 rendition are left out of the index: channel S hears all its spoken turns or none)
 and the rest go on.
+
+With `--perturb-train FRACTION` a seeded share of the train split's clips is perturbed after synthesis, as the toy
+encoder's corpus is (pipeline.augment: speed, white noise, a training room, dither; never a vocal-tract warp, which
+is a feature-side change, and never pipeline.conditions' held-out noise, rooms or telephone band): the student's
+alignment then hears other rooms than the synthesizer's clean output. A perturbed clip's file name carries a digest
+of its draw and the index its `perturbation`; the eval split is never perturbed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -40,7 +48,7 @@ import torch
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from pipeline import schemas
+from pipeline import augment, schemas
 from pipeline.audio import INDEX_FILE, SAMPLE_RATE
 from pipeline.chat import SPEAK, conversation, spoken_turns
 from pipeline.config import listed, opt, parse_config
@@ -448,17 +456,59 @@ def renditions_for(sample_id: str, grid: list[Rendition], per_sample: int) -> li
     return list(dict.fromkeys(out))
 
 
+@dataclass(frozen=True)
+class TrainPerturbation:
+    """Which clips of one split are perturbed after synthesis, and how: a `fraction` of them, each clip's draw
+    (pipeline.augment.draw, its vocal-tract warp left at 1) seeded by (seed, sample, rendition, turn), so the same
+    samples and seed give the same audio in any order, process or re-run."""
+
+    fraction: float = 0.0
+    seed: int = 0
+    split: str = "train"
+    augment: augment.AugmentConfig = augment.AugmentConfig()
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction <= 1.0:
+            raise UserError(f"--perturb-train must be a fraction in [0, 1], got {self.fraction}")
+
+    @staticmethod
+    def _key(sample_id: str, rendition: Rendition, turn: int) -> str:
+        return f"speech\0{sample_id}\0{rendition.id}\0{turn}"
+
+    def draw(self, sample_id: str, split: str | None, rendition: Rendition, turn: int) -> augment.Perturbation | None:
+        """The clip's perturbation, or None: a clip of another split, or one of the clips left clean."""
+        if self.fraction <= 0.0 or split != self.split:
+            return None
+        rng = augment.rng_for(self._key(sample_id, rendition, turn), self.seed)
+        if rng.random() >= self.fraction:
+            return None
+        return dataclasses.replace(augment.draw(self.augment, rng), vtln_warp=1.0)
+
+    def apply(self, wave: np.ndarray, p: augment.Perturbation, sample_id: str, rendition: Rendition,
+              turn: int) -> np.ndarray:  # fmt: skip
+        """The clip under its draw; the noise (and room) seeded by the clip's key too."""
+        return augment.perturb(wave, p, augment.rng_for("noise\0" + self._key(sample_id, rendition, turn), self.seed))
+
+
+def describe_perturbation(p: augment.Perturbation | None) -> str | None:
+    """A draw as the audio index's `perturbation` value (JSON; None: clean)."""
+    return None if p is None else json.dumps(dataclasses.asdict(p), sort_keys=True)
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def audio_relpath(sample_id: str, rendition: Rendition, turn: int = 0) -> str:
+def audio_relpath(sample_id: str, rendition: Rendition, turn: int = 0, perturbation: str | None = None) -> str:
     """Relative path of one rendition's file of a sample's spoken turn (turn 0, a plain sample's only user turn,
-    has no suffix); file-system safe for any sample id."""
+    has no suffix; a perturbed clip's name carries a digest of its draw, so clean and perturbed audio never share a
+    file); file-system safe for any sample id."""
     digest = hashlib.sha1(sample_id.encode()).hexdigest()
     stem = _SAFE.sub("_", sample_id)[:80]
     if stem != sample_id:
         stem = f"{stem}-{digest[:10]}"
     suffix = f".t{turn}" if turn else ""
+    if perturbation is not None:
+        suffix += f".p{hashlib.sha1(perturbation.encode()).hexdigest()[:10]}"
     return f"{_SAFE.sub('_', rendition.id)}/{digest[:2]}/{stem}{suffix}.flac"
 
 
@@ -511,9 +561,10 @@ def synthesize_all(
     progress: bool = True,
     split: str | None = None,
     speak: str = "last-user",
+    perturb: TrainPerturbation = TrainPerturbation(),
 ) -> SpeechResult:
     """Speak every sample's user turn(s) (`speak`: the last, or all-user) of every sample (or only those of `split`)
-    in `per_sample` renditions of voices x rates."""
+    in `per_sample` renditions of voices x rates; `perturb` perturbs a share of one split's clips after synthesis."""
     backend = backend or EspeakNG()
     voices = backend.default_voices if voices is None else voices
     if isinstance(backend, Mixed):
@@ -526,7 +577,9 @@ def synthesize_all(
     if speak not in SPEAK:
         raise UserError(f"--speak {speak!r} is not one of {', '.join(SPEAK)}")
     audio_dir = Path(audio_dir)
-    samples = load_samples(samples_dir, split).select(["sample_id", "prompt", "response", "messages"]).to_pylist()
+    samples = load_samples(samples_dir, split).select(["sample_id", "split", "prompt", "response", "messages"])
+    samples = samples.to_pylist()
+    split_of = {s["sample_id"]: s["split"] for s in samples}
     grid = [Rendition(v, r) for v in voices for r in rates]
     if not grid:
         raise UserError("no renditions: give at least one --voices entry and one --rates entry")
@@ -557,20 +610,23 @@ def synthesize_all(
         rend, group = unit
         results, todo = {}, []
         for u in group:
-            rel = audio_relpath(u.sample_id, rend, u.turn)
+            p = perturb.draw(u.sample_id, split_of[u.sample_id], rend, u.turn)
+            rel = audio_relpath(u.sample_id, rend, u.turn, describe_perturbation(p))
             if (audio_dir / rel).exists():
                 info = sf.info(audio_dir / rel)
                 results[u] = ("skipped", u, rend, rel, info.frames / info.samplerate)
             else:
-                todo.append((u, rel))
-        rendered = render([u.text for u, _ in todo], rend) if todo else []
-        for (u, rel), out in zip(todo, rendered, strict=True):
+                todo.append((u, rel, p))
+        rendered = render([u.text for u, _, _ in todo], rend) if todo else []
+        for (u, rel, p), out in zip(todo, rendered, strict=True):
             try:
                 if isinstance(out, SynthesisError):
                     raise out
                 wave = to_16k(*out)
                 if wave.size == 0 or not np.any(wave):
                     raise SynthesisError("synthesized audio is empty (silent); is the prompt speakable text?")
+                if p is not None:
+                    wave = perturb.apply(wave, p, u.sample_id, rend, u.turn)
                 write_audio_atomic(audio_dir / rel, wave, SAMPLE_RATE)
             except SynthesisError as exc:
                 results[u] = ("rejected", u, rend, str(exc), None)
@@ -593,7 +649,8 @@ def synthesize_all(
                     continue
                 done[(u, rend)] = {"sample_id": u.sample_id, "rendition": rend.id, "turn": u.turn, "voice": rend.voice,
                                    "rate_wpm": rend.rate_wpm, "path": detail, "duration_s": float(duration),
-                                   "sample_rate": SAMPLE_RATE}  # fmt: skip
+                                   "sample_rate": SAMPLE_RATE, "perturbation": describe_perturbation(
+                                       perturb.draw(u.sample_id, split_of[u.sample_id], rend, u.turn))}  # fmt: skip
     # the samples' order, as before; a sample's turns in order; none of a (sample, rendition) that lost a turn
     index_rows = [done[(u, rend)] for u, rend in work if (u, rend) in done and (u.sample_id, rend.id) not in failed]
     schema = schemas.with_metadata(schemas.AUDIO_INDEX_SCHEMA, "audio_index", schemas.AUDIO_INDEX_VERSION,
@@ -627,6 +684,9 @@ class SpeechConfig:
     speak: str = opt("last-user", "which user turns of a conversation are spoken: the last (a plain sample's "
                                   "prompt), or every one; system prompts and assistant turns never are", SPEAK)  # fmt: skip
     jobs: int = opt(os.cpu_count() or 1, "parallel synthesis threads")
+    perturb_train: float = opt(0.0, "share of the train split's clips perturbed after synthesis (speed, white noise, "
+                                    "a training room, dither: pipeline.augment); 0: none")  # fmt: skip
+    perturb_seed: int = opt(0, "seeds which clips --perturb-train perturbs and how")
 
 
 @cli("pipeline.speech")
@@ -634,11 +694,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SpeechConfig, argv, description=__doc__)
     backend = make_backend(cfg.backend, cfg.tts_model, cfg.tts_device, cfg.tts_batch)
     result = synthesize_all(Path(cfg.samples), Path(cfg.out), backend, tuple(cfg.voices) or None, tuple(cfg.rates),
-                            cfg.per_sample, cfg.jobs, split=cfg.split, speak=cfg.speak)  # fmt: skip
+                            cfg.per_sample, cfg.jobs, split=cfg.split, speak=cfg.speak,
+                            perturb=TrainPerturbation(cfg.perturb_train, cfg.perturb_seed))  # fmt: skip
     hours = sum(result.index["duration_s"].to_pylist()) / 3600
+    perturbed = result.index["perturbation"].drop_null().length()
     print(
         f"speech: {result.index.num_rows} clips ({result.synthesized} synthesized, {result.skipped} already there, "
-        f"{hours:.2f} h), {result.rejects.num_rows} rejected -> {Path(cfg.out) / INDEX_FILE}"
+        f"{perturbed} perturbed, {hours:.2f} h), {result.rejects.num_rows} rejected -> {Path(cfg.out) / INDEX_FILE}"
     )
 
 

@@ -150,6 +150,8 @@ def test_the_flows_held_out_voice_is_the_tts_own_unless_given(tiny_vits):
         held(tts="vits", tts_model=str(tiny_vits), voices=["spk0", "spk3"])
     with pytest.raises(ConfigError, match="--tts-model is for --tts vits"):
         held(tts="flite", tts_model=str(tiny_vits))
+    with pytest.raises(ConfigError, match=r"--perturb-train must be a fraction in \[0, 1\], got 1.5"):
+        held(perturb_train=1.5)
 
 
 def test_the_flow_refuses_at_once_a_synthesizer_this_machine_lacks(tmp_path, monkeypatch):

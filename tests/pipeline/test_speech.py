@@ -1,4 +1,5 @@
 import hashlib
+import json
 
 import numpy as np
 import pyarrow.compute as pc
@@ -6,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from pipeline.errors import UserError
 from pipeline.parquet_io import rejects_path
+from pipeline.samples import ingest
 from pipeline.schemas import read_metadata
 from pipeline.speech import (
     DEFAULT_VOICES,
@@ -14,7 +17,9 @@ from pipeline.speech import (
     EspeakNG,
     Rendition,
     SynthesisError,
+    TrainPerturbation,
     audio_relpath,
+    describe_perturbation,
     renditions_for,
     synthesize_all,
     voice_grid,
@@ -108,6 +113,45 @@ def test_rerun_skips_existing_audio(samples_dir, tmp_path):
     assert second.synthesized == 0 and second.skipped == first.index.num_rows
     assert path.stat().st_mtime_ns == mtime
     assert second.index.to_pylist() == first.index.to_pylist()
+
+
+def test_perturbed_training_speech_is_seeded_train_only_and_recorded(tiny_rows, tmp_path):
+    """--perturb-train: the same samples and seed give the same audio in another directory (so in any order or
+    process); a clip of the eval split is never perturbed; the index records each draw, the file name its digest."""
+    rows = [r for r in tiny_rows if r["split"] == "train"][:40] + [r for r in tiny_rows if r["split"] == "eval"][:20]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples_dir = tmp_path / "samples"
+    ingest(str(tmp_path / "rows.jsonl"), samples_dir, progress=False)
+    kw = dict(voices=("en-us",), rates=(170,), progress=False, perturb=TrainPerturbation(0.5, seed=3))
+    first = synthesize_all(samples_dir, tmp_path / "a", **kw).index
+    again = synthesize_all(samples_dir, tmp_path / "b", jobs=1, **kw).index
+    clean = synthesize_all(samples_dir, tmp_path / "c", voices=("en-us",), rates=(170,), progress=False).index
+    assert read_metadata(pq.read_schema(tmp_path / "a" / "index.parquet"))["version"] == "3"
+    table = pq.read_table(samples_dir / "samples.parquet", columns=["sample_id", "split"])
+    split = dict(zip(table["sample_id"].to_pylist(), table["split"].to_pylist()))
+    rows, clean_rows = first.to_pylist(), {r["sample_id"]: r for r in clean.to_pylist()}
+    perturbed = [r for r in rows if r["perturbation"] is not None]
+    n_train = sum(split[r["sample_id"]] == "train" for r in rows)
+    assert 0.25 * n_train < len(perturbed) < 0.75 * n_train
+    assert all(split[r["sample_id"]] == "train" for r in perturbed)  # eval: never
+    assert clean["perturbation"].null_count == clean.num_rows
+    for r in rows:
+        wave = sf.read(tmp_path / "a" / r["path"], dtype="float32")[0]
+        assert np.array_equal(wave, sf.read(tmp_path / "b" / r["path"], dtype="float32")[0])  # seeded
+        base = sf.read(tmp_path / "c" / clean_rows[r["sample_id"]]["path"], dtype="float32")[0]
+        if r["perturbation"] is None:
+            assert r["path"] == clean_rows[r["sample_id"]]["path"] and np.array_equal(wave, base)
+        else:
+            assert ".p" in r["path"] and r["path"] != clean_rows[r["sample_id"]]["path"]
+            speed = json.loads(r["perturbation"])["speed"]
+            assert json.loads(r["perturbation"])["vtln_warp"] == 1.0  # a feature-side warp is not in the audio
+            assert abs(len(wave) - len(base) / speed) <= 0.01 * len(base) + 2  # played `speed` times as fast
+            assert len(wave) != len(base) or not np.array_equal(wave, base)
+    other_seed = TrainPerturbation(0.5, seed=4)
+    draws = [other_seed.draw(r["sample_id"], split[r["sample_id"]], Rendition("en-us", 170), r["turn"]) for r in rows]
+    assert [describe_perturbation(d) for d in draws] != first["perturbation"].to_pylist()
+    with pytest.raises(UserError, match="--perturb-train"):
+        TrainPerturbation(1.5)
 
 
 class FlakyBackend:
