@@ -127,6 +127,7 @@ def test_perturbed_training_speech_is_seeded_train_only_and_recorded(tiny_rows, 
     again = synthesize_all(samples_dir, tmp_path / "b", jobs=1, **kw).index
     clean = synthesize_all(samples_dir, tmp_path / "c", voices=("en-us",), rates=(170,), progress=False).index
     assert read_metadata(pq.read_schema(tmp_path / "a" / "index.parquet"))["version"] == "3"
+    assert again.to_pylist() == first.to_pylist()  # the same clips, files and draws with one thread
     table = pq.read_table(samples_dir / "samples.parquet", columns=["sample_id", "split"])
     split = dict(zip(table["sample_id"].to_pylist(), table["split"].to_pylist()))
     rows, clean_rows = first.to_pylist(), {r["sample_id"]: r for r in clean.to_pylist()}
