@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import cpu_isa
 from pipeline.files import write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def machine() -> dict:
     except ImportError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "gpu": gpu,
-            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "python": platform.python_version()}  # fmt: skip
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "python": platform.python_version(),
+            "cpu_arithmetic": "avx2" if cpu_isa.applies() else "native"}  # pipeline.cpu_isa  # fmt: skip
 
 
 def command(argv: list[str] | None = None, module: str | None = None) -> str:
@@ -81,6 +83,7 @@ def write_results(name: str, results, markdown: str, run: dict | None = None, ou
     run = run or stamp()
     m = run["machine"]
     where = f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+    where += f", CPU arithmetic {m['cpu_arithmetic']}" if m.get("cpu_arithmetic") else ""
     write_json_atomic(Path(out_dir) / f"{name}.json", {"bench": name, **run, "results": results})
     head = (f"<!-- written by {run['command']}; re-run it to update this file -->\n\n"
             f"- command: `{run['command']}`\n- date: {run['date']}\n- commit: {run['commit']}\n- machine: {where}\n\n")  # fmt: skip

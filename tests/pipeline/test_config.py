@@ -24,7 +24,7 @@ ENTRY_POINTS = {  # [project.scripts] name -> module:function (every stage, the 
     "speechkd-bench-eval": "student.bench_eval:main",
 }  # fmt: skip
 BENCHES = ("cache_throughput", "cache_scaling", "draws_devices", "paper_table", "student_data", "targets_quality",
-           "teacher_responses", "student_scale", "student_gpu", "kd_loss_memory")  # fmt: skip
+           "teacher_responses", "student_scale", "student_gpu", "kd_loss_memory", "hearing")  # fmt: skip
 
 
 def test_a_recipe_file_sets_options_flags_override_it_and_help_shows_its_values(tmp_path, capsys):
