@@ -614,7 +614,7 @@ def synthesize_all(
             rel = audio_relpath(u.sample_id, rend, u.turn, describe_perturbation(p))
             if (audio_dir / rel).exists():
                 info = sf.info(audio_dir / rel)
-                results[u] = ("skipped", u, rend, rel, info.frames / info.samplerate)
+                results[u] = ("skipped", u, rend, rel, info.frames / info.samplerate, p)
             else:
                 todo.append((u, rel, p))
         rendered = render([u.text for u, _, _ in todo], rend) if todo else []
@@ -629,9 +629,9 @@ def synthesize_all(
                     wave = perturb.apply(wave, p, u.sample_id, rend, u.turn)
                 write_audio_atomic(audio_dir / rel, wave, SAMPLE_RATE)
             except SynthesisError as exc:
-                results[u] = ("rejected", u, rend, str(exc), None)
+                results[u] = ("rejected", u, rend, str(exc), None, p)
                 continue
-            results[u] = ("synthesized", u, rend, rel, wave.size / SAMPLE_RATE)
+            results[u] = ("synthesized", u, rend, rel, wave.size / SAMPLE_RATE, p)
         return [results[u] for u in group]
 
     done, rejected, counts = {}, [], {"synthesized": 0, "skipped": 0, "rejected": 0}
@@ -641,7 +641,7 @@ def synthesize_all(
     ) as bar:
         for unit_results in pool.map(one, units):
             bar.update(len(unit_results))
-            for status, u, rend, detail, duration in unit_results:
+            for status, u, rend, detail, duration, p in unit_results:
                 counts[status] += 1
                 if status == "rejected":
                     rejected.append(reject("speech", u.field, detail, sample_id=u.sample_id, rendition=rend.id))
@@ -649,8 +649,7 @@ def synthesize_all(
                     continue
                 done[(u, rend)] = {"sample_id": u.sample_id, "rendition": rend.id, "turn": u.turn, "voice": rend.voice,
                                    "rate_wpm": rend.rate_wpm, "path": detail, "duration_s": float(duration),
-                                   "sample_rate": SAMPLE_RATE, "perturbation": describe_perturbation(
-                                       perturb.draw(u.sample_id, split_of[u.sample_id], rend, u.turn))}  # fmt: skip
+                                   "sample_rate": SAMPLE_RATE, "perturbation": describe_perturbation(p)}  # fmt: skip
     # the samples' order, as before; a sample's turns in order; none of a (sample, rendition) that lost a turn
     index_rows = [done[(u, rend)] for u, rend in work if (u, rend) in done and (u.sample_id, rend.id) not in failed]
     schema = schemas.with_metadata(schemas.AUDIO_INDEX_SCHEMA, "audio_index", schemas.AUDIO_INDEX_VERSION,
