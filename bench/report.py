@@ -62,7 +62,7 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "gpu": gpu,
             "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "python": platform.python_version(),
-            "cpu_arithmetic": "avx2" if cpu_isa.applies() else "native"}  # pipeline.cpu_isa  # fmt: skip
+            "cpu_arithmetic": cpu_isa.in_effect()}  # fmt: skip
 
 
 def command(argv: list[str] | None = None, module: str | None = None) -> str:

@@ -116,8 +116,10 @@ class CacheFlowConfig:
     def validate(self) -> "CacheFlowConfig":
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if not 0.0 <= self.perturb_train <= 1.0:
-            raise ConfigError(f"--perturb-train must be a fraction in [0, 1], got {self.perturb_train}")
+        try:
+            speech_stage.TrainPerturbation(self.perturb_train)  # its own range check, before any work
+        except UserError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
         try:
@@ -225,7 +227,7 @@ def synthesize_speech(samples_dir: Path, audio_dir: Path, tts: str, tts_model: s
                                     rates=tuple(rates), per_sample=per_sample, progress=False, split=split,
                                     speak=speak, perturb=speech_stage.TrainPerturbation(perturb_train))  # fmt: skip
     return {"clips": r.index.num_rows, "synthesized": r.synthesized, "rejected": r.rejects.num_rows,
-            "perturbed": r.index["perturbation"].drop_null().length()}
+            "perturbed": r.perturbed}
 
 
 @task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)

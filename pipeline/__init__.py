@@ -1,5 +1,5 @@
 """speechkd data pipeline: samples -> speech -> features -> teacher logit cache."""
 
-from pipeline import cpu_isa as _cpu_isa  # noqa: E402 - first: the CPU instruction set is pinned before torch loads
+from pipeline import cpu_isa as _cpu_isa  # first: the CPU instruction set is pinned before torch loads
 
 _cpu_isa.pin()

@@ -49,11 +49,16 @@ def pin() -> None:
         os.environ[key] = PINS[key]
 
 
+def in_effect() -> str:
+    """'avx2' where the pin applies, else 'native'."""
+    return "avx2" if applies() else "native"
+
+
 def describe() -> dict:
     """The CPU arithmetic in effect (for a build report): the pin, the machine's ISA as torch uses it, its threads."""
     import torch
 
-    return {"cpu_isa": choice() if applies() else "native", "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu_isa": in_effect(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine(), "processor": _cpu_model(), "torch_threads": torch.get_num_threads(),
             **{key: os.environ.get(key) for key in PINS}}  # fmt: skip
 

@@ -549,6 +549,11 @@ class SpeechResult:
     synthesized: int
     skipped: int
 
+    @property
+    def perturbed(self) -> int:
+        """Clips of the index perturbed after synthesis (--perturb-train)."""
+        return self.index["perturbation"].drop_null().length()
+
 
 def synthesize_all(
     samples_dir: Path = schemas.SAMPLES_DIR,
@@ -696,10 +701,9 @@ def main(argv: list[str] | None = None) -> None:
                             cfg.per_sample, cfg.jobs, split=cfg.split, speak=cfg.speak,
                             perturb=TrainPerturbation(cfg.perturb_train, cfg.perturb_seed))  # fmt: skip
     hours = sum(result.index["duration_s"].to_pylist()) / 3600
-    perturbed = result.index["perturbation"].drop_null().length()
     print(
         f"speech: {result.index.num_rows} clips ({result.synthesized} synthesized, {result.skipped} already there, "
-        f"{perturbed} perturbed, {hours:.2f} h), {result.rejects.num_rows} rejected -> {Path(cfg.out) / INDEX_FILE}"
+        f"{result.perturbed} perturbed, {hours:.2f} h), {result.rejects.num_rows} rejected -> {Path(cfg.out) / INDEX_FILE}"
     )
 
 

@@ -8,6 +8,6 @@ They stand in for a real dataset, a real LLM and Whisper; the pipeline's stages 
 a Hugging Face dataset / model id in their place on a real machine.
 """
 
-from pipeline import cpu_isa as _cpu_isa  # noqa: E402 - first: the CPU instruction set is pinned before torch loads
+from pipeline import cpu_isa as _cpu_isa  # first: the CPU instruction set is pinned before torch loads
 
 _cpu_isa.pin()

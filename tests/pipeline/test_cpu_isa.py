@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from pipeline.cpu_isa import PINS
+
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pin is x86-64's")
 
 # A few AdamW steps of a tiny Llama (the toy teacher's class) from a seed; prints the capability torch uses and a
@@ -32,7 +34,7 @@ print(torch.backends.cpu.get_cpu_capability(), digest)
 
 
 def run(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}
+    environ = {k: v for k, v in os.environ.items() if k not in PINS}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                           env={**environ, **env})  # fmt: skip
 
