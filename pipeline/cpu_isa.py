@@ -59,16 +59,23 @@ def describe() -> dict:
     import torch
 
     return {"cpu_isa": in_effect(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(), "processor": _cpu_model(), "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(), "processor": cpu_info()[0], "torch_threads": torch.get_num_threads(),
             **{key: os.environ.get(key) for key in PINS}}  # fmt: skip
 
 
-def _cpu_model() -> str:
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its instruction-set flags, as /proc/cpuinfo gives them (elsewhere: platform's
+    processor name and no flags)."""
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                if model and flags:
+                    break
     except OSError:
         pass
-    return platform.processor()
+    return model or platform.processor() or platform.machine(), flags
